@@ -1,0 +1,186 @@
+"""The `amavisd` command: run, scan, check-config.
+
+Exit statuses follow sysexits.h: 64 usage, 66 missing input, 71 cannot bind,
+75 could not scan, 78 configuration error. `scan` adds 0 all clean, 1 any
+infected or banned, 2 any unchecked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from amavisd import __version__, sysexits
+from amavisd import config as configuration
+from amavisd.config import Config, ConfigError
+
+log = logging.getLogger("amavisd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help=f"TOML config file (default {configuration.DEFAULT_CONFIG_PATH} "
+                             "if it exists, or $AMAVISD_CONFIG)")
+    parser = argparse.ArgumentParser(prog="amavisd", parents=[common],
+                                     description="A pre-forked AMaViS mail virus-scanning "
+                                                 "daemon speaking AM.PDP.")
+    parser.add_argument("--version", action="version", version=f"amavisd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the daemon (foreground by default)")
+    configuration.add_flags(run)
+
+    check = sub.add_parser("check-config", parents=[common],
+                           help="print the effective configuration (or the sample)")
+    check.add_argument("--sample", action="store_true",
+                       help="print the documented sample config with every default")
+    configuration.add_flags(check)
+
+    scan = sub.add_parser("scan", parents=[common], help="scan message files in-process")
+    configuration.add_flags(scan, only=["clamd"])
+    scan.add_argument("--json", action="store_true", help="one JSON object a line per file")
+    scan.add_argument("--tree", action="store_true", help="show the part tree")
+    scan.add_argument("-v", "--verbose", action="store_true", help="log every message")
+    scan.add_argument("paths", nargs="+", metavar="PATH")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    return configuration.load(getattr(args, "config", None), configuration.overrides_from(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return sysexits.EX_USAGE if exit_.code else sysexits.EX_OK
+    if not args.command:
+        parser.print_usage(sys.stderr)
+        return sysexits.EX_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"amavisd: config error: {err}", file=sys.stderr)
+        return sysexits.EX_CONFIG
+
+
+# -- check-config -------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.sample:
+        sys.stdout.write(configuration.sample())
+        return sysexits.EX_OK
+    cfg = load_config(args)
+    print(f"# effective configuration (file: {cfg.source or 'none, built-in defaults'})")
+    print(f"# socket: {cfg.socket_path}   temp base: {cfg.tempbase_path}")
+    sys.stdout.write(configuration.render(cfg, commented=False))
+    return sysexits.EX_OK
+
+
+# -- run ------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from amavisd import daemonize, logs, pidfile, privileges
+    from amavisd.listeners import ListenerError, bind_all
+    from amavisd.master import Arbiter
+
+    cfg = load_config(args)
+    logs.setup(cfg)
+    try:
+        daemonize.prepare_dirs(cfg)
+        listeners = bind_all(cfg)
+    except (ListenerError, OSError, privileges.PrivilegeError) as err:
+        log.error("cannot start: %s", err)
+        return sysexits.EX_OSERR
+    stderr = None
+    if cfg.daemon:
+        daemonize.detach(cfg, listeners)
+        stderr = False
+        logs.setup(cfg, stderr=False)
+    try:
+        if cfg.pidfile:
+            pidfile.write(cfg.pidfile)
+            privileges.chown_to(cfg.pidfile, cfg.user, cfg.group)
+        privileges.drop(cfg.user, cfg.group)
+    except (pidfile.PidfileError, privileges.PrivilegeError, OSError) as err:
+        log.error("cannot start: %s", err)
+        return sysexits.EX_OSERR
+    try:
+        return Arbiter(cfg, listeners, getattr(args, "config", None),
+                       configuration.overrides_from(args), stderr).run()
+    finally:
+        if cfg.pidfile:
+            pidfile.remove(cfg.pidfile)
+
+
+# -- scan -----------------------------------------------------------------------
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from amavisd.envelope import Job
+    from amavisd.pipeline import Pipeline
+    from amavisd.verdict import Category
+
+    cfg = load_config(args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="amavisd: %(message)s", stream=sys.stderr)
+    missing = [p for p in args.paths if not os.path.isfile(p)]
+    if missing:
+        print(f"amavisd: no such file: {missing[0]}", file=sys.stderr)
+        return sysexits.EX_NOINPUT
+    pipeline = Pipeline(cfg)
+    results = []
+    for number, path in enumerate(args.paths, 1):
+        result = pipeline.process(Job(log_id=f"scan-{number:02d}", mail_path=path))
+        results.append(result)
+        if args.json:
+            print(json.dumps(result_json(path, result)), flush=True)
+        else:
+            print(f"{path}: {result.summary()}", flush=True)
+            if args.tree and result.tree is not None:
+                print_tree(result.tree.describe(), result)
+    if any(r.category is None for r in results):
+        return sysexits.EX_TEMPFAIL
+    worst = max(r.category for r in results)
+    if worst >= Category.BANNED:
+        return 1
+    return 2 if worst == Category.UNCHECKED else 0
+
+
+def result_json(path: str, result: Any) -> dict[str, Any]:
+    return {
+        "path": path,
+        "verdict": result.verdict,
+        "destiny": result.destiny.value,
+        "viruses": result.viruses,
+        "findings": [vars(f) for f in result.findings],
+        "banned": result.banned,
+        "unchecked": result.unchecked,
+        "tempfail": result.tempfail_reason,
+        "parts": len(result.parts),
+        "size": result.size,
+        "elapsed_ms": round(result.elapsed_ms, 2),
+        "tree": result.tree.describe() if result.tree is not None else None,
+    }
+
+
+def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
+    found = {f.part: f.name for f in result.findings}
+    mark = f"  <-- {found[node['path']]}" if node["path"] in found else ""
+    name = f" {node['name']!r}" if node["name"] else ""
+    flags = f" [{', '.join(node['flags'])}]" if node["flags"] else ""
+    print(f"{'  ' * indent}{node['id']} {node['mime_type'] or '?'}{name} "
+          f"{node['size']} B{flags}{mark}")
+    for child in node["children"]:
+        print_tree(child, result, indent + 1)
+
+
+COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "scan": cmd_scan}

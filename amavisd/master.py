@@ -1,0 +1,296 @@
+"""The master (arbiter): keeps N workers alive on the shared sockets.
+
+One verb a method: `spawn_worker`, `reap_workers`, `murder_workers`,
+`manage_workers`. Signal handlers only enqueue (the wakeup fd gets the
+byte); the main loop drains the queue and calls `handle_<signal>()`.
+
+- TERM/INT: graceful stop; in-flight messages get `graceful_timeout`.
+- QUIT: quick stop.
+- HUP: re-read the config, start a new generation of workers, then retire
+  the old one. The listening sockets stay open throughout, so a connection
+  waits in the backlog instead of being refused.
+- USR1: reopen logs (and tell the workers to).
+A worker that exits with the boot-error code halts the master: respawning
+it would only fail again, as fast as the loop turns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from amavisd import config as configuration
+from amavisd import logs, sdnotify
+from amavisd.config import Config, ConfigError
+from amavisd.heartbeat import Heartbeat
+from amavisd.listeners import describe
+from amavisd.worker import EXIT_BOOT_ERROR, Worker
+
+log = logging.getLogger("amavisd.master")
+
+ABORT_GRACE = 5.0  # seconds between ABRT and KILL for a stuck worker
+EXIT_HALTED = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it down
+
+SIGNAL_NAMES = {
+    signal.SIGHUP: "hup",
+    signal.SIGTERM: "term",
+    signal.SIGINT: "int",
+    signal.SIGQUIT: "quit",
+    signal.SIGUSR1: "usr1",
+    signal.SIGCHLD: "chld",
+}
+
+# Settings that only a restart can change (the sockets are bound before dropping root).
+RESTART_ONLY = ("workdir", "socket", "socket_mode", "socket_owner", "socket_group",
+                "tcp_listen", "user", "group", "pidfile", "daemon")
+
+
+class Halt(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class WorkerProcess:
+    pid: int
+    age: int
+    generation: int
+    heartbeat: Heartbeat
+    aborted_at: float | None = None
+    retiring_since: float | None = None
+
+
+class Arbiter:
+    def __init__(self, config: Config, listeners: list[socket.socket],
+                 config_path: str | None = None, overrides: dict | None = None,
+                 log_to_stderr: bool | None = None):
+        self.config = config
+        self.listeners = listeners
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.log_to_stderr = log_to_stderr
+        self.workers: dict[int, WorkerProcess] = {}
+        self.generation = 0
+        self.worker_age = 0
+        self.signal_queue: list[int] = []
+        self.stopping = False
+        self._wakeup_r = self._wakeup_w = -1
+
+    # -- main loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signals()
+        log.info("amavisd master %d starting %d workers on %s", os.getpid(),
+                 self.config.workers, ", ".join(describe(s) for s in self.listeners))
+        try:
+            self.manage_workers()
+            sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
+            while True:
+                self.sleep(1.0)
+                while self.signal_queue:
+                    name = SIGNAL_NAMES[self.signal_queue.pop(0)]
+                    getattr(self, f"handle_{name}")()
+                self.reap_workers()
+                self.murder_workers()
+                self.manage_workers()
+        except Halt as halt:
+            if halt.code:
+                log.error("halting: %s", halt.reason)
+            else:
+                log.info("%s", halt.reason)
+            self.stop(graceful=halt.code == 0)
+            return halt.code
+
+    def install_signals(self) -> None:
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w)
+        for signum in SIGNAL_NAMES:
+            signal.signal(signum, self.enqueue_signal)
+
+    def enqueue_signal(self, signum: int, frame: object) -> None:
+        self.signal_queue.append(signum)  # nothing else: no I/O, no logging, no locks
+
+    def sleep(self, timeout: float) -> None:
+        if self.signal_queue:
+            return
+        try:
+            ready, _, _ = select.select([self._wakeup_r], [], [], timeout)
+            if ready:
+                while os.read(self._wakeup_r, 4096):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- signal handlers (called from the loop, not from the signal) -----------
+
+    def handle_term(self) -> None:
+        raise Halt(0, "TERM: graceful stop")
+
+    def handle_int(self) -> None:
+        raise Halt(0, "INT: graceful stop")
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+        raise Halt(0, "QUIT: quick stop")
+
+    def handle_chld(self) -> None:
+        pass  # reap_workers runs on every turn of the loop
+
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        self.signal_workers(signal.SIGUSR1)
+        log.info("USR1: logs reopened")
+
+    def handle_hup(self) -> None:
+        try:
+            new = configuration.load(self.config_path, self.overrides)
+        except ConfigError as err:
+            log.error("HUP: reload failed, keeping the running configuration: %s", err)
+            return
+        changed = [k for k in RESTART_ONLY if new[k] != self.config[k]]
+        if changed:
+            log.warning("HUP: %s changed; that takes a restart, not a reload",
+                        ", ".join(changed))
+            new = new.replace(**{k: self.config[k] for k in changed})
+        sdnotify.notify("RELOADING=1")
+        self.config = new
+        logs.setup(new, stderr=self.log_to_stderr)
+        self.generation += 1
+        self.manage_workers()  # the new generation first: never a moment without workers
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.generation < self.generation and worker.retiring_since is None:
+                worker.retiring_since = now
+                self.kill_worker(worker.pid, signal.SIGTERM)
+        sdnotify.notify("READY=1\nSTATUS=serving")
+        log.info("HUP: configuration reloaded, worker generation %d", self.generation)
+
+    # -- workers -----------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        if self.stopping:
+            return
+        current = [w for w in self.workers.values()
+                   if w.generation == self.generation and w.retiring_since is None]
+        for _ in range(self.config.workers - len(current)):
+            self.spawn_worker()
+        surplus = len(current) - self.config.workers
+        for worker in sorted(current, key=lambda w: w.age)[:max(0, surplus)]:
+            worker.retiring_since = time.monotonic()
+            self.kill_worker(worker.pid, signal.SIGTERM)
+
+    def spawn_worker(self) -> int:
+        self.worker_age += 1
+        heartbeat = Heartbeat(self.config.tempbase_path)
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat)
+            log.info("worker %d spawned (generation %d)", pid, self.generation)
+            return pid
+        # In the child: forget everything that belongs to the master.
+        try:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
+            for other in self.workers.values():
+                other.heartbeat.close()
+            Worker(self.worker_age, self.generation, os.getppid(), self.config,
+                   self.listeners, heartbeat).run()
+        finally:
+            os._exit(1)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.heartbeat.close()
+            code = os.waitstatus_to_exitcode(status)
+            if code == EXIT_BOOT_ERROR:
+                raise Halt(EXIT_HALTED, f"worker {pid} failed to boot (see above); "
+                           "not respawning")
+            if code < 0:
+                log.error("worker %d killed by %s", pid, signal.Signals(-code).name)
+            elif code and worker.retiring_since is None:
+                log.warning("worker %d exited with status %d", pid, code)
+            else:
+                log.info("worker %d exited", pid)
+
+    def murder_workers(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if worker.retiring_since is not None:
+                if now - worker.retiring_since > self.config.graceful_timeout:
+                    log.error("worker %d did not finish within graceful_timeout; killing",
+                              worker.pid)
+                    self.kill_worker(worker.pid, signal.SIGKILL)
+                continue
+            if worker.heartbeat.age() <= self.config.child_timeout:
+                continue
+            if worker.aborted_at is None:
+                log.error("worker %d stuck for more than child_timeout (%gs): aborting",
+                          worker.pid, self.config.child_timeout)
+                worker.aborted_at = now
+                self.kill_worker(worker.pid, signal.SIGABRT)
+            elif now - worker.aborted_at > ABORT_GRACE:
+                log.error("worker %d ignored SIGABRT: killing", worker.pid)
+                self.kill_worker(worker.pid, signal.SIGKILL)
+
+    def kill_worker(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def signal_workers(self, sig: int) -> None:
+        for pid in list(self.workers):
+            self.kill_worker(pid, sig)
+
+    # -- stopping ---------------------------------------------------------------
+
+    def stop(self, graceful: bool = True) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        sdnotify.notify("STOPPING=1")
+        unix_paths = [s.getsockname() for s in self.listeners if s.family == socket.AF_UNIX]
+        for sock in self.listeners:
+            sock.close()
+        for path in unix_paths:  # new clients now fail fast and their MTA retries
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.signal_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
+        deadline = time.monotonic() + (self.config.graceful_timeout if graceful else 2.0)
+        while self.workers and time.monotonic() < deadline:
+            try:
+                self.reap_workers()
+            except Halt:
+                pass
+            time.sleep(0.05)
+        for pid in list(self.workers):
+            log.error("worker %d still busy at the end of the grace period: killing", pid)
+            self.kill_worker(pid, signal.SIGKILL)
+        while self.workers:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker:
+                worker.heartbeat.close()
+

@@ -1,0 +1,108 @@
+"""One message, start to finish: spool -> decompose -> policy -> scan -> decide -> act.
+
+The pipeline knows nothing about sockets or processes: the AM.PDP worker,
+`amavisd scan` and (later) the milter and SMTP ingresses all call
+`Pipeline.process(job)` and map the `Result` onto their own replies.
+
+It must never pass a message it could not check: any failure to read or to
+scan ends in `Destiny.TEMPFAIL` with a reason, so the MTA keeps the mail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from amavisd.actions.headers import header_edits
+from amavisd.config import Config
+from amavisd.decode.mime import decompose
+from amavisd.envelope import Job
+from amavisd.policy import destinies
+from amavisd.scan.base import Scanner, ScannerError
+from amavisd.scan.clamd import ClamdScanner
+from amavisd.verdict import Category, Destiny, Result
+
+log = logging.getLogger("amavisd.pipeline")
+
+
+class MessageUnreadable(Exception):
+    """The message file cannot be read: tempfail, the MTA still has the mail."""
+
+
+def build_scanners(config: Config) -> list[Scanner]:
+    return [ClamdScanner(config.clamd, timeout=config.clamd_timeout)]
+
+
+class Pipeline:
+    def __init__(self, config: Config, scanners: Sequence[Scanner] | None = None):
+        self.config = config
+        self.scanners = list(scanners) if scanners is not None else build_scanners(config)
+        self.destinies = destinies(config)
+
+    def process(self, job: Job) -> Result:
+        started = time.monotonic()
+        result = Result(log_id=job.log_id)
+        try:
+            raw = self.spool(job)
+            result.size = len(raw)
+            result.tree = decompose(raw)
+            result.parts = list(result.tree.leaves())
+            self.scan(result)
+            self.decide(result)
+        except (MessageUnreadable, ScannerError) as err:
+            result.category = None
+            result.destiny = Destiny.TEMPFAIL
+            result.tempfail_reason = str(err)
+        result.header_edits = header_edits(self.config, result)
+        result.elapsed_ms = (time.monotonic() - started) * 1000
+        log_result(job, result)
+        return result
+
+    # -- stages ------------------------------------------------------------
+
+    def spool(self, job: Job) -> bytes:
+        """Read the message; never follow a symlink planted in place of the file."""
+        try:
+            fd = os.open(job.mail_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            raise MessageUnreadable(f"cannot open {job.mail_path}: {err.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            raise MessageUnreadable(f"cannot read {job.mail_path}: {err.strerror}") from None
+
+    def scan(self, result: Result) -> None:
+        """Every scanner sees every leaf; one failing scanner fails the scan."""
+        for scanner in self.scanners:
+            result.findings.extend(scanner.scan(result.parts))
+
+    def decide(self, result: Result) -> None:
+        category = Category.CLEAN
+        if result.unchecked:
+            category = Category.UNCHECKED
+        if result.banned:
+            category = Category.BANNED
+        if result.findings:
+            category = Category.INFECTED
+        result.category = category
+        result.destiny = self.destinies[category]
+
+
+def log_result(job: Job, result: Result) -> None:
+    """The one line per message, amavisd-new style."""
+    env = job.envelope
+    action = {
+        Destiny.PASS: "Passed",
+        Destiny.DISCARD: "Blocked",
+        Destiny.BOUNCE: "Blocked",
+        Destiny.REJECT: "Blocked",
+        Destiny.TEMPFAIL: "Tempfailed",
+    }[result.destiny]
+    recipients = ",".join(env.recipients) or "-"
+    queue = f", queue_id: {env.queue_id}" if env.queue_id else ""
+    level = logging.WARNING if result.destiny is Destiny.TEMPFAIL else logging.INFO
+    log.log(level, "(%s) %s %s, %s -> %s%s, size: %d, %d ms", job.log_id, action,
+            result.summary(), env.sender, recipients, queue, result.size, result.elapsed_ms)

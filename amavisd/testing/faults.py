@@ -1,0 +1,200 @@
+# SPDX-License-Identifier: MIT
+"""Fault injection: a clamd that hangs on demand.
+
+A real clamd cannot be told to stop answering mid-scan, yet timeouts and
+worker-kill paths must be tested against exactly that.  ``StallingClamdProxy``
+is the one named fake allowed in the test suite: a Unix-socket relay in front
+of a real clamd.  While ``stall`` is False it forwards every connection byte
+for byte; while ``stall`` is True it accepts and reads but never answers, and
+reports the connecting process's PID (``SO_PEERCRED``) so that a test knows
+exactly which worker is stuck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["StallingClamdProxy"]
+
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_POLL = 0.1  # seconds between checks of the stop flag
+
+
+def _unix_path(address: str | os.PathLike[str]) -> str:
+    text = os.fspath(address)
+    return text[len("unix:") :] if text.startswith("unix:") else text
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid: int = _UCRED.unpack(raw)[0]
+    return pid
+
+
+class StallingClamdProxy:
+    """Relay ``path`` -> ``upstream`` (both Unix sockets) that can play dead."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        upstream: str | os.PathLike[str],
+        stall: bool = False,
+    ) -> None:
+        self.path = Path(_unix_path(path))
+        self.upstream = _unix_path(upstream)
+        self.stall = stall
+        self.peer_pids: list[int] = []
+        self._stalled: queue.Queue[int] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+
+    @property
+    def address(self) -> str:
+        return "unix:" + str(self.path)
+
+    # -- life cycle --------------------------------------------------------
+    def start(self) -> StallingClamdProxy:
+        if self._listener is not None:
+            raise RuntimeError("proxy already started")
+        self._stop.clear()
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        os.chmod(self.path, 0o666)
+        listener.listen(64)
+        listener.settimeout(_POLL)
+        self._listener = listener
+        self._spawn(self._accept_loop, "stall-proxy-accept")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close every socket and join every thread.  Safe to call twice."""
+        self._stop.set()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+            self._threads.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StallingClamdProxy:
+        return self.start() if self._listener is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait_for_connection(self, timeout: float = 10.0) -> int:
+        """PID of the peer of the next connection that got stalled.
+
+        Raises TimeoutError if none arrives within ``timeout`` seconds."""
+        try:
+            return self._stalled.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no stalled connection within {timeout}s") from None
+
+    # -- internals ---------------------------------------------------------
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def _untrack_close(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        sock.close()
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._track(conn)
+            try:
+                pid = _peer_pid(conn)
+            except OSError:
+                pid = 0
+            with self._lock:
+                self.peer_pids.append(pid)
+            self._spawn(self._serve, f"stall-proxy-{pid}", conn, pid)
+
+    def _serve(self, client: socket.socket, pid: int) -> None:
+        """Relay one connection, or swallow it once ``stall`` is seen."""
+        upstream: socket.socket | None = None
+        stalled = False
+        sel = selectors.DefaultSelector()
+        try:
+            if self.stall:
+                stalled = True
+                self._stalled.put(pid)
+            else:
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._track(upstream)
+                upstream.connect(self.upstream)
+                sel.register(upstream, selectors.EVENT_READ, "up")
+            sel.register(client, selectors.EVENT_READ, "client")
+            open_dirs = {"client", "up"} if upstream is not None else {"client"}
+            while open_dirs and not self._stop.is_set():
+                for key, _ in sel.select(_POLL):
+                    src: socket.socket = key.fileobj  # type: ignore[assignment]
+                    data = src.recv(65536)
+                    if key.data == "client" and data and self.stall and not stalled:
+                        stalled = True  # stall began mid-connection
+                        self._stalled.put(pid)
+                    if not data:
+                        sel.unregister(src)
+                        open_dirs.discard(key.data)
+                        dst = upstream if key.data == "client" else client
+                        if stalled or dst is None:
+                            if key.data == "client":
+                                return  # stalled client gave up
+                            continue
+                        with contextlib.suppress(OSError):
+                            dst.shutdown(socket.SHUT_WR)
+                        continue
+                    if stalled:
+                        continue  # read, never answer, never forward
+                    dst = upstream if key.data == "client" else client
+                    assert dst is not None
+                    dst.sendall(data)
+        except OSError:
+            pass  # a peer went away: drop the connection
+        finally:
+            sel.close()
+            self._untrack_close(client)
+            if upstream is not None:
+                self._untrack_close(upstream)

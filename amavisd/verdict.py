@@ -1,0 +1,82 @@
+"""What the pipeline concludes about one message, and what should happen to it.
+
+`Category` is ordered by severity (INFECTED > BANNED > UNCHECKED > CLEAN) so
+aggregation is `max()`. `Destiny` is what a postmaster configures per
+category; each ingress (AM.PDP, client exit codes, later milter and SMTP)
+maps a destiny onto its own reply in one table.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Category(enum.IntEnum):
+    CLEAN = 0
+    UNCHECKED = 1
+    BANNED = 2
+    INFECTED = 3
+
+
+class Destiny(enum.Enum):
+    PASS = "pass"
+    DISCARD = "discard"
+    BOUNCE = "bounce"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A virus name found in one part, by one scanner."""
+
+    part: str
+    name: str
+    scanner: str
+
+
+@dataclass(frozen=True)
+class HeaderEdit:
+    """A header change for the client or MTA to apply (AM.PDP/milter vocabulary)."""
+
+    op: str  # "insert" | "add" | "change" | "delete"
+    name: str
+    value: str = ""
+    index: int = 0
+
+
+@dataclass
+class Result:
+    log_id: str
+    category: Category | None = None  # None: we could not decide (tempfail)
+    destiny: Destiny = Destiny.TEMPFAIL
+    findings: list[Finding] = field(default_factory=list)
+    banned: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    tempfail_reason: str | None = None
+    header_edits: list[HeaderEdit] = field(default_factory=list)
+    parts: list = field(default_factory=list)  # decode.parts.Part, leaves first-seen order
+    tree: object | None = None  # decode.parts.Part root
+    size: int = 0
+    elapsed_ms: float = 0.0
+
+    @property
+    def viruses(self) -> list[str]:
+        return list(dict.fromkeys(f.name for f in self.findings))
+
+    @property
+    def verdict(self) -> str:
+        return self.category.name if self.category is not None else "TEMPFAIL"
+
+    def summary(self) -> str:
+        """Short reason text for replies and logs, e.g. 'INFECTED: Eicar-Test-Signature'."""
+        if self.category is None:
+            return f"TEMPFAIL: {self.tempfail_reason or 'unknown error'}"
+        if self.category is Category.INFECTED:
+            return "INFECTED: " + ", ".join(self.viruses)
+        if self.category is Category.BANNED:
+            return "BANNED: " + ", ".join(self.banned)
+        if self.category is Category.UNCHECKED:
+            return "UNCHECKED: " + ", ".join(self.unchecked)
+        return "CLEAN"

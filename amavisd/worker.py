@@ -1,0 +1,166 @@
+"""A pre-forked worker: accept a connection, serve its AM.PDP requests, repeat.
+
+One request at a time, so one stuck message stalls one worker only. The
+worker touches its heartbeat while idle and when a request starts; the
+master kills it if a request outlives `child_timeout`. Asked to abort
+(SIGABRT), it first answers the request in flight with a tempfail, so the
+client never sees a silent drop. It leaves with `os._exit()`: the master's
+atexit hooks (python-daemon's among them) must not run in a child.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import select
+import signal
+import socket
+
+from amavisd import logs
+from amavisd.config import Config
+from amavisd.envelope import Job
+from amavisd.heartbeat import Heartbeat
+from amavisd.pipeline import Pipeline
+from amavisd.protocol.ampdp import Session
+from amavisd.verdict import Destiny, Result
+
+log = logging.getLogger("amavisd.worker")
+
+# Reserved exit codes the master understands.
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_BOOT_ERROR = 3  # the master halts instead of respawning forever
+EXIT_ABORTED = 4
+
+
+class BootError(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, age: int, generation: int, ppid: int, config: Config,
+                 listeners: list[socket.socket], heartbeat: Heartbeat):
+        self.age = age
+        self.generation = generation
+        self.ppid = ppid
+        self.config = config
+        self.listeners = listeners
+        self.heartbeat = heartbeat
+        self.alive = True
+        self.requests = 0
+        self.log_ids = 0
+        self.session: Session | None = None
+        self.reopen_logs = False
+        jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
+        self.max_requests = config.max_requests + jitter if config.max_requests else 0
+        self.pipeline: Pipeline | None = None
+
+    # -- life cycle --------------------------------------------------------
+
+    def run(self) -> None:
+        """Never returns."""
+        try:
+            self.boot()
+        except BootError as err:
+            log.error("worker %d failed to boot: %s", os.getpid(), err)
+            os._exit(EXIT_BOOT_ERROR)
+        except Exception:
+            log.exception("worker %d failed to boot", os.getpid())
+            os._exit(EXIT_BOOT_ERROR)
+        try:
+            self.loop()
+        except Exception:
+            log.exception("worker %d crashed", os.getpid())
+            os._exit(EXIT_CRASHED)
+        os._exit(EXIT_OK)
+
+    def boot(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self.handle_exit)
+        signal.signal(signal.SIGABRT, self.handle_abort)
+        signal.signal(signal.SIGUSR1, self.handle_usr1)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        tempbase = self.config.tempbase_path
+        if not os.path.isdir(tempbase):
+            raise BootError(f"temp base {tempbase} is not a directory")
+        if not os.access(tempbase, os.R_OK | os.W_OK | os.X_OK):
+            raise BootError(f"temp base {tempbase} is not readable and writable by uid "
+                            f"{os.geteuid()}")
+        self.pipeline = Pipeline(self.config)
+
+    def loop(self) -> None:
+        while self.alive:
+            self.heartbeat.notify()
+            if self.reopen_logs:
+                self.reopen_logs = False
+                logs.reopen()
+            if os.getppid() != self.ppid:
+                log.warning("worker %d: master went away, leaving", os.getpid())
+                return
+            try:
+                ready, _, _ = select.select(self.listeners, [], [], 1.0)
+            except OSError as err:
+                if err.errno in (errno.EINTR, errno.EBADF):
+                    continue
+                raise
+            for listener in ready:
+                if not self.alive:
+                    break
+                try:
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue  # another worker won the race
+                self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.setblocking(True)
+        self.heartbeat.notify()
+        self.session = Session(conn, self.config.tempbase_path, self.process,
+                               self.next_log_id, self.keep_going, self.config.client_timeout)
+        try:
+            self.session.serve()
+        finally:
+            self.session = None
+            conn.close()
+
+    # -- callbacks from the session -----------------------------------------
+
+    def next_log_id(self) -> str:
+        self.log_ids += 1
+        return f"{os.getpid()}-{self.log_ids:02d}"
+
+    def process(self, job: Job) -> Result:
+        self.heartbeat.notify()  # child_timeout counts from the start of the request
+        self.requests += 1
+        assert self.pipeline is not None
+        try:
+            return self.pipeline.process(job)
+        except Exception as err:  # a bug must tempfail the message, not lose it
+            log.exception("(%s) internal error", job.log_id)
+            return Result(log_id=job.log_id, destiny=Destiny.TEMPFAIL,
+                          tempfail_reason=f"internal error: {type(err).__name__}")
+
+    def keep_going(self) -> bool:
+        self.heartbeat.notify()
+        if self.max_requests and self.requests >= self.max_requests and self.alive:
+            log.info("worker %d retiring after %d requests", os.getpid(), self.requests)
+            self.alive = False
+        return self.alive
+
+    # -- signals -------------------------------------------------------------
+
+    def handle_exit(self, signum: int, frame: object) -> None:
+        self.alive = False  # finish the request in flight, then leave
+
+    def handle_usr1(self, signum: int, frame: object) -> None:
+        self.reopen_logs = True
+
+    def handle_abort(self, signum: int, frame: object) -> None:
+        # Last words of a worker the master found stuck: the client must hear
+        # "tempfail" rather than see the connection drop.
+        if self.session is not None:
+            self.session.emergency_tempfail("processing exceeded child_timeout")
+        os._exit(EXIT_ABORTED)
