@@ -94,6 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     logs.setup(cfg)
+    # Resolve now: after dropping root the resolver's lazy imports may be unreadable.
+    cfg = cfg.replace(myhostname=cfg.hostname)
     try:
         daemonize.prepare_dirs(cfg)
         listeners = bind_all(cfg)

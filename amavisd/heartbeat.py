@@ -15,6 +15,8 @@ import time
 
 class Heartbeat:
     def __init__(self, directory: str | None = None):
+        # Default: $TMPDIR, not the temp base, so a bad temp base is caught by
+        # the workers' boot check rather than crashing the master.
         self._file = tempfile.TemporaryFile(dir=directory)
         self._fd = self._file.fileno()
         self.notify()

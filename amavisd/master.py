@@ -154,6 +154,7 @@ class Arbiter:
         except ConfigError as err:
             log.error("HUP: reload failed, keeping the running configuration: %s", err)
             return
+        new = new.replace(myhostname=new.hostname)
         changed = [k for k in RESTART_ONLY if new[k] != self.config[k]]
         if changed:
             log.warning("HUP: %s changed; that takes a restart, not a reload",
@@ -188,7 +189,7 @@ class Arbiter:
 
     def spawn_worker(self) -> int:
         self.worker_age += 1
-        heartbeat = Heartbeat(self.config.tempbase_path)
+        heartbeat = Heartbeat()
         pid = os.fork()
         if pid:
             self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat)

@@ -56,6 +56,7 @@ class Worker:
         jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         self.max_requests = config.max_requests + jitter if config.max_requests else 0
         self.pipeline: Pipeline | None = None
+        self._wakeup_r = -1
 
     # -- life cycle --------------------------------------------------------
 
@@ -83,6 +84,9 @@ class Worker:
         signal.signal(signal.SIGUSR1, self.handle_usr1)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # A signal writes a byte here (the C-level handler), waking select() at once.
+        self._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w)
         tempbase = self.config.tempbase_path
         if not os.path.isdir(tempbase):
             raise BootError(f"temp base {tempbase} is not a directory")
@@ -101,11 +105,18 @@ class Worker:
                 log.warning("worker %d: master went away, leaving", os.getpid())
                 return
             try:
-                ready, _, _ = select.select(self.listeners, [], [], 1.0)
+                ready, _, _ = select.select(self.listeners + [self._wakeup_r], [], [], 1.0)
             except OSError as err:
                 if err.errno in (errno.EINTR, errno.EBADF):
                     continue
                 raise
+            if self._wakeup_r in ready:
+                ready.remove(self._wakeup_r)
+                try:
+                    while os.read(self._wakeup_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
             for listener in ready:
                 if not self.alive:
                     break

@@ -151,6 +151,12 @@ class Connection:
             raise ClientError(f"cannot connect to amavisd at {self.address}: {err}") from None
         return sock
 
+    def open(self) -> None:
+        """Connect now, so "daemon down" is the error a postmaster sees first."""
+        if self.sock is None:
+            self.sock = self._connect()
+            self.decoder = Decoder()
+
     def _still_open(self) -> bool:
         """A retiring worker may have closed our idle connection; find out first."""
         try:
@@ -166,9 +172,7 @@ class Connection:
     def request(self, attrs: list[tuple[str, object]]) -> Block:
         if self.sock is not None and not self._still_open():
             self.close()
-        if self.sock is None:
-            self.sock = self._connect()
-            self.decoder = Decoder()
+        self.open()
         try:
             self.sock.sendall(encode_block(attrs))
             while True:
@@ -272,6 +276,11 @@ def file_mode(opts: Options) -> int:
     conn = Connection(opts.socket, opts.timeout)
     codes = []
     try:
+        conn.open()
+    except ClientError as err:
+        say(f"amavisd-client: tempfail: {err}", stream=sys.stderr)
+        return EX_TEMPFAIL
+    try:
         for path in opts.args:
             codes.append(check_file(conn, opts, path))
     finally:
@@ -320,6 +329,7 @@ def mailer_mode(opts: Options) -> int:
     spool = None
     conn = Connection(opts.socket, opts.timeout)
     try:
+        conn.open()
         spool = Spool(opts.tempbase)
         spool.write_from(0)
         reply = check(conn, spool.path, opts.sender, opts.args)

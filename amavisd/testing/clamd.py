@@ -66,6 +66,7 @@ class ClamdInstance:
         stream_max_length: str = "100M",
         max_threads: int = 4,
         tcp_port: int | None = None,
+        system_db: str | None = None,
     ) -> None:
         if mode not in ("nodecomp", "full"):
             raise ValueError(f"mode must be 'nodecomp' or 'full', not {mode!r}")
@@ -74,6 +75,8 @@ class ClamdInstance:
         self.stream_max_length = stream_max_length
         self.max_threads = max_threads
         self.tcp_port = tcp_port
+        # `make run`: also load the system's signatures (e.g. /var/lib/clamav), if any.
+        self.system_db = system_db
         self.socket_path = self.workdir / "clamd.sock"
         self.conf_path = self.workdir / "clamd.conf"
         self.log_path = self.workdir / "clamd.log"
@@ -99,7 +102,7 @@ class ClamdInstance:
         self.db_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.db_dir, 0o755)
         for old in self.db_dir.iterdir():
-            if old.is_file():
+            if old.is_file() or old.is_symlink():
                 old.unlink()
         clam_exe = Path(CLAM_EXE_PATH).read_bytes()
         hdb = "".join(
@@ -112,6 +115,10 @@ class ClamdInstance:
             path = self.db_dir / fname
             path.write_text(text, encoding="ascii")
             os.chmod(path, 0o644)
+        if self.system_db and os.path.isdir(self.system_db):
+            for entry in Path(self.system_db).iterdir():
+                if entry.suffix in (".cvd", ".cld", ".hdb", ".ndb", ".ldb", ".hsb", ".cdb"):
+                    (self.db_dir / entry.name).symlink_to(entry)
 
     def _write_config(self) -> None:
         lines = [

@@ -153,22 +153,40 @@ class StallingClamdProxy:
             self._spawn(self._serve, f"stall-proxy-{pid}", conn, pid)
 
     def _serve(self, client: socket.socket, pid: int) -> None:
-        """Relay one connection, or swallow it once ``stall`` is seen."""
+        """Relay one connection; while ``stall`` is set, hold what the client sends.
+
+        Setting ``stall`` back to False releases the held bytes upstream, so a
+        stall can also stand for a slow scanner that finally answers.
+        """
         upstream: socket.socket | None = None
         stalled = False
+        held = bytearray()
         sel = selectors.DefaultSelector()
+
+        def connect_upstream() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._track(sock)
+            sock.connect(self.upstream)
+            sel.register(sock, selectors.EVENT_READ, "up")
+            return sock
+
         try:
             if self.stall:
                 stalled = True
                 self._stalled.put(pid)
             else:
-                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._track(upstream)
-                upstream.connect(self.upstream)
-                sel.register(upstream, selectors.EVENT_READ, "up")
+                upstream = connect_upstream()
             sel.register(client, selectors.EVENT_READ, "client")
-            open_dirs = {"client", "up"} if upstream is not None else {"client"}
+            open_dirs = {"client", "up"}
             while open_dirs and not self._stop.is_set():
+                if stalled and not self.stall:  # released: forward what was held
+                    stalled = False
+                    if upstream is None:
+                        upstream = connect_upstream()
+                    upstream.sendall(bytes(held))
+                    held.clear()
+                    if "client" not in open_dirs:
+                        upstream.shutdown(socket.SHUT_WR)
                 for key, _ in sel.select(_POLL):
                     src: socket.socket = key.fileobj  # type: ignore[assignment]
                     data = src.recv(65536)
@@ -178,16 +196,16 @@ class StallingClamdProxy:
                     if not data:
                         sel.unregister(src)
                         open_dirs.discard(key.data)
+                        if key.data == "client" and stalled:
+                            continue  # keep holding until released or stopped
                         dst = upstream if key.data == "client" else client
-                        if stalled or dst is None:
-                            if key.data == "client":
-                                return  # stalled client gave up
-                            continue
-                        with contextlib.suppress(OSError):
-                            dst.shutdown(socket.SHUT_WR)
+                        if dst is not None:
+                            with contextlib.suppress(OSError):
+                                dst.shutdown(socket.SHUT_WR)
                         continue
-                    if stalled:
-                        continue  # read, never answer, never forward
+                    if stalled and key.data == "client":
+                        held += data  # read, never answer, never forward (yet)
+                        continue
                     dst = upstream if key.data == "client" else client
                     assert dst is not None
                     dst.sendall(data)

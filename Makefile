@@ -1,0 +1,36 @@
+# amavisd: `make run` and `make test` are all a fresh Debian 12 machine needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all deps run test unit integration check lint format sample clean
+
+all: test
+
+deps:
+	PYTHON=$(PYTHON) VENV=$(VENV) sh tools/deps.sh
+
+run: deps
+	$(PY) tools/devrun.py
+
+test: deps
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+integration: deps
+	$(PY) -m pytest -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+check: deps
+	$(PY) tools/check.py
+
+lint: deps
+	$(VENV)/bin/ruff check amavisd amavisd_client tests bench tools
+
+sample: deps
+	$(PY) -m amavisd check-config --sample > etc/amavisd.toml
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache .hypothesis

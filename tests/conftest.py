@@ -1,0 +1,47 @@
+"""Shared fixtures: a real private clamd, short temp dirs, the corpus location."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from amavisd.testing import clamd as clamd_testing
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def short_tmp():
+    """A 0755 dir directly under /tmp: AF_UNIX paths are limited to 108 bytes,
+    and other users (amavis, nobody) must be able to traverse it."""
+    path = Path(tempfile.mkdtemp(prefix="amd", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def clamd_nodecomp(tmp_path_factory):
+    """One real clamd for the session that does NOT decode mail or archives,
+    so a detection proves our decomposition handed it the part."""
+    reason = clamd_testing.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    base = Path(tempfile.mkdtemp(prefix="amc", dir="/tmp"))
+    base.chmod(0o755)
+    instance = clamd_testing.ClamdInstance(base, mode="nodecomp").start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def corpus() -> Path:
+    path = Path(os.environ.get("AMAVISD_CORPUS", REPO.parent / "shared" / "corpus"))
+    if not path.is_dir():
+        pytest.skip(f"corpus not found at {path} (set AMAVISD_CORPUS)")
+    return path

@@ -1,0 +1,65 @@
+"""The stdlib client's own logic: arguments, header edits, delivery argv."""
+
+from __future__ import annotations
+
+import pytest
+
+from amavisd_client.ampdp import Decoder, encode_block
+from amavisd_client.client import apply_edits, delivery_argvs, header_edits, inside, parse_args
+
+
+def test_sendmail_mailer_arguments():
+    opts = parse_args(["-s", "/var/lib/amavis/amavisd.sock", "-f", "a@x", "--", "b@y", "-c@y"])
+    assert opts.sender == "a@x" and opts.args == ["b@y", "-c@y"]
+    assert opts.tempbase == "/var/lib/amavis/tmp"
+    opts = parse_args(["--socket=/s/amavisd.sock", "-fa@x", "-t", "5", "b@y"])
+    assert (opts.socket, opts.sender, opts.timeout, opts.args) == (
+        "/s/amavisd.sock", "a@x", 5.0, ["b@y"])
+
+
+@pytest.mark.parametrize("argv", [["-x"], ["-t"], ["-t", "soon"], ["-s", "127.0.0.1:9998", "f"]])
+def test_bad_arguments(argv):
+    with pytest.raises(ValueError):
+        parse_args(argv)
+
+
+def test_tcp_socket_needs_a_tempbase():
+    assert parse_args(["-s", "127.0.0.1:9998", "-T", "/t", "f"]).tempbase == "/t"
+
+
+def reply(*attrs):
+    (block,) = Decoder().feed(encode_block(attrs))
+    return block
+
+
+def test_header_edits_follow_milter_semantics():
+    header = (b"From x\nReceived: one\n  folded\nSubject: s\nX-Spam: 1\nX-Spam: 2\n"
+              b"X-Old: gone\n")
+    edits = header_edits(reply(
+        ("addheader", ["X-Tail", "end"]), ("insheader", ["0", "X-Virus-Scanned", "by us"]),
+        ("chgheader", ["2", "X-Spam", "two"]), ("delheader", ["1", "X-Old"]),
+        ("chgheader", ["1", "Subject", ""])))
+    out = apply_edits(header, edits)
+    assert out == (b"From x\nX-Virus-Scanned: by us\nReceived: one\n  folded\n"
+                   b"X-Spam: 1\nX-Spam: two\nX-Tail: end\n")
+
+
+def test_header_edits_keep_crlf_and_ignore_malformed_indexes():
+    out = apply_edits(b"Subject: s\r\n", header_edits(reply(
+        ("insheader", ["zero", "X-Bad", "x"]), ("insheader", ["1", "X-V", "ok"]))))
+    assert out == b"Subject: s\r\nX-V: ok\r\n"
+
+
+def test_delivery_argv_templates():
+    assert delivery_argvs("/usr/lib/dovecot/deliver -f {sender} -- {recipients}", "a@x",
+                          ["b@y", "c@y"]) == [
+        ["/usr/lib/dovecot/deliver", "-f", "a@x", "--", "b@y", "c@y"]]
+    assert delivery_argvs("mail.local -d {recipient}", "a@x", ["b", "c"]) == [
+        ["mail.local", "-d", "b"], ["mail.local", "-d", "c"]]
+
+
+def test_inside_requires_a_subdirectory(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert inside(str(tmp_path / "d" / "email.txt"), str(tmp_path))
+    assert not inside(str(tmp_path / "email.txt"), str(tmp_path))
+    assert not inside("/etc/passwd", str(tmp_path))
