@@ -20,10 +20,9 @@ subprocess), and is installed to run with `python3 -I -S`.
 
 from __future__ import annotations
 
+import _socket
 import os
 import sys
-
-import _socket
 
 from amavisd_client.ampdp import Block, Decoder, encode_block
 
@@ -36,6 +35,9 @@ EX_DISCARD = 99
 
 DEFAULT_SOCKET = "/var/lib/amavis/amavisd.sock"
 DEFAULT_TIMEOUT = 600.0
+# A file check has no envelope, but amavisd-new fails on a request without a
+# recipient ("Can't use an undefined value as an ARRAY reference"): send one.
+FILE_CHECK_ENVELOPE = ("<>", ["postmaster@localhost"])
 # return_value -> exit code; in mailer mode "discard" means "accepted, not delivered".
 FILE_MODE_EXIT = {"continue": EX_OK, "accept": EX_OK, "reject": EX_UNAVAILABLE,
                   "discard": EX_DISCARD, "tempfail": EX_TEMPFAIL}
@@ -52,12 +54,13 @@ options:
                         default tmp/ beside the socket)
   -t, --timeout SEC     seconds to wait for the verdict (default %g)
   -d, --deliver ARGV    local delivery agent, an argv template split on
-                        spaces, never a shell ($AMAVISD_DELIVER); {sender},
+                        spaces (or, with none, on commas), never a shell
+                        ($AMAVISD_DELIVER); {sender},
                         {recipients} (all, as separate arguments) and
                         {recipient} (one call per recipient) are filled in
   -f SENDER             envelope sender: selects mailer mode (stdin)
   -q, --quiet           print nothing in file mode
-""" % (DEFAULT_SOCKET, DEFAULT_TIMEOUT)
+""" % (DEFAULT_SOCKET, DEFAULT_TIMEOUT)  # noqa: UP031 (braces are literal here)
 
 
 class ClientError(Exception):
@@ -248,15 +251,29 @@ class Spool:
             os.close(fd)
 
     def remove(self) -> None:
-        for path in (self.path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        """Remove the whole dir: with tempdir_removed_by=client the server may have
+        left its own work files in it (amavisd-new does)."""
+        remove_tree(self.dir)
+
+
+def remove_tree(path: str) -> None:
+    """rm -r without following symlinks (and without importing shutil)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
         try:
-            os.rmdir(self.dir)
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(entry.path)
+            else:
+                os.unlink(entry.path)
         except OSError:
             pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def inside(path: str, base: str) -> bool:
@@ -306,7 +323,7 @@ def check_file(conn: Connection, opts: Options, path: str) -> int:
             mail_file = spool.path
         else:
             mail_file = os.path.realpath(path)
-        reply = check(conn, mail_file, opts.sender, [])
+        reply = check(conn, mail_file, *FILE_CHECK_ENVELOPE)
     except ClientError as err:
         say(f"{path}: tempfail: {err}", stream=sys.stderr)
         return EX_TEMPFAIL
@@ -425,7 +442,9 @@ def apply_edits(header: bytes, edits: list[tuple[str, list[str]]]) -> bytes:
 
 
 def delivery_argvs(template: str, sender: str, recipients: list[str]) -> list[list[str]]:
-    words = template.split()
+    # A Sendmail A= line cannot put spaces inside one argument: without
+    # white space, the template is split on commas instead.
+    words = template.split() if any(c.isspace() for c in template) else template.split(",")
     if "{recipient}" in words:
         return [[w.replace("{recipient}", r).replace("{sender}", sender) for w in words]
                 for r in recipients]

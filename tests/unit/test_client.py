@@ -56,6 +56,9 @@ def test_delivery_argv_templates():
         ["/usr/lib/dovecot/deliver", "-f", "a@x", "--", "b@y", "c@y"]]
     assert delivery_argvs("mail.local -d {recipient}", "a@x", ["b", "c"]) == [
         ["mail.local", "-d", "b"], ["mail.local", "-d", "c"]]
+    # the form that fits in one word of a Sendmail A= line
+    assert delivery_argvs("/usr/lib/dovecot/deliver,-f,{sender},-d,{recipient}", "a@x",
+                          ["b"]) == [["/usr/lib/dovecot/deliver", "-f", "a@x", "-d", "b"]]
 
 
 def test_inside_requires_a_subdirectory(tmp_path):
