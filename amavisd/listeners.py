@@ -20,6 +20,20 @@ class ListenerError(Exception):
     pass
 
 
+# (st_dev, st_ino) of each socket file we bound: at shutdown we unlink a path
+# only if it is still ours, not a newer daemon's socket at the same path.
+_BOUND: dict[str, tuple[int, int]] = {}
+
+
+def unlink_if_ours(path: str) -> None:
+    try:
+        st = os.lstat(path)
+        if _BOUND.get(path) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def bind_unix(path: str, mode: int, owner: str = "", group: str = "") -> socket.socket:
     if os.path.exists(path) or os.path.islink(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -43,6 +57,8 @@ def bind_unix(path: str, mode: int, owner: str = "", group: str = "") -> socket.
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
+    st = os.lstat(path)
+    _BOUND[path] = (st.st_dev, st.st_ino)
     if owner or group:
         uid = pwd.getpwnam(owner).pw_uid if owner else -1
         gid = grp.getgrnam(group).gr_gid if group else -1

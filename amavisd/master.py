@@ -28,7 +28,7 @@ from amavisd import config as configuration
 from amavisd import logs, sdnotify
 from amavisd.config import Config, ConfigError
 from amavisd.heartbeat import Heartbeat
-from amavisd.listeners import describe
+from amavisd.listeners import describe, unlink_if_ours
 from amavisd.worker import EXIT_BOOT_ERROR, Worker
 
 log = logging.getLogger("amavisd.master")
@@ -271,10 +271,7 @@ class Arbiter:
         for sock in self.listeners:
             sock.close()
         for path in unix_paths:  # new clients now fail fast and their MTA retries
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            unlink_if_ours(path)
         self.signal_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
         deadline = time.monotonic() + (self.config.graceful_timeout if graceful else 2.0)
         while self.workers and time.monotonic() < deadline:

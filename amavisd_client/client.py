@@ -118,11 +118,19 @@ def parse_args(argv: list[str]) -> Options:
         opts.timeout = float(opts.timeout)
     except ValueError:
         raise ValueError(f"bad --timeout {opts.timeout!r}") from None
-    if not opts.tempbase:
-        if not opts.socket.startswith("/"):
+    if is_tcp(opts.socket):
+        if not opts.tempbase:
             raise ValueError("with a TCP socket, give --tempbase (the daemon's temp base)")
-        opts.tempbase = os.path.join(os.path.dirname(opts.socket), "tmp")
+    else:
+        opts.socket = os.path.abspath(opts.socket)
+        opts.tempbase = opts.tempbase or os.path.join(os.path.dirname(opts.socket), "tmp")
     return opts
+
+
+def is_tcp(address: str) -> bool:
+    """host:port or [v6]:port; anything else is a Unix socket path."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and "/" not in address)
 
 
 # -- talking to the daemon -------------------------------------------------------
@@ -139,7 +147,7 @@ class Connection:
 
     def _connect(self):
         try:
-            if self.address.startswith("/"):
+            if not is_tcp(self.address):
                 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 target = self.address
             else:

@@ -115,7 +115,11 @@ class DaemonInstance:
             [sys.executable, "-m", "amavisd", "run", "-c", str(self.config_path)],
             env=env, stdout=self._stderr, stderr=self._stderr, cwd=ROOT,
         )
-        self.wait_notify("READY=1", timeout)
+        try:
+            self.wait_notify("READY=1", timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started daemon behind
+            raise
         return self
 
     def wait_notify(self, state: str, timeout: float = 20.0) -> None:

@@ -442,3 +442,31 @@ def test_pidfile_and_daemon_mode(short_tmp, clamd_nodecomp):
             time.sleep(0.1)
     assert not pidfile.exists()
     shutil.rmtree(short_tmp / "d", ignore_errors=True)
+
+
+def test_loopback_tcp_listener_serves_ampdp_too(short_tmp, clamd_nodecomp):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with DaemonInstance(short_tmp / "d", clamd_nodecomp.address,
+                        tcp_listen=f"127.0.0.1:{port}") as daemon:
+        message = write(short_tmp / "v.eml", eicar_message())
+        proc = daemon.client("-s", f"127.0.0.1:{port}", "-T", daemon.tempbase, str(message))
+        assert proc.returncode == 69, proc.stderr
+        assert "tcp:127.0.0.1:" in daemon.log_text()
+
+
+def test_a_stopping_daemon_leaves_a_newer_daemons_socket_alone(short_tmp, clamd_nodecomp):
+    old = DaemonInstance(short_tmp / "old", clamd_nodecomp.address,
+                         socket=str(short_tmp / "shared.sock")).start()
+    os.unlink(old.socket_path)  # e.g. an admin or a second start cleaned up the path
+    new = DaemonInstance(short_tmp / "new", clamd_nodecomp.address,
+                         socket=str(short_tmp / "shared.sock")).start()
+    try:
+        assert old.stop() == 0
+        assert os.path.exists(new.socket_path)
+        message = str(write(short_tmp / "m.eml", clean_message()))
+        assert new.client("-T", new.tempbase, message).returncode == 0
+    finally:
+        new.stop()

@@ -23,6 +23,13 @@ def test_bad_arguments(argv):
         parse_args(argv)
 
 
+def test_relative_socket_paths_are_paths(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    opts = parse_args(["-s", "var/lib/amavisd.sock", "f"])
+    assert opts.socket == str(tmp_path / "var/lib/amavisd.sock")
+    assert opts.tempbase == str(tmp_path / "var/lib/tmp")
+
+
 def test_tcp_socket_needs_a_tempbase():
     assert parse_args(["-s", "127.0.0.1:9998", "-T", "/t", "f"]).tempbase == "/t"
 
