@@ -201,9 +201,28 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="ADDR"),
     Setting("clamd_timeout", "scan", float, 120.0,
             "Seconds to wait for clamd on one message before giving up (tempfail).", positive),
+    # [decode]
+    Setting("max_depth", "decode", int, 20,
+            "Deepest nesting decoded (the message is level 0, each decoded layer adds one); "
+            "deeper content makes the message UNCHECKED.", between(1, 100)),
+    Setting("max_parts", "decode", int, 3000,
+            "Most parts one message may decode into.", positive),
+    Setting("min_expansion_quota", "decode", int, 100 * 1024 * 1024,
+            "Bytes a message may always expand to (the quota is the larger of this and "
+            "expansion_quota_factor times the message size).", positive),
+    Setting("expansion_quota_factor", "decode", int, 50,
+            "Expansion allowed per byte of message.", positive),
+    Setting("max_part_size", "decode", int, 256 * 1024 * 1024,
+            "Largest single decoded part.", positive),
+    Setting("max_decode_time", "decode", float, 60.0,
+            "Seconds of decoding per message before it is UNCHECKED.", positive),
     # [policy]
     Setting("virus_destiny", "policy", str, "reject",
             "What happens to INFECTED mail: pass, discard, bounce, reject or tempfail.",
+            one_of("pass", "discard", "bounce", "reject", "tempfail")),
+    Setting("unchecked_destiny", "policy", str, "reject",
+            "What happens to mail we could not fully check (limits, encrypted, "
+            "message/partial): never passed as clean unless set to pass.",
             one_of("pass", "discard", "bounce", "reject", "tempfail")),
     Setting("quarantine_dir", "policy", str, "/var/virusmails",
             "Quarantine of infected and banned mail (directory 0700).",

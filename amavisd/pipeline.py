@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 from amavisd.actions.headers import header_edits
 from amavisd.config import Config
-from amavisd.decode.mime import decompose
+from amavisd.decode.engine import decompose
+from amavisd.decode.limits import Limits
 from amavisd.envelope import Job
 from amavisd.policy import destinies
 from amavisd.scan.base import Scanner, ScannerError
@@ -40,21 +41,29 @@ class Pipeline:
         self.config = config
         self.scanners = list(scanners) if scanners is not None else build_scanners(config)
         self.destinies = destinies(config)
+        self.limits = Limits.from_config(config)
 
     def process(self, job: Job) -> Result:
         started = time.monotonic()
         result = Result(log_id=job.log_id)
+        decomposition = None
         try:
             raw = self.spool(job)
             result.size = len(raw)
-            result.tree = decompose(raw)
-            result.parts = list(result.tree.leaves())
+            decomposition = decompose(raw, self.limits, self.config.tempbase_path
+                                      if os.path.isdir(self.config.tempbase_path) else None)
+            result.tree = decomposition.root
+            result.parts = decomposition.scannable()
+            result.unchecked.extend(decomposition.unchecked)
             self.scan(result)
             self.decide(result)
-        except (MessageUnreadable, ScannerError) as err:
+        except (MessageUnreadable, ScannerError, OSError) as err:
             result.category = None
             result.destiny = Destiny.TEMPFAIL
             result.tempfail_reason = str(err)
+        finally:
+            if decomposition is not None:
+                decomposition.cleanup()
         result.header_edits = header_edits(self.config, result)
         result.elapsed_ms = (time.monotonic() - started) * 1000
         log_result(job, result)

@@ -1,9 +1,9 @@
 """Policy: from a verdict category to a destiny.
 
-For now one configurable destiny for INFECTED mail; banned-file rules and a
-destiny per category (and per UNCHECKED reason) extend this table. A message
-we could not check never gets PASS by accident: UNCHECKED maps to TEMPFAIL
-until a postmaster says otherwise.
+One configurable destiny for INFECTED (and, until banned rules exist,
+BANNED) mail and one for UNCHECKED; a destiny per UNCHECKED reason extends
+this table. A message we could not check never gets PASS unless a postmaster
+configures exactly that.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from amavisd.verdict import Category, Destiny
 def destinies(config: Mapping[str, Any]) -> dict[Category, Destiny]:
     return {
         Category.CLEAN: Destiny.PASS,
-        Category.UNCHECKED: Destiny.TEMPFAIL,
+        Category.UNCHECKED: Destiny(config["unchecked_destiny"]),
         Category.BANNED: Destiny(config["virus_destiny"]),
         Category.INFECTED: Destiny(config["virus_destiny"]),
     }

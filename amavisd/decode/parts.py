@@ -1,31 +1,44 @@
 """The part tree: every message becomes a tree of parts.
 
-A part keeps its decoded bytes in memory (scanners get them by INSTREAM, no
-temp files), its declared name and MIME type, its depth (the message is level
-0, each decoded layer adds one) and flags such as `decode-error`. Decoders
-build children; scanners look at leaves.
+A part knows its parent, its depth (the message is level 0; each decoded
+layer adds one, while multipart nesting inside one MIME message does not),
+its declared name and MIME type, the type detected from its content, its size
+and flags (encrypted, truncated, decode-error, ambiguous, ...).
+
+Bytes stay in memory while small; a large part is spilled to the message's
+work dir, so a message whose parts are all small never touches the disk.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+CHUNK = 256 * 1024
+
+# Flags that say "we could not fully look at this part".
+PROBLEM_FLAGS = frozenset({"decode-error", "truncated", "encrypted", "too-deep", "limit"})
 
 
 @dataclass(eq=False)
 class Part:
     id: str
     data: bytes = b""
-    name: str = ""
-    mime_type: str = ""
+    name: str = ""  # declared file name (MIME filename, archive member name, ...)
+    mime_type: str = ""  # declared MIME type
+    detected: str = ""  # short type found from the content ("zip", "mail", "text", ...)
+    detected_mime: str = ""  # libmagic's MIME type, where asked
     depth: int = 0
     parent: Part | None = field(default=None, repr=False)
     children: list[Part] = field(default_factory=list, repr=False)
     flags: set[str] = field(default_factory=set)
+    spill_path: str | None = None  # set when the bytes live on disk instead of in `data`
+    spilled_size: int = 0
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return self.spilled_size if self.spill_path else len(self.data)
 
     @property
     def path(self) -> str:
@@ -37,20 +50,69 @@ class Part:
             node = node.parent
         return "/".join(reversed(chain))
 
-    def add(self, child: Part) -> Part:
+    @property
+    def expanded(self) -> bool:
+        """True when the children fully stand for this part's content."""
+        return "expanded" in self.flags
+
+    def head(self, size: int = 8192) -> bytes:
+        """The first bytes, for type detection, wherever the part lives."""
+        if self.spill_path:
+            with open(self.spill_path, "rb") as fh:
+                return fh.read(size)
+        return self.data[:size]
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.spill_path:
+            with open(self.spill_path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+        else:
+            view = memoryview(self.data)
+            for start in range(0, len(view), CHUNK):
+                yield bytes(view[start:start + CHUNK])
+
+    def read(self) -> bytes:
+        if self.spill_path:
+            with open(self.spill_path, "rb") as fh:
+                return fh.read()
+        return self.data
+
+    def spill(self, directory: str) -> None:
+        """Move the bytes to a file (0600) in the message's work dir."""
+        if self.spill_path:
+            return
+        path = os.path.join(directory, self.id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self.data)
+        self.spilled_size = len(self.data)
+        self.spill_path = path
+        self.data = b""
+
+    def add(self, child: Part, layer: bool = True) -> Part:
         child.parent = self
-        child.depth = self.depth + 1
+        child.depth = self.depth + (1 if layer else 0)
         self.children.append(child)
         return child
 
     def walk(self) -> Iterator[Part]:
-        yield self
-        for child in self.children:
-            yield from child.walk()
+        stack = [self]
+        while stack:
+            part = stack.pop()
+            yield part
+            stack.extend(reversed(part.children))
 
     def leaves(self) -> Iterator[Part]:
         for part in self.walk():
             if not part.children:
+                yield part
+
+    def scannable(self) -> Iterator[Part]:
+        """What the scanners must see: every part with bytes whose content is
+        not entirely represented by its children (and the partial ones too)."""
+        for part in self.walk():
+            if part.size and (not part.expanded or part.flags & PROBLEM_FLAGS):
                 yield part
 
     def describe(self) -> dict:
@@ -59,9 +121,11 @@ class Part:
             "path": self.path,
             "name": self.name,
             "mime_type": self.mime_type,
+            "detected": self.detected,
+            "detected_mime": self.detected_mime,
             "size": self.size,
             "depth": self.depth,
-            "flags": sorted(self.flags),
+            "flags": sorted(self.flags - {"expanded"}),
             "children": [c.describe() for c in self.children],
         }
 

@@ -19,8 +19,6 @@ from amavisd.decode.parts import Part
 from amavisd.scan.base import ScannerError
 from amavisd.verdict import Finding
 
-CHUNK = 256 * 1024
-
 
 class ClamdScanner:
     name = "clamd"
@@ -63,7 +61,7 @@ class ClamdScanner:
             return False
 
     def scan(self, parts: Sequence[Part]) -> list[Finding]:
-        todo = [p for p in parts if p.data]
+        todo = [p for p in parts if p.size]
         if not todo:
             return []
         deadline = time.monotonic() + self.timeout
@@ -73,7 +71,7 @@ class ClamdScanner:
             sock.sendall(b"zIDSESSION\0")
             for number, part in enumerate(todo, 1):
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
-                _send_stream(sock, part.data)
+                _send_stream(sock, part)
                 reply = _read_reply(sock, self.address).decode("utf-8", "replace")
                 name = _parse_scan_reply(reply, number, part, self.address)
                 if name:
@@ -89,13 +87,10 @@ class ClamdScanner:
         return findings
 
 
-def _send_stream(sock: socket.socket, data: bytes) -> None:
+def _send_stream(sock: socket.socket, part: Part) -> None:
     sock.sendall(b"zINSTREAM\0")
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        chunk = view[start:start + CHUNK]
-        sock.sendall(struct.pack("!L", len(chunk)))
-        sock.sendall(chunk)
+    for chunk in part.chunks():  # from memory, or from the spill file
+        sock.sendall(struct.pack("!L", len(chunk)) + chunk)
     sock.sendall(b"\0\0\0\0")
 
 

@@ -1,0 +1,85 @@
+"""Decomposition: from raw message bytes to the full part tree.
+
+Content drives it: each part's type is sniffed from its bytes, and the
+registered decoder for that type adds its children, layer by layer, down to
+`max_depth`. A limit stops that branch or the whole message and leaves a
+reason in `unchecked`; a decoder's failure flags the part and goes on. Nothing
+a message contains can make this raise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from amavisd.decode import detect
+from amavisd.decode.limits import LimitExceeded, Limits
+from amavisd.decode.parts import Part
+from amavisd.decode.registry import REGISTRY, Context, DecodeError
+
+# Importing the decoder modules registers them.
+from amavisd.decode import compressed, mime, textual  # noqa: F401, E402  isort: skip
+
+log = logging.getLogger("amavisd.decode")
+
+
+@dataclass
+class Decomposition:
+    root: Part
+    unchecked: list[str] = field(default_factory=list)
+    context: Context | None = None
+
+    def scannable(self) -> list[Part]:
+        return list(self.root.scannable())
+
+    def cleanup(self) -> None:
+        if self.context is not None:
+            self.context.cleanup()
+
+
+def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = None,
+              use_magic: bool = True) -> Decomposition:
+    limits = limits or Limits()
+    ctx = Context(limits, len(raw), tempbase)
+    root = ctx.new_part(raw, mime_type="message/rfc822", detected="mail")
+    ctx.budget.charge_part()
+    result = Decomposition(root, ctx.unchecked, ctx)
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        try:
+            ctx.budget.check_time()
+            decode_one(part, ctx, use_magic)
+        except LimitExceeded as err:
+            part.flags.add("limit")
+            ctx.note_unchecked(part, err.reason)
+            if err.scope == "message":
+                break
+        stack.extend(reversed(part.children))
+    return result
+
+
+def decode_one(part: Part, ctx: Context, use_magic: bool) -> None:
+    head = part.head()
+    if not part.detected:
+        part.detected = detect.sniff(head)
+    if use_magic and not part.detected_mime and part.size and not part.expanded:
+        part.detected_mime = detect.magic_mime(head)
+    decoder = REGISTRY.get(part.detected)
+    if decoder is None or part.expanded:
+        return
+    if part.depth >= ctx.limits.max_depth:
+        part.flags.add("too-deep")
+        ctx.note_unchecked(part, f"nested deeper than {ctx.limits.max_depth} levels")
+        return
+    try:
+        decoder(part, ctx)
+    except LimitExceeded:
+        raise
+    except DecodeError as err:
+        part.flags.add("decode-error")
+        log.debug("%s: %s", part.path, err)
+    except Exception as err:  # a decoder bug must not lose the message: scan it as it is
+        part.flags.add("decode-error")
+        log.warning("decoder %s failed on %s: %s: %s", part.detected, part.path,
+                    type(err).__name__, err)

@@ -1,0 +1,130 @@
+"""The decoder registry and the context a decoder works in.
+
+A decoder is a function `decode(part, ctx)` registered for one or more
+detected types. It reads `part`, and adds children through `ctx.add()`,
+which charges the budget, numbers the part and spills big ones to disk.
+A decoder raises `DecodeError` for bad input (the part is flagged and still
+scanned as it is) and never needs to catch `LimitExceeded`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+from amavisd.decode.limits import Budget, Limits
+from amavisd.decode.parts import Part, PartNumbering
+
+Decoder = Callable[[Part, "Context"], None]
+REGISTRY: dict[str, Decoder] = {}
+
+
+class DecodeError(Exception):
+    """The input is not what it claimed; the message says what was wrong."""
+
+
+def register(*kinds: str) -> Callable[[Decoder], Decoder]:
+    def wrap(fn: Decoder) -> Decoder:
+        for kind in kinds:
+            REGISTRY[kind] = fn
+        return fn
+
+    return wrap
+
+
+class Context:
+    def __init__(self, limits: Limits, message_size: int, tempbase: str | None = None):
+        self.limits = limits
+        self.budget = Budget(limits, message_size)
+        self.numbering = PartNumbering()
+        self.unchecked: list[str] = []
+        self.tempbase = tempbase
+        self._workdir: str | None = None
+
+    def workdir(self) -> str:
+        """The message's private work dir, created only when something needs it."""
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="amavisd-", dir=self.tempbase)
+        return self._workdir
+
+    def new_part(self, data: bytes = b"", **fields) -> Part:
+        return Part(id=self.numbering.next(), data=data, **fields)
+
+    def add(self, parent: Part, data: bytes, layer: bool = True, **fields) -> Part:
+        """A decoded child of `parent`: counted, charged, spilled if large."""
+        self.budget.charge_part()
+        self.budget.check_part_size(len(data), parent.path)
+        self.budget.charge_bytes(len(data))
+        child = parent.add(self.new_part(data, **fields), layer=layer)
+        if len(data) > self.limits.spill_threshold:
+            child.spill(self.workdir())
+        return child
+
+    def sink(self, parent: Part, layer: bool = True, **fields) -> Sink:
+        """A child written chunk by chunk (decompressors): charged as it grows."""
+        return Sink(self, parent, layer, fields)
+
+    def add_container(self, parent: Part, layer: bool = True, **fields) -> Part:
+        """A structural node (e.g. a multipart) that holds no bytes of its own."""
+        self.budget.charge_part()
+        return parent.add(self.new_part(b"", **fields), layer=layer)
+
+    def note_unchecked(self, part: Part, reason: str) -> None:
+        self.unchecked.append(f"{reason} ({part.path})")
+
+    def cleanup(self) -> None:
+        if self._workdir is not None:
+            for name in os.listdir(self._workdir):
+                os.unlink(os.path.join(self._workdir, name))
+            os.rmdir(self._workdir)
+            self._workdir = None
+
+
+class Sink:
+    """Collects a streamed child in memory, moving to a file past the spill threshold.
+
+    Every chunk is charged to the budget before it is kept, so a bomb stops
+    within one chunk of the quota. `finish()` adds the part; on a limit the
+    caller still calls `finish(truncated=True)` so what was decoded is scanned.
+    """
+
+    def __init__(self, ctx: Context, parent: Part, layer: bool, fields: dict):
+        self.ctx = ctx
+        self.parent = parent
+        self.layer = layer
+        self.fields = fields
+        self.buffer = bytearray()
+        self.file = None
+        self.path: str | None = None
+        self.size = 0
+        ctx.budget.charge_part()
+
+    def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.size += len(chunk)
+        self.ctx.budget.check_part_size(self.size, self.parent.path)
+        self.ctx.budget.charge_bytes(len(chunk))
+        if self.file is None and len(self.buffer) + len(chunk) > self.ctx.limits.spill_threshold:
+            self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            self.file = os.fdopen(fd, "wb")
+            self.file.write(self.buffer)
+            self.buffer = bytearray()
+        if self.file is not None:
+            self.file.write(chunk)
+        else:
+            self.buffer += chunk
+
+    def finish(self, truncated: bool = False) -> Part:
+        child = self.parent.add(self.ctx.new_part(b"", **self.fields), layer=self.layer)
+        if self.file is not None:
+            self.file.close()
+            child.spill_path = self.path
+            child.spilled_size = self.size
+        else:
+            child.data = bytes(self.buffer)
+        if truncated:
+            child.flags.add("truncated")
+        return child
