@@ -143,7 +143,9 @@ class _Expander:
                 raise BinHexError(f"run-length repeat with no previous byte at offset {mark}")
             elif count > 1:
                 if len(out) + count - 1 > self.limit:
-                    raise BinHexError(f"output limit: run at offset {mark} exceeds {self.limit} bytes")
+                    raise BinHexError(
+                        f"output limit: run at offset {mark} exceeds {self.limit} bytes"
+                    )
                 out += bytes((out[-1],)) * (count - 1)
         return len(out) >= want
 

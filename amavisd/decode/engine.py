@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from amavisd.decode import detect
 from amavisd.decode.limits import LimitExceeded, Limits
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import REGISTRY, Context, DecodeError
+from amavisd.decode.registry import PROBES, REGISTRY, Context, DecodeError
 
 # Importing the decoder modules registers them.
 from amavisd.decode import compressed, mime, textual  # noqa: F401, E402  isort: skip
@@ -67,6 +67,9 @@ def decode_one(part: Part, ctx: Context, use_magic: bool) -> None:
         part.detected_mime = detect.magic_mime(head)
     decoder = REGISTRY.get(part.detected)
     if decoder is None or part.expanded:
+        return
+    probe = PROBES.get(part.detected)
+    if probe is not None and not probe(part):
         return
     if part.depth >= ctx.limits.max_depth:
         part.flags.add("too-deep")

@@ -18,16 +18,22 @@ from amavisd.decode.parts import Part, PartNumbering
 
 Decoder = Callable[[Part, "Context"], None]
 REGISTRY: dict[str, Decoder] = {}
+# Optional cheap test "would this decoder find anything?", for decoders that
+# usually find nothing (text): at the depth limit only a real find is UNCHECKED.
+PROBES: dict[str, Callable[[Part], bool]] = {}
 
 
 class DecodeError(Exception):
     """The input is not what it claimed; the message says what was wrong."""
 
 
-def register(*kinds: str) -> Callable[[Decoder], Decoder]:
+def register(*kinds: str, probe: Callable[[Part], bool] | None = None
+             ) -> Callable[[Decoder], Decoder]:
     def wrap(fn: Decoder) -> Decoder:
         for kind in kinds:
             REGISTRY[kind] = fn
+            if probe is not None:
+                PROBES[kind] = probe
         return fn
 
     return wrap

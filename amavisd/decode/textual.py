@@ -20,10 +20,15 @@ _UU_END = re.compile(rb"^end\r?$", re.M)
 MAX_TEXT_SCAN = 64 * 1024 * 1024  # text bodies larger than this are not searched for blocks
 
 
-@register("text")
-def decode_text(part: Part, ctx: Context) -> None:
+def has_embedded(part: Part) -> bool:
     if part.size > MAX_TEXT_SCAN:
-        return
+        return False
+    data = part.read()
+    return _UU_BEGIN.search(data) is not None or b"(This file must be converted" in data
+
+
+@register("text", probe=has_embedded)
+def decode_text(part: Part, ctx: Context) -> None:
     data = part.read()
     for name, payload, ok in find_uuencoded(data, ctx.budget.allowance()):
         child = ctx.add(part, payload, name=name, mime_type="application/octet-stream")

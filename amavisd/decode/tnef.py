@@ -206,52 +206,59 @@ def _props(buf: memoryview, wanted: frozenset[int]):
 def decompress_rtf(blob: bytes | memoryview, limit: int) -> bytes:
     """Decompress PR_RTF_COMPRESSED ([MS-OXRTFCP]); ValueError if malformed.
 
-    Output is capped at the declared raw size, which must not exceed `limit`.
+    Output stops at the declared raw size; TnefError once it would pass `limit`
+    (checked as it grows: a lying header allocates nothing up front).
     """
     if len(blob) < 16:
         raise ValueError("short RTF header")
     comp_size, raw_size, magic, crc = struct.unpack_from("<IIII", blob, 0)
-    if raw_size > limit:
-        raise TnefError("output limit")
+    raw_size = min(raw_size, limit + 1)
     body = bytes(blob[16:comp_size + 4]) if comp_size >= 12 else b""
     if magic == _RTF_MELA:
-        return body[:raw_size]
-    if magic != _RTF_LZFU:
+        out = bytearray(body[:raw_size])
+    elif magic != _RTF_LZFU:
         raise ValueError("unknown RTF compression")
-    if zlib.crc32(body, 0xFFFFFFFF) ^ 0xFFFFFFFF != crc:
+    elif zlib.crc32(body, 0xFFFFFFFF) ^ 0xFFFFFFFF != crc:  # CRC-32 without pre/post xor
         raise ValueError("RTF CRC mismatch")
-    dictionary = bytearray(4096)
-    dictionary[:len(_RTF_PREBUF)] = _RTF_PREBUF
+    else:
+        out = _lzfu(body, raw_size)
+    if len(out) > limit:
+        raise TnefError("output limit")
+    return bytes(out)
+
+
+def _lzfu(body: bytes, raw_size: int) -> bytearray:
+    """LZ77 over a 4 KiB ring preloaded with common RTF; 8 flags per control byte."""
+    ring = bytearray(4096)
+    ring[:len(_RTF_PREBUF)] = _RTF_PREBUF
     write = len(_RTF_PREBUF)
     out = bytearray()
-    pos, end = 0, len(body)
+    pos, end, control, bit = 0, len(body), 0, 8
     while pos < end and len(out) < raw_size:
-        control = body[pos]
-        pos += 1
-        for bit in range(8):
-            if pos >= end or len(out) >= raw_size:
-                break
-            if control >> bit & 1:
-                if end - pos < 2:
-                    raise ValueError("RTF reference cut short")
-                ref = body[pos] << 8 | body[pos + 1]
-                pos += 2
-                offset, length = ref >> 4, (ref & 0xF) + 2
-                if offset == write:  # end marker
-                    return bytes(out[:raw_size])
-                for _ in range(length):
-                    byte = dictionary[offset]
-                    out.append(byte)
-                    dictionary[write] = byte
-                    offset = (offset + 1) & 0xFFF
-                    write = (write + 1) & 0xFFF
-            else:
-                byte = body[pos]
-                pos += 1
-                out.append(byte)
-                dictionary[write] = byte
-                write = (write + 1) & 0xFFF
-    return bytes(out[:raw_size])
+        if bit == 8:
+            control, bit = body[pos], 0
+            pos += 1
+            continue
+        flag = control >> bit & 1
+        bit += 1
+        if not flag:  # literal byte
+            ring[write] = body[pos]
+            out.append(body[pos])
+            pos, write = pos + 1, (write + 1) & 0xFFF
+            continue
+        if end - pos < 2:
+            raise ValueError("RTF reference cut short")
+        ref = body[pos] << 8 | body[pos + 1]
+        pos += 2
+        offset, length = ref >> 4, (ref & 0xF) + 2
+        if offset == write:  # end marker
+            break
+        for _ in range(length):
+            byte = ring[offset]
+            out.append(byte)
+            ring[write] = byte
+            offset, write = (offset + 1) & 0xFFF, (write + 1) & 0xFFF
+    return out[:raw_size]
 
 
 class _Parser:
