@@ -75,6 +75,11 @@ def _scan(text: bytes, colon: int, strict: bool) -> tuple[int, list[bytes], bool
     Returns (end offset, chunks, closed). Non-strict (finding) stops before
     the first line that is not BinHex; strict (decoding) raises on it instead.
     """
+    close = text.find(b":", colon + 1)
+    if close >= 0:  # fast path: a clean block is all alphabet and whitespace up to ':'
+        flat = text[colon + 1 : close].translate(None, _SPACE)
+        if not flat.translate(None, ALPHABET):
+            return close + 1, [flat], True
     chunks: list[bytes] = []
     end = colon + 1
     first = True
@@ -122,31 +127,31 @@ class _Expander:
         """Expand until ``want`` bytes are available; False if the input runs out first."""
         if want > self.limit:
             raise BinHexError(f"output limit: {want} bytes needed, limit {self.limit}")
-        src, out, end = self.src, self.out, len(self.src)
-        while len(out) < want and self.pos < end:
-            need = want - len(out)
-            mark = src.find(_RLE, self.pos, self.pos + need)
-            if mark < 0:  # a plain stretch covers what is still wanted
-                stop = min(end, self.pos + need)
-                out += src[self.pos : stop]
-                self.pos = stop
+        src, out, end, pos = self.src, self.out, len(self.src), self.pos
+        while len(out) < want and pos < end:  # one token per turn: a plain stretch or a marker
+            if src[pos] != _RLE:
+                need = want - len(out)
+                mark = src.find(_RLE, pos, pos + need)
+                stop = mark if mark >= 0 else min(end, pos + need)
+                out += src[pos:stop]
+                pos = stop
                 continue
-            out += src[self.pos : mark]
-            if mark + 1 >= end:  # marker without its count: the stream was cut
-                self.pos = end
+            if pos + 1 >= end:  # marker without its count: the stream was cut
+                pos = end
                 break
-            count = src[mark + 1]
-            self.pos = mark + 2
+            count = src[pos + 1]
+            pos += 2
             if count == 0:
                 out.append(_RLE)
             elif not out:
-                raise BinHexError(f"run-length repeat with no previous byte at offset {mark}")
+                raise BinHexError(f"run-length repeat with no previous byte at offset {pos - 2}")
             elif count > 1:
                 if len(out) + count - 1 > self.limit:
                     raise BinHexError(
-                        f"output limit: run at offset {mark} exceeds {self.limit} bytes"
+                        f"output limit: run at offset {pos - 2} exceeds {self.limit} bytes"
                     )
-                out += bytes((out[-1],)) * (count - 1)
+                out += out[-1:] * (count - 1)
+        self.pos = pos
         return len(out) >= want
 
 
@@ -186,10 +191,10 @@ def find_binhex(text: bytes) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     if b":" not in text:
         return spans
-    resume = 0
-    for offset, line in _lines(text, 0):
-        if offset < resume:
-            continue
+    pos = 0
+    while pos < len(text):
+        line_match = _LINE_RE.match(text, pos)
+        offset, line, pos = pos, line_match.group(1), line_match.end()
         content = line.lstrip(_QUOTE)
         if content[: len(_MARKER)].lower() == _MARKER:
             close = content.find(b")")
@@ -206,7 +211,7 @@ def find_binhex(text: bytes) -> list[tuple[int, int]]:
         end, chunks, closed = _scan(text, colon, strict=False)
         if closed or any(chunks):
             spans.append((offset, end))
-            resume = end
+            pos = max(pos, end)
     return spans
 
 

@@ -72,9 +72,13 @@ def _add_entity(parent: Part, entity: Message, ctx: Context, layer: bool) -> Non
                 _add_entity(container, sub, ctx, layer=False)
         _add_text(container, entity.epilogue, ctx, "(epilogue)")
         return
+    cte = str(entity.get("content-transfer-encoding", "")).strip().lower()
     try:
-        data = entity.get_payload(decode=True)
-    except Exception:  # e.g. a uuencode body the stdlib cannot take
+        if cte in ("x-uuencode", "uuencode", "x-uue", "uue"):
+            data = _uudecode_body(entity, ctx)
+        else:
+            data = entity.get_payload(decode=True)
+    except Exception:  # e.g. a body the stdlib cannot take
         data = None
     flags = {type(d).__name__ for d in entity.defects}
     if data is None:
@@ -84,6 +88,17 @@ def _add_entity(parent: Part, entity: Message, ctx: Context, layer: bool) -> Non
     if flags & {"decode-error", "InvalidBase64CharactersDefect",
                 "InvalidBase64PaddingDefect", "InvalidBase64LengthDefect"}:
         child.flags.add("decode-error")
+
+
+def _uudecode_body(entity: Message, ctx: Context) -> bytes:
+    """Our own uudecoder: the stdlib pads cut-off lines with zeros."""
+    from amavisd.decode.textual import find_uuencoded, uudecode_lines
+
+    raw = _raw_payload(entity)
+    blocks = find_uuencoded(raw, ctx.budget.allowance())
+    if blocks:
+        return b"".join(payload for _, payload, _ in blocks)
+    return uudecode_lines(raw, ctx.budget.allowance())[0]
 
 
 def alternative_readings(entity: Message) -> list[bytes]:

@@ -20,11 +20,37 @@ _UU_END = re.compile(rb"^end\r?$", re.M)
 MAX_TEXT_SCAN = 64 * 1024 * 1024  # text bodies larger than this are not searched for blocks
 
 
+_MIME_BOUNDARY = re.compile(
+    rb"^--([ -~]{1,70}?)[ \t]*\r?\n(?:[!-9;-~]+:[^\n]*\r?\n(?:[ \t][^\n]*\r?\n)*)*?"
+    rb"content-(?:type|transfer-encoding|disposition)[ \t]*:", re.I | re.M)
+MAX_BOUNDARIES = 4
+
+
 def has_embedded(part: Part) -> bool:
     if part.size > MAX_TEXT_SCAN:
         return False
     data = part.read()
-    return _UU_BEGIN.search(data) is not None or b"(This file must be converted" in data
+    return (_UU_BEGIN.search(data) is not None or b"(This file must be converted" in data
+            or (b"\n--" in data and _MIME_BOUNDARY.search(data) is not None))
+
+
+def _inside_reading(part: Part) -> bool:
+    node: Part | None = part
+    while node is not None:
+        if "mime-reading" in node.flags:
+            return True
+        node = node.parent
+    return False
+
+
+def mime_readings(data: bytes) -> list[bytes]:
+    """Boundary-delimited MIME parts inside a text body: the structure a mail
+    client may see where our parser saw none (e.g. `Content-Type(x):` header
+    tricks). Each boundary found gives one multipart reading to decode."""
+    boundaries = list(dict.fromkeys(m.group(1).rstrip(b"-").strip() or m.group(1)
+                                    for m in _MIME_BOUNDARY.finditer(data)))
+    return [b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="' + b.replace(
+        b'"', b"") + b'"\n\n' + data for b in boundaries[:MAX_BOUNDARIES]]
 
 
 @register("text", probe=has_embedded)
@@ -34,6 +60,12 @@ def decode_text(part: Part, ctx: Context) -> None:
         child = ctx.add(part, payload, name=name, mime_type="application/octet-stream")
         if not ok:
             child.flags.add("decode-error")
+    if not _inside_reading(part):  # a reading's own text gets no further readings
+        for reading in mime_readings(data):
+            part.flags.add("ambiguous")
+            child = ctx.add(part, reading, name="(MIME structure found in text)",
+                            mime_type="message/rfc822", detected="mail")
+            child.flags.add("mime-reading")
     if b"BinHex" in data or b"(This file must be converted" in data:
         from amavisd.decode import binhex
 
@@ -50,24 +82,35 @@ def find_uuencoded(data: bytes, max_output: int) -> list[tuple[str, bytes, bool]
         stop = end.start() if end else len(data)
         name = match.group(2).decode("latin-1").strip().translate(
             {c: "?" for c in range(32)})[:255]
-        out = bytearray()
-        ok = end is not None
-        for line in data[match.end():stop].splitlines():
-            if not line.strip():
-                continue
-            try:
-                out += binascii.a2b_uu(line)
-            except binascii.Error:
-                try:  # some encoders drop trailing padding: trust the length byte
-                    length = (line[0] - 32) & 63
-                    out += binascii.a2b_uu(line[: 1 + (length * 4 + 2) // 3])
-                except (binascii.Error, IndexError):
-                    ok = False
-            if len(out) > max_output:
-                raise DecodeError(f"uuencoded block {name!r} beyond the size budget")
-        found.append((name, bytes(out), ok))
+        payload, ok = uudecode_lines(data[match.end():stop], max_output, name)
+        found.append((name, payload, ok and end is not None))
         pos = end.end() if end else len(data)
     return found
+
+
+def uudecode_lines(body: bytes, max_output: int, name: str = "") -> tuple[bytes, bool]:
+    """Decode uuencoded lines, skipping any line too short for the length it
+    declares (a cut-off `end`, a signature): binascii would pad it with zeros."""
+    out = bytearray()
+    ok = True
+    for line in body.splitlines():
+        line = line.rstrip(b"\r")
+        if not line.strip() or line in (b"end", b"`"):
+            continue
+        count = (line[0] - 32) & 63
+        if len(line) - 1 < (count * 4 + 2) // 3:
+            ok = False
+            continue
+        try:
+            out += binascii.a2b_uu(line[: 1 + (count * 4 + 2) // 3 + 3])
+        except binascii.Error:
+            try:  # some encoders drop trailing padding: trust the length byte
+                out += binascii.a2b_uu(line[: 1 + (count * 4 + 2) // 3])
+            except binascii.Error:
+                ok = False
+        if len(out) > max_output:
+            raise DecodeError(f"uuencoded block {name!r} beyond the size budget")
+    return bytes(out), ok
 
 
 @register("binhex")

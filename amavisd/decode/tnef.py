@@ -275,9 +275,6 @@ class _Parser:
         self.left -= len(value)
         return bytes(value)
 
-    def name(self, text: str) -> str:
-        return self.take(_clean_name(text).encode("utf-8")).decode("utf-8")
-
     def attachment(self, *, new: bool = False) -> _Pending:
         if new or self.current is None:
             self.flush()
@@ -328,7 +325,7 @@ class _Parser:
         elif tag == _ATT_ATTACH_TITLE:
             att = self.attachment()
             if not att.title:
-                att.title = self.name(bytes(value).decode("cp1252", "replace"))
+                att.title = _clean_name(bytes(value).decode("cp1252", "replace"))
         elif tag == _ATT_ATTACHMENT:
             self.attachment_props(value)
         elif tag == _ATT_BODY:
@@ -351,9 +348,9 @@ class _Parser:
                 (att.method,) = struct.unpack_from("<I", data, 0)
             elif base in (_PT_STRING8, _PT_UNICODE):
                 if prop_id == _PR_ATTACH_MIME_TAG:
-                    att.mime_type = self.name(_text(base, data))
+                    att.mime_type = _clean_name(_text(base, data))
                 elif prop_id not in att.names:
-                    att.names[prop_id] = self.name(_text(base, data))
+                    att.names[prop_id] = _clean_name(_text(base, data))
 
     def message_props(self, value: memoryview) -> None:
         content = self.content
@@ -381,8 +378,8 @@ class _Parser:
 def parse_tnef(data: bytes, max_output: int) -> TnefContent:
     """Parse a TNEF stream; raise TnefError if it is not one or exceeds `max_output`.
 
-    `max_output` bounds the sum of all returned bytes (attachment data, names,
-    bodies, decompressed RTF).
+    `max_output` bounds the sum of all returned content: attachment data and
+    bodies (decompressed RTF included); names are small and bounded by the input.
     """
     if len(data) < 6 or struct.unpack_from("<I", data, 0)[0] != SIGNATURE:
         raise TnefError("not TNEF (bad signature)")
