@@ -179,8 +179,9 @@ def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
     mark = f"  <-- {found[node['path']]}" if node["path"] in found else ""
     name = f" {node['name']!r}" if node["name"] else ""
     flags = f" [{', '.join(node['flags'])}]" if node["flags"] else ""
-    print(f"{'  ' * indent}{node['id']} {node['mime_type'] or '?'}{name} "
-          f"{node['size']} B{flags}{mark}")
+    detected = f" ({node['detected']})" if node["detected"] else ""
+    print(f"{'  ' * indent}{node['id']} {node['mime_type'] or '?'}{detected}{name} "
+          f"{node['size']} B, depth {node['depth']}{flags}{mark}")
     for child in node["children"]:
         print_tree(child, result, indent + 1)
 

@@ -61,7 +61,7 @@ def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = N
 
 def decode_one(part: Part, ctx: Context, use_magic: bool) -> None:
     head = part.head()
-    if not part.detected:
+    if not part.detected and part.size:
         part.detected = detect.sniff(head)
     if use_magic and not part.detected_mime and part.size and not part.expanded:
         part.detected_mime = detect.magic_mime(head)

@@ -228,13 +228,16 @@ def decompress_rtf(blob: bytes | memoryview, limit: int) -> bytes:
 
 
 def _lzfu(body: bytes, raw_size: int) -> bytearray:
-    """LZ77 over a 4 KiB ring preloaded with common RTF; 8 flags per control byte."""
-    ring = bytearray(4096)
-    ring[:len(_RTF_PREBUF)] = _RTF_PREBUF
-    write = len(_RTF_PREBUF)
-    out = bytearray()
+    """LZ77 over a 4 KiB ring preloaded with common RTF; 8 flags per control byte.
+
+    The ring is kept as a linear history rotated so that its end is the write
+    position: a reference is then one slice copy, not a byte loop.
+    """
+    start = len(_RTF_PREBUF)
+    hist = bytearray(4096 - start) + _RTF_PREBUF
+    stop = len(hist) + raw_size
     pos, end, control, bit = 0, len(body), 0, 8
-    while pos < end and len(out) < raw_size:
+    while pos < end and len(hist) < stop:
         if bit == 8:
             control, bit = body[pos], 0
             pos += 1
@@ -242,23 +245,22 @@ def _lzfu(body: bytes, raw_size: int) -> bytearray:
         flag = control >> bit & 1
         bit += 1
         if not flag:  # literal byte
-            ring[write] = body[pos]
-            out.append(body[pos])
-            pos, write = pos + 1, (write + 1) & 0xFFF
+            hist.append(body[pos])
+            pos += 1
             continue
         if end - pos < 2:
             raise ValueError("RTF reference cut short")
         ref = body[pos] << 8 | body[pos + 1]
         pos += 2
-        offset, length = ref >> 4, (ref & 0xF) + 2
-        if offset == write:  # end marker
+        length, here = (ref & 0xF) + 2, len(hist)
+        distance = (here + start - (ref >> 4)) & 0xFFF
+        if distance == 0:  # reference to the write position: end marker
             break
-        for _ in range(length):
-            byte = ring[offset]
-            out.append(byte)
-            ring[write] = byte
-            offset, write = (offset + 1) & 0xFFF, (write + 1) & 0xFFF
-    return out[:raw_size]
+        source = hist[here - distance:here - distance + length]
+        if length > distance:  # overlapping copy repeats the last `distance` bytes
+            source = (source * (length // distance + 1))[:length]
+        hist += source
+    return hist[4096:4096 + raw_size]
 
 
 class _Parser:
