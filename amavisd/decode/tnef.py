@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["TnefError", "TnefAttachment", "TnefContent", "parse_tnef", "decompress_rtf"]
@@ -136,7 +137,7 @@ class _Truncated(Exception):
     """Internal: a declared length or count runs past its container."""
 
 
-def _props(buf: memoryview, wanted: frozenset[int]):
+def _props(buf: memoryview, wanted: frozenset[int]) -> Iterator[tuple[int, int, memoryview]]:
     """Yield (prop_id, prop_type, value) for single-valued wanted properties.
 
     Object values keep their 16-byte IID prefix. Raises _Truncated on a length,
