@@ -56,7 +56,7 @@ class Result:
     unchecked: list[str] = field(default_factory=list)
     tempfail_reason: str | None = None
     header_edits: list[HeaderEdit] = field(default_factory=list)
-    parts: list = field(default_factory=list)  # decode.parts.Part, leaves first-seen order
+    parts: list = field(default_factory=list)  # decode.parts.Part: what the scanners saw
     tree: object | None = None  # decode.parts.Part root
     size: int = 0
     elapsed_ms: float = 0.0
