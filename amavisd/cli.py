@@ -138,7 +138,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if missing:
         print(f"amavisd: no such file: {missing[0]}", file=sys.stderr)
         return sysexits.EX_NOINPUT
-    pipeline = Pipeline(cfg)
+    pipeline = Pipeline(cfg, name_types=args.tree or args.json)
     results = []
     for number, path in enumerate(args.paths, 1):
         result = pipeline.process(Job(log_id=f"scan-{number:02d}", mail_path=path))

@@ -37,8 +37,12 @@ def build_scanners(config: Config) -> list[Scanner]:
 
 
 class Pipeline:
-    def __init__(self, config: Config, scanners: Sequence[Scanner] | None = None):
+    def __init__(self, config: Config, scanners: Sequence[Scanner] | None = None,
+                 name_types: bool = False):
         self.config = config
+        # libmagic names each part's type for people (--tree) and, later, banned-type
+        # rules; nothing else needs it, and it costs 3x the decoding itself.
+        self.name_types = name_types
         self.scanners = list(scanners) if scanners is not None else build_scanners(config)
         self.destinies = destinies(config)
         self.limits = Limits.from_config(config)
@@ -50,8 +54,10 @@ class Pipeline:
         try:
             raw = self.spool(job)
             result.size = len(raw)
-            decomposition = decompose(raw, self.limits, self.config.tempbase_path
-                                      if os.path.isdir(self.config.tempbase_path) else None)
+            tempbase = self.config.tempbase_path
+            decomposition = decompose(raw, self.limits,
+                                      tempbase if os.path.isdir(tempbase) else None,
+                                      use_magic=self.name_types)
             result.tree = decomposition.root
             result.parts = decomposition.scannable()
             result.unchecked.extend(decomposition.unchecked)

@@ -38,7 +38,7 @@ class Decomposition:
 
 
 def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = None,
-              use_magic: bool = True) -> Decomposition:
+              use_magic: bool = False) -> Decomposition:
     limits = limits or Limits()
     ctx = Context(limits, len(raw), tempbase)
     root = ctx.new_part(raw, mime_type="message/rfc822", detected="mail")
