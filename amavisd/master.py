@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from amavisd import config as configuration
-from amavisd import logs, sdnotify
+from amavisd import logs, sdnotify, wakeup
 from amavisd.config import Config, ConfigError
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import describe, unlink_if_ours
@@ -109,8 +109,7 @@ class Arbiter:
             return halt.code
 
     def install_signals(self) -> None:
-        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wakeup_w)
+        self._wakeup_r, self._wakeup_w = wakeup.open_pipe()
         for signum in SIGNAL_NAMES:
             signal.signal(signum, self.enqueue_signal)
 
@@ -122,11 +121,10 @@ class Arbiter:
             return
         try:
             ready, _, _ = select.select([self._wakeup_r], [], [], timeout)
-            if ready:
-                while os.read(self._wakeup_r, 4096):
-                    pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        except InterruptedError:
+            return
+        if ready:
+            wakeup.drain(self._wakeup_r)
 
     # -- signal handlers (called from the loop, not from the signal) -----------
 

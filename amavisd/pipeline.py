@@ -46,6 +46,10 @@ class Pipeline:
         self.scanners = list(scanners) if scanners is not None else build_scanners(config)
         self.destinies = destinies(config)
         self.limits = Limits.from_config(config)
+        # Large parts spill under the temp base when it exists (the daemon makes
+        # sure it does), else in the system's temp dir (`amavisd scan`).
+        tempbase = config.tempbase_path
+        self.spill_base = tempbase if os.path.isdir(tempbase) else None
 
     def process(self, job: Job) -> Result:
         started = time.monotonic()
@@ -54,9 +58,7 @@ class Pipeline:
         try:
             raw = self.spool(job)
             result.size = len(raw)
-            tempbase = self.config.tempbase_path
-            decomposition = decompose(raw, self.limits,
-                                      tempbase if os.path.isdir(tempbase) else None,
+            decomposition = decompose(raw, self.limits, self.spill_base,
                                       use_magic=self.name_types)
             result.tree = decomposition.root
             result.parts = decomposition.scannable()

@@ -18,7 +18,7 @@ import select
 import signal
 import socket
 
-from amavisd import logs
+from amavisd import logs, wakeup
 from amavisd.config import Config
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
@@ -85,8 +85,7 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         # A signal writes a byte here (the C-level handler), waking select() at once.
-        self._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wakeup_w)
+        self._wakeup_r, _ = wakeup.open_pipe()
         tempbase = self.config.tempbase_path
         if not os.path.isdir(tempbase):
             raise BootError(f"temp base {tempbase} is not a directory")
@@ -112,11 +111,7 @@ class Worker:
                 raise
             if self._wakeup_r in ready:
                 ready.remove(self._wakeup_r)
-                try:
-                    while os.read(self._wakeup_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
+                wakeup.drain(self._wakeup_r)
             for listener in ready:
                 if not self.alive:
                     break

@@ -103,11 +103,6 @@ class Part:
             yield part
             stack.extend(reversed(part.children))
 
-    def leaves(self) -> Iterator[Part]:
-        for part in self.walk():
-            if not part.children:
-                yield part
-
     def scannable(self) -> Iterator[Part]:
         """What the scanners must see: every part with bytes whose content is
         not entirely represented by its children (and the partial ones too)."""
