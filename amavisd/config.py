@@ -216,6 +216,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest single decoded part.", positive),
     Setting("max_decode_time", "decode", float, 60.0,
             "Seconds of decoding per message before it is UNCHECKED.", positive),
+    Setting("tool_timeout", "decode", float, 30.0,
+            "Seconds one external unpacker (unar, 7zz, arj, ...) may run on one archive; "
+            "never more than what is left of max_decode_time.", positive),
+    Setting("tool_memory", "decode", int, 1024 * 1024 * 1024,
+            "Address-space limit (bytes) of one external unpacker.", positive),
     # [policy]
     Setting("virus_destiny", "policy", str, "reject",
             "What happens to INFECTED mail: pass, discard, bounce, reject or tempfail.",

@@ -20,7 +20,7 @@ from amavisd.config import Config
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
 from amavisd.envelope import Job
-from amavisd.policy import destinies
+from amavisd.policy.destinies import destinies
 from amavisd.scan.base import Scanner, ScannerError
 from amavisd.scan.clamd import ClamdScanner
 from amavisd.verdict import Category, Destiny, Result

@@ -10,10 +10,12 @@ VENV=${VENV:-.venv}
 # clamav-daemon/clamdscan/clamav-testfiles: the scanner and its test files;
 # amavisd-new: the reference daemon and the real AM.PDP clients
 # (amavisd-submit, amavisd-release); postfix/swaks: MTA integration tests;
-# the rest: real archivers and decoders for the decoding tests.
+# the rest: real archivers and decoders, for decoding and for making test
+# fixtures (jlha-utils, rpm's rpmbuild, bsdtar and ar only make fixtures).
 APT_PACKAGES="clamav-daemon clamav clamdscan clamav-testfiles amavisd-new postfix swaks
   hyperfine libmagic1 file sharutils macutils unar arj lhasa 7zip cabextract ncompress
-  gcab cpio genisoimage zip unzip xz-utils zstd lz4 lzip bzip2 arc nomarch tnef"
+  gcab cpio genisoimage zip unzip xz-utils zstd lz4 lzip bzip2 arc nomarch tnef
+  jlha-utils rpm libarchive-tools binutils"
 
 missing=""
 for pkg in $APT_PACKAGES; do

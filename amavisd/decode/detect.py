@@ -8,17 +8,40 @@ fork) names everything else for the tree and the banned-type rules.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 # (offset, magic bytes, short type); first match wins, most specific first.
 SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"PK\x03\x04", "zip"),
-    (0, b"PK\x05\x06", "zip"),
+    (0, b"PK\x05\x06", "zip"),  # empty, or a split set's last piece
+    (0, b"PK\x07\x08PK\x03\x04", "zip"),  # spanned-archive marker
+    (0, b"PK00PK\x03\x04", "zip"),
     (0, b"\x1f\x8b", "gzip"),
+    (0, b"\x1f\x9d", "compress"),  # .Z
+    (0, b"\x1f\x9e", "freeze"),  # .F, freeze 2
+    (0, b"\x1f\x9f", "freeze"),  # .F, freeze 1
     (0, b"BZh", "bzip2"),
     (0, b"\xfd7zXZ\x00", "xz"),
     (0, b"\x28\xb5\x2f\xfd", "zstd"),
+    (0, b"\x04\x22\x4d\x18", "lz4"),
+    (0, b"\x02\x21\x4c\x18", "lz4"),  # legacy frame
+    (0, b"LZIP", "lzip"),
     (0, b"7z\xbc\xaf\x27\x1c", "7z"),
     (0, b"Rar!\x1a\x07", "rar"),
+    (0, b"\x60\xea", "arj"),
+    (0, b"ZOO ", "zoo"),
+    (20, b"\xdc\xa7\xc4\xfd", "zoo"),
+    (0, b"MSCF\0\0\0\0", "cab"),
+    (0, b"\xed\xab\xee\xdb", "rpm"),
+    (0, b"!<arch>\n", "ar"),
+    (0, b"070701", "cpio"),
+    (0, b"070702", "cpio"),
+    (0, b"070707", "cpio"),
+    (0, b"\xc7\x71", "cpio"),  # old binary, little-endian
+    (0, b"\x71\xc7", "cpio"),  # old binary, big-endian
+    (0x8001, b"CD001", "iso"),
+    (0x8801, b"CD001", "iso"),
+    (0x9001, b"CD001", "iso"),
     (0, b"\x78\x9f\x3e\x22", "tnef"),
     (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "ole2"),
     (0, b"%PDF-", "pdf"),
@@ -26,6 +49,61 @@ SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x7fELF", "elf"),
     (257, b"ustar", "tar"),
 )
+# Formats with no fixed magic at offset 0: a cheap structural test each.
+HEAD_PROBES: list[tuple[Callable[[bytes], bool], str]] = []
+
+
+def head_probe(kind: str) -> Callable[[Callable[[bytes], bool]], Callable[[bytes], bool]]:
+    def wrap(fn: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
+        HEAD_PROBES.append((fn, kind))
+        return fn
+
+    return wrap
+
+
+@head_probe("lha")
+def _is_lha(head: bytes) -> bool:
+    # "-lh5-" style method id at offset 2 (header levels 0-2), 0 for level 3's word size
+    return len(head) > 21 and head[2:3] == b"-" and head[6:7] == b"-" and \
+        head[3:5] in (b"lh", b"lz", b"pm")
+
+
+@head_probe("arc")
+def _is_arc(head: bytes) -> bool:
+    # SEA ARC: 0x1A, a method byte 1..11 or 20..39, a 13-byte NUL-padded name
+    if len(head) < 29 or head[0] != 0x1A or not (1 <= head[1] <= 11 or 20 <= head[1] <= 39):
+        return False
+    name = head[2:15]
+    end = name.find(b"\0")
+    return end > 0 and all(32 < c < 127 for c in name[:end])
+
+
+@head_probe("tar")
+def _is_old_tar(head: bytes) -> bool:
+    """A pre-POSIX tar header: the checksum field matches the header's sum."""
+    if len(head) < 512 or not head[0] or head[0] == 0xFF:
+        return False
+    field = head[148:156].replace(b"\0", b" ").strip()
+    if not field or not all(48 <= c <= 55 for c in field):
+        return False
+    stored = int(field, 8)
+    total = sum(head[:148]) + 8 * 32 + sum(head[156:512])
+    return stored == total
+
+
+@head_probe("lzma")
+def _is_lzma_alone(head: bytes) -> bool:
+    # .lzma (LZMA_Alone) has no magic: the usual properties byte 0x5D (lc=3 lp=0 pb=2),
+    # a dictionary of 2^n or 2^n + 2^(n-1) bytes, and a size that is known or all 0xFF.
+    if len(head) < 13 or head[0] != 0x5D:
+        return False
+    dictionary = int.from_bytes(head[1:5], "little")
+    top = 1 << max(dictionary.bit_length() - 1, 0)
+    if dictionary < 4096 or dictionary not in (top, top + (top >> 1)):
+        return False
+    size = head[5:13]
+    return size == b"\xff" * 8 or int.from_bytes(size, "little") < 1 << 40
+
 
 _BINHEX = re.compile(rb"\(This file must be converted (with BinHex|; you knew that)")
 _HEADER_LINE = re.compile(rb"^[!-9;-~]{1,76}:[ \t]?", re.M)
@@ -35,9 +113,15 @@ _MAIL_HEADERS = re.compile(
 _BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}\r?$")
 
 
+HEAD_SIZE = 0x9010  # enough for the deepest signature (ISO 9660's third descriptor)
+
+
 def sniff(head: bytes) -> str:
     for offset, magic, kind in SIGNATURES:
         if head[offset:offset + len(magic)] == magic:
+            return kind
+    for probe, kind in HEAD_PROBES:
+        if probe(head):
             return kind
     if looks_like_mail(head):
         return "mail"

@@ -18,7 +18,7 @@ from amavisd.decode.parts import Part
 from amavisd.decode.registry import PROBES, REGISTRY, Context, DecodeError
 
 # Importing the decoder modules registers them.
-from amavisd.decode import compressed, mime, textual  # noqa: F401, E402  isort: skip
+from amavisd.decode import archives, compressed, mime, textual  # noqa: F401, E402  isort: skip
 
 log = logging.getLogger("amavisd.decode")
 
@@ -60,7 +60,7 @@ def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = N
 
 
 def decode_one(part: Part, ctx: Context, use_magic: bool) -> None:
-    head = part.head()
+    head = part.head(detect.HEAD_SIZE)
     if not part.detected and part.size:
         part.detected = detect.sniff(head)
     if use_magic and not part.detected_mime and part.size and not part.expanded:

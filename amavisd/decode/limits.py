@@ -34,6 +34,8 @@ class Limits:
     max_part_size: int = 256 * MiB
     max_time: float = 60.0
     spill_threshold: int = 8 * MiB  # bigger parts go to the work dir, smaller stay in memory
+    tool_timeout: float = 30.0  # one external unpacker run
+    tool_memory: int = 1024 * MiB  # its address space
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Limits:
@@ -44,6 +46,8 @@ class Limits:
             quota_factor=config["expansion_quota_factor"],
             max_part_size=config["max_part_size"],
             max_time=config["max_decode_time"],
+            tool_timeout=config["tool_timeout"],
+            tool_memory=config["tool_memory"],
         )
 
     def quota(self, message_size: int) -> int:
@@ -71,6 +75,9 @@ class Budget:
         self.parts += 1
         if self.parts > self.limits.max_parts:
             raise LimitExceeded(f"more than {self.limits.max_parts} parts")
+
+    def remaining_time(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:

@@ -10,6 +10,7 @@ scanned as it is) and never needs to catch `LimitExceeded`.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
@@ -79,11 +80,14 @@ class Context:
     def note_unchecked(self, part: Part, reason: str) -> None:
         self.unchecked.append(f"{reason} ({part.path})")
 
+    def scratch_dir(self, part: Part) -> str:
+        """A fresh private (0700) dir in the work dir, e.g. for an external unpacker."""
+        return tempfile.mkdtemp(prefix=f"x{part.id}-", dir=self.workdir())
+
     def cleanup(self) -> None:
+        """Remove the work dir; rmtree never follows links out of it."""
         if self._workdir is not None:
-            for name in os.listdir(self._workdir):
-                os.unlink(os.path.join(self._workdir, name))
-            os.rmdir(self._workdir)
+            shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
 

@@ -1,0 +1,143 @@
+"""Running an external unpacker on hostile input, and nothing more.
+
+Some formats have no well-kept Python reader (arj, lha, zoo, arc, freeze,
+old rar, cab's LZX); for them a real tool runs, and it runs boxed in:
+- argv list, never a shell; a minimal environment; stdin from /dev/null;
+- its own session, so a timeout kills it and anything it forked;
+- rlimits: CPU seconds, file size (no single file beyond the part allowance),
+  address space, no core dumps;
+- a private 0700 directory as cwd and output dir, watched while it runs: when
+  the bytes written there pass the budget's allowance the tool is killed;
+- output read back by `members.harvest`, which never follows a link.
+What the tool says on stdout/stderr is kept (bounded) for the log and for
+format modules that parse listings.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from amavisd.decode.limits import LimitExceeded
+from amavisd.decode.parts import Part
+from amavisd.decode.registry import Context
+
+OUTPUT_LIMIT = 1024 * 1024  # bytes of stdout/stderr kept
+POLL = 0.02  # seconds between disk-use checks while a tool runs
+ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+
+
+@dataclass
+class ToolResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    elapsed: float
+
+    @property
+    def text(self) -> str:
+        return (self.stdout + self.stderr).decode("utf-8", "replace")
+
+
+def available(tool: str) -> bool:
+    return shutil.which(tool, path=ENV["PATH"]) is not None
+
+
+def input_path(ctx: Context, part: Part, workdir: str, name: str = "input") -> str:
+    """The part as a file an external tool can open: its spill file, or a copy.
+
+    `name` matters to tools that look at the extension (unar, cabextract)."""
+    if part.spill_path:
+        return part.spill_path
+    path = os.path.join(workdir, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(part.data)
+    return path
+
+
+def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
+             timeout: float | None = None) -> ToolResult:
+    """Run `argv` in `cwd` under the limits; raise LimitExceeded when it
+    writes more than the allowance under `watch` or runs out of time."""
+    allowance = max(ctx.budget.allowance(), 1)
+    remaining = ctx.budget.remaining_time()
+    limit = min(timeout or ctx.limits.tool_timeout, remaining)
+    if limit <= 0:
+        raise LimitExceeded(f"decoding took longer than {ctx.limits.max_time:g}s")
+    cpu = max(1, int(limit) + 1)
+    memory = ctx.limits.tool_memory
+
+    def confine() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (allowance, allowance))
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.umask(0o077)
+
+    out_path = os.path.join(cwd, ".stdout")
+    err_path = os.path.join(cwd, ".stderr")
+    started = time.monotonic()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=cwd, env=ENV | {"HOME": cwd}, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, close_fds=True, start_new_session=True,
+                                preexec_fn=confine)
+        over = ""
+        try:
+            while proc.poll() is None:
+                elapsed = time.monotonic() - started
+                if elapsed > limit:
+                    over = f"{os.path.basename(argv[0])} ran longer than {limit:.1f}s"
+                    break
+                if watch is not None and disk_use(watch) > allowance:
+                    over = f"{os.path.basename(argv[0])} output over {allowance} bytes"
+                    break
+                time.sleep(POLL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    result = ToolResult(proc.returncode, _read_head(out_path), _read_head(err_path),
+                        time.monotonic() - started)
+    os.unlink(out_path)
+    os.unlink(err_path)
+    if over:
+        raise LimitExceeded(over, scope="branch")
+    if proc.returncode == -signal.SIGXFSZ:
+        raise LimitExceeded(f"{os.path.basename(argv[0])} output file over {allowance} bytes",
+                            scope="branch")
+    if proc.returncode == -signal.SIGXCPU:
+        raise LimitExceeded(f"{os.path.basename(argv[0])} used over {cpu}s of CPU",
+                            scope="branch")
+    return result
+
+
+def disk_use(top: str) -> int:
+    """Bytes in regular files under `top` (links not followed)."""
+    total = 0
+    stack = [top]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:
+                    continue
+    return total
+
+
+def _read_head(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(OUTPUT_LIMIT)

@@ -1,0 +1,83 @@
+"""Archive members as parts: their names made harmless, their bytes charged.
+
+A member's name is hostile input. It is kept (cleaned) for the tree, the
+logs and the banned-name rules, and never used as a path: in-process decoders
+hold members in memory or in spill files named after the part id, so `..`,
+absolute paths and drive letters cannot reach the file system through us.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+
+from amavisd.decode.parts import Part
+from amavisd.decode.registry import Context
+
+MAX_NAME = 1024
+_CONTROL = {c: "?" for c in range(32)} | {0x7F: "?"}
+
+
+def clean_name(raw: str | bytes) -> str:
+    """A member name as a relative, printable path: no NUL or control
+    characters, no drive letter, no root, no `.`/`..` components."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = raw.decode("cp437")  # the zip default, and total
+    name = raw.translate(_CONTROL).replace("\\", "/")
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        name = name[2:]
+    kept = [c for c in name.split("/") if c not in ("", ".", "..")]
+    return "/".join(kept)[:MAX_NAME]
+
+
+def add_member(ctx: Context, archive: Part, name: str | bytes, data: bytes,
+               flags: Iterable[str] = (), **fields) -> Part:
+    """One member read fully by an in-process decoder."""
+    child = ctx.add(archive, data, name=clean_name(name), **fields)
+    child.flags.update(flags)
+    return child
+
+
+def stream_member(ctx: Context, archive: Part, name: str | bytes, chunks: Iterable[bytes],
+                  **fields) -> Part:
+    """One member read in chunks: each is charged before it is kept, so a
+    member that expands without end stops at the quota. The caller flags the
+    archive; a member cut short by an error is flagged truncated here."""
+    sink = ctx.sink(archive, name=clean_name(name), **fields)
+    try:
+        for chunk in chunks:
+            sink.write(chunk)
+    except BaseException:
+        sink.finish(truncated=True)
+        raise
+    return sink.finish()
+
+
+def harvest(ctx: Context, archive: Part, outdir: str) -> list[str]:
+    """Turn what an external unpacker wrote under `outdir` into parts.
+
+    The walk never follows a link: regular files become parts (opened with
+    O_NOFOLLOW), links and devices are skipped and their names returned, so
+    the caller can record them. Files are consumed in name order, so the
+    tree is the same from run to run.
+    """
+    skipped: list[str] = []
+    for top, dirs, files in os.walk(outdir, followlinks=False):
+        dirs.sort()
+        for entry in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            path = os.path.join(top, entry)
+            rel = os.path.relpath(path, outdir)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                skipped.append(rel)
+                continue
+            ctx.budget.check_time()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fh:
+                stream_member(ctx, archive, rel, iter(lambda fh=fh: fh.read(1 << 20), b""))
+            os.unlink(path)
+    return skipped
