@@ -38,10 +38,15 @@ class Decomposition:
 
 
 def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = None,
-              use_magic: bool = False) -> Decomposition:
+              use_magic: bool = False, bare_file: bool = False) -> Decomposition:
+    """Decode `raw`, a message, or with `bare_file` any file (an archive to
+    look into, say): then the root's type is sniffed like any part's."""
     limits = limits or Limits()
     ctx = Context(limits, len(raw), tempbase)
-    root = ctx.new_part(raw, mime_type="message/rfc822", detected="mail")
+    if bare_file:
+        root = ctx.new_part(raw)
+    else:
+        root = ctx.new_part(raw, mime_type="message/rfc822", detected="mail")
     ctx.budget.charge_part()
     result = Decomposition(root, ctx.unchecked, ctx)
     stack = [root]
