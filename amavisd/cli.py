@@ -42,11 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     configuration.add_flags(check)
 
     scan = sub.add_parser("scan", parents=[common], help="scan message files in-process")
-    configuration.add_flags(scan, only=["clamd"])
+    configuration.add_flags(scan, only=["clamd", "primary_scanners"])
     scan.add_argument("--json", action="store_true", help="one JSON object a line per file")
     scan.add_argument("--tree", action="store_true", help="show the part tree")
     scan.add_argument("-v", "--verbose", action="store_true", help="log every message")
     scan.add_argument("paths", nargs="+", metavar="PATH")
+
+    health = sub.add_parser("check-scanners", parents=[common],
+                            help="ask each configured scanner for its version and signatures")
+    configuration.add_flags(health, only=["clamd", "primary_scanners"])
     return parser
 
 
@@ -164,6 +168,7 @@ def result_json(path: str, result: Any) -> dict[str, Any]:
         "destiny": result.destiny.value,
         "viruses": result.viruses,
         "findings": [vars(f) for f in result.findings],
+        "scanned_by": result.scanned_by,
         "banned": result.banned,
         "unchecked": result.unchecked,
         "tempfail": result.tempfail_reason,
@@ -175,7 +180,7 @@ def result_json(path: str, result: Any) -> dict[str, Any]:
 
 
 def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
-    found = {f.part: f.name for f in result.findings}
+    found = {f.part: f"{f.name} (by {f.scanner})" for f in result.findings}
     mark = f"  <-- {found[node['path']]}" if node["path"] in found else ""
     name = f" {node['name']!r}" if node["name"] else ""
     flags = f" [{', '.join(node['flags'])}]" if node["flags"] else ""
@@ -186,4 +191,30 @@ def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
         print_tree(child, result, indent + 1)
 
 
-COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "scan": cmd_scan}
+# -- check-scanners -----------------------------------------------------------
+
+
+def cmd_check_scanners(args: argparse.Namespace) -> int:
+    """One line per scanner: role, name, ok/FAILED, version and signature date
+    (or the error). Exit 0 when all answer, 1 when only backups are down, 69
+    (EX_UNAVAILABLE) when no primary scanner answers."""
+    from amavisd.scan.scanners import build_scanner_set
+
+    cfg = load_config(args)
+    scanners = build_scanner_set(cfg)
+    primary_ok = False
+    all_ok = True
+    for role, members in (("primary", scanners.primary), ("backup", scanners.backup)):
+        for scanner in members:
+            health = scanner.health()
+            print(f"{role:7} {health.scanner}: {'ok' if health.ok else 'FAILED'}: "
+                  f"{health.detail}")
+            all_ok &= health.ok
+            primary_ok |= health.ok and role == "primary"
+    if not primary_ok:
+        return sysexits.EX_UNAVAILABLE
+    return 0 if all_ok else 1
+
+
+COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "scan": cmd_scan,
+            "check-scanners": cmd_check_scanners}

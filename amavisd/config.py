@@ -112,6 +112,26 @@ def loopback_listen(value: str) -> str:
     return value
 
 
+def scanner_names(value: list[str]) -> list[str]:
+    bad = [v for v in value if not isinstance(v, str) or not v.replace("-", "").replace(
+        "_", "").isalnum()]
+    if bad:
+        raise ValueError(f"bad scanner name {bad[0]!r}")
+    return list(value)
+
+
+def scanner_tables(tables: dict[str, Any]) -> dict[str, Any]:
+    from amavisd.scan.scanners import check_definitions  # the scanners know their keys
+
+    return check_definitions(tables)
+
+
+# Sections that hold named tables ([scanners.NAME]) rather than settings.
+TABLE_SECTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "scanners": scanner_tables,
+}
+
+
 def log_targets(value: list[str]) -> list[str]:
     allowed = {"syslog", "stderr"}
     bad = [v for v in value if v not in allowed]
@@ -201,6 +221,24 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="ADDR"),
     Setting("clamd_timeout", "scan", float, 120.0,
             "Seconds to wait for clamd on one message before giving up (tempfail).", positive),
+    Setting("clamd_max_stream", "scan", int, 25 * 1024 * 1024,
+            "clamd's StreamMaxLength: larger parts go to a backup scanner, or the message is "
+            "UNCHECKED; they are never called clean.", positive),
+    Setting("primary_scanners", "scan", list, ["clamd"],
+            "Scanners asked first (names of built-in scanners clamd and clamscan, or of "
+            "[scanners.NAME] tables).", scanner_names, ("--scanners",), metavar="NAMES"),
+    Setting("primary_mode", "scan", str, "all",
+            "all: every primary scanner is asked; first: the first that answers is enough.",
+            one_of("all", "first")),
+    Setting("backup_scanners", "scan", list, ["clamscan"],
+            "Asked only when every primary scanner failed, and for parts the primaries "
+            "could not take.", scanner_names),
+    Setting("scanner_retry_after", "scan", float, 10.0,
+            "Seconds a failed scanner rests before it is tried again.", non_negative),
+    Setting("when_scanners_fail", "scan", str, "tempfail",
+            "No scanner answered: tempfail (the MTA keeps the mail and retries) or pass "
+            "(delivered with an X-Amavis-Alert header; not recommended).",
+            one_of("tempfail", "pass")),
     # [decode]
     Setting("max_depth", "decode", int, 20,
             "Deepest nesting decoded (the message is level 0, each decoded layer adds one); "
@@ -305,8 +343,10 @@ def coerce(setting: Setting, value: Any, where: str) -> Any:
 
 
 def defaults() -> dict[str, Any]:
-    return {s.name: (list(s.default) if isinstance(s.default, list) else s.default)
-            for s in SETTINGS}
+    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default)
+              for s in SETTINGS}
+    values["scanners"] = {}
+    return values
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -322,6 +362,12 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     flat: dict[str, Any] = {}
     for section, table in doc.items():
+        if section in TABLE_SECTIONS and isinstance(table, dict):
+            try:
+                flat[section] = TABLE_SECTIONS[section](table)
+            except ValueError as err:
+                raise ConfigError(f"{path}: {err}") from None
+            continue
         if section not in SECTIONS or not isinstance(table, dict):
             raise ConfigError(f"{path}: unknown section [{section}]")
         for key, value in table.items():
@@ -345,10 +391,31 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         values.update(read_toml(DEFAULT_CONFIG_PATH))
         source = DEFAULT_CONFIG_PATH
     for key, value in (overrides or {}).items():
+        if key in TABLE_SECTIONS:
+            try:
+                values[key] = TABLE_SECTIONS[key](value)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            continue
         setting = BY_NAME[key]
         flag = setting.flags[0] if setting.flags else key
         values[key] = coerce(setting, value, flag)
+    check_scanner_names(values, source)
     return Config(values, source)
+
+
+def check_scanner_names(values: dict[str, Any], source: str | None) -> None:
+    from amavisd.scan.scanners import BUILTIN
+
+    known = set(BUILTIN) | set(values.get("scanners", {}))
+    for key in ("primary_scanners", "backup_scanners"):
+        for name in values[key]:
+            if name not in known:
+                where = f"{source}: scan.{key}" if source else key
+                raise ConfigError(f"{where}: no scanner named {name!r} "
+                                  f"(define it in a [scanners.{name}] table)")
+    if not values["primary_scanners"]:
+        raise ConfigError(f"{source + ': ' if source else ''}scan.primary_scanners is empty")
 
 
 # -- command line -------------------------------------------------------------
@@ -368,7 +435,9 @@ def add_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None = None
                                     const=False, default=argparse.SUPPRESS,
                                     help=f"the opposite of {s.flags[0]}")
         else:
-            parser.add_argument(*s.flags, dest=s.name, type=s.type, metavar=s.metavar,
+            # lists are given comma-separated; coerce() splits them
+            parser.add_argument(*s.flags, dest=s.name, type=str if s.type is list else s.type,
+                                metavar=s.metavar,
                                 default=argparse.SUPPRESS, help=s.help)
 
 
@@ -403,7 +472,26 @@ def render(config: Mapping[str, Any] | None = None, commented: bool = True) -> s
                 lines.append(f"# {s.help}")
             lines.append(f"{s.name} = {toml_value(values[s.name])}")
         lines.append("")
+    if commented:
+        lines += SCANNERS_HELP
+    for name, spec in values.get("scanners", {}).items():
+        lines.append(f'[scanners."{name}"]' if not name.isidentifier() else f"[scanners.{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in spec.items()]
+        lines.append("")
     return "\n".join(lines)
+
+
+SCANNERS_HELP = [
+    "# Scanners named in primary_scanners/backup_scanners: clamd and clamscan are",
+    "# built in; a [scanners.NAME] table defines another or replaces one, e.g.",
+    "# [scanners.clamd-remote]",
+    '# type = "clamd"',
+    '# address = "tcp:10.0.0.5:3310"',
+    "# timeout = 60",
+    "# Command-line products (type = \"command\"): see scanners-examples.toml",
+    "# shipped next to this file.",
+    "",
+]
 
 
 # The sample runs as the `amavis` user, as Debian's amavisd-new does.

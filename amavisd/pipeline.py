@@ -22,7 +22,7 @@ from amavisd.decode.limits import Limits
 from amavisd.envelope import Job
 from amavisd.policy.destinies import destinies
 from amavisd.scan.base import Scanner, ScannerError
-from amavisd.scan.clamd import ClamdScanner
+from amavisd.scan.scanners import ScannerSet, build_scanner_set
 from amavisd.verdict import Category, Destiny, Result
 
 log = logging.getLogger("amavisd.pipeline")
@@ -32,18 +32,18 @@ class MessageUnreadable(Exception):
     """The message file cannot be read: tempfail, the MTA still has the mail."""
 
 
-def build_scanners(config: Config) -> list[Scanner]:
-    return [ClamdScanner(config.clamd, timeout=config.clamd_timeout)]
-
-
 class Pipeline:
-    def __init__(self, config: Config, scanners: Sequence[Scanner] | None = None,
+    def __init__(self, config: Config, scanners: ScannerSet | Sequence[Scanner] | None = None,
                  name_types: bool = False):
         self.config = config
         # libmagic names each part's type for people (--tree) and, later, banned-type
         # rules; nothing else needs it, and it costs 3x the decoding itself.
         self.name_types = name_types
-        self.scanners = list(scanners) if scanners is not None else build_scanners(config)
+        if scanners is None:
+            scanners = build_scanner_set(config)
+        elif not isinstance(scanners, ScannerSet):
+            scanners = ScannerSet(scanners)
+        self.scanners = scanners
         self.destinies = destinies(config)
         self.limits = Limits.from_config(config)
         # Large parts spill under the temp base when it exists (the daemon makes
@@ -92,9 +92,22 @@ class Pipeline:
             raise MessageUnreadable(f"cannot read {job.mail_path}: {err.strerror}") from None
 
     def scan(self, result: Result) -> None:
-        """Every scanner sees every leaf; one failing scanner fails the scan."""
-        for scanner in self.scanners:
-            result.findings.extend(scanner.scan(result.parts))
+        """The scanner set looks at every part; parts no scanner could take
+        make the message UNCHECKED; no scanner at all is a tempfail, unless
+        the postmaster chose to pass such mail with an alert header."""
+        try:
+            outcome = self.scanners.scan(result.parts)
+        except ScannerError as err:
+            if self.config.when_scanners_fail != "pass":
+                raise
+            result.unchecked.append("not scanned: no virus scanner answered")
+            result.alerts.append(f"NOT SCANNED: {err}")
+            result.force_destiny = Destiny.PASS
+            return
+        result.findings.extend(outcome.findings)
+        result.scanned_by = outcome.answered
+        result.unchecked.extend(f"not scanned: {path} ({why})"
+                                for path, why in outcome.missed.items())
 
     def decide(self, result: Result) -> None:
         category = Category.CLEAN
@@ -105,7 +118,7 @@ class Pipeline:
         if result.findings:
             category = Category.INFECTED
         result.category = category
-        result.destiny = self.destinies[category]
+        result.destiny = result.force_destiny or self.destinies[category]
 
 
 def log_result(job: Job, result: Result) -> None:

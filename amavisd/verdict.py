@@ -58,6 +58,9 @@ class Result:
     header_edits: list[HeaderEdit] = field(default_factory=list)
     parts: list = field(default_factory=list)  # decode.parts.Part: what the scanners saw
     tree: object | None = None  # decode.parts.Part root
+    scanned_by: list[str] = field(default_factory=list)  # scanners that answered
+    alerts: list[str] = field(default_factory=list)  # problems to name in a passed mail's header
+    force_destiny: Destiny | None = None  # set by the pipeline, e.g. pass when scanners fail
     size: int = 0
     elapsed_ms: float = 0.0
 

@@ -31,6 +31,14 @@ def write_default_config() -> None:
         "clamd": f"unix:{VAR / 'clamd' / 'clamd.sock'}",
         "log_to": ["stderr"],
         "client_timeout": 60.0,
+        # the backup clamscan reads the private clamd's signatures
+        "scanners": {"clamscan": {
+            "type": "command",
+            "argv": ["clamscan", "--stdout", "--no-summary", "--infected",
+                     "--alert-exceeds-max=yes", f"--database={VAR / 'clamd' / 'db'}",
+                     "{files}"],
+            "version_argv": ["clamscan", f"--database={VAR / 'clamd' / 'db'}", "--version"],
+        }},
     }
     CONFIG.write_text("# written by `make run`; edit freely\n"
                       + configuration.render(values, commented=True))

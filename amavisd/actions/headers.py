@@ -1,4 +1,4 @@
-"""Header edits for passed mail: the `X-Virus-Scanned:` line."""
+"""Header edits for passed mail: `X-Virus-Scanned:`, and alerts when passed with a problem."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ def scanned_header(config: Config) -> HeaderEdit:
 
 
 def header_edits(config: Config, result: Result) -> list[HeaderEdit]:
-    if result.destiny is Destiny.PASS and result.category is not None:
-        return [scanned_header(config)]
-    return []
+    """Passed mail gets X-Virus-Scanned, and an X-Amavis-Alert per problem it
+    was passed with (not scanned, unchecked parts), so users and filters see it."""
+    if result.destiny is not Destiny.PASS or result.category is None:
+        return []
+    edits = [scanned_header(config)]
+    alerts = list(result.alerts)
+    if not alerts and result.unchecked:
+        alerts.append("UNCHECKED: " + "; ".join(result.unchecked))
+    edits += [HeaderEdit(op="insert", name="X-Amavis-Alert", value=_one_line(a), index=0)
+              for a in alerts]
+    return edits
+
+
+def _one_line(text: str, limit: int = 900) -> str:
+    """Header-safe: no CR/LF a hostile member name could smuggle in, bounded length."""
+    return " ".join(text.split())[:limit]

@@ -1,13 +1,15 @@
-"""The scanner interface: hand parts to a virus scanner, get findings back.
+"""The scanner interface: hand parts to a virus scanner, get a report back.
 
-A scanner either returns findings (empty = it looked and found nothing) or
-raises `ScannerError`. It never returns "clean" for something it did not
-see: errors, size limits and timeouts are failures, not verdicts.
+A scanner either returns a `ScanReport` (findings, plus the parts it could
+not take, e.g. over clamd's StreamMaxLength) or raises `ScannerError` (down,
+timeout, protocol error). It never reports "clean" for something it did not
+see: errors, size limits and timeouts are failures or misses, not verdicts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from amavisd.decode.parts import Part
@@ -18,7 +20,25 @@ class ScannerError(Exception):
     """The scanner could not check the parts (down, timeout, limit, protocol error)."""
 
 
+@dataclass
+class ScanReport:
+    scanner: str
+    findings: list[Finding] = field(default_factory=list)
+    # part path -> why this scanner could not look at it; another scanner may
+    missed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    scanner: str
+    ok: bool
+    detail: str  # version and signature date when ok, the error otherwise
+
+
 class Scanner(Protocol):
     name: str
+    timeout: float
 
-    def scan(self, parts: Sequence[Part]) -> list[Finding]: ...
+    def scan(self, parts: Sequence[Part]) -> ScanReport: ...
+
+    def health(self) -> Health: ...

@@ -2,9 +2,12 @@
 
 Parts are streamed (INSTREAM), so clamd needs no access to our files and may
 be remote. All parts of one message share one connection (IDSESSION), one
-request at a time, so a many-part message costs one connect. Any reply other
-than `OK` or `... FOUND` (e.g. `INSTREAM size limit exceeded. ERROR`) is a
-`ScannerError`, never a clean verdict.
+request at a time, so a many-part message costs one connect (measured in
+bench/scan_transport.py against CONTSCAN of a work dir and against pyclamd's
+connection per part). Any reply other than `OK` or `... FOUND` is a
+`ScannerError`, never a clean verdict. A part over clamd's StreamMaxLength
+(`max_stream`, or clamd's own `INSTREAM size limit exceeded`) is reported as
+missed, so a backup scanner gets it or the message is UNCHECKED.
 """
 
 from __future__ import annotations
@@ -16,19 +19,28 @@ from collections.abc import Sequence
 
 from amavisd.config import parse_address
 from amavisd.decode.parts import Part
-from amavisd.scan.base import ScannerError
+from amavisd.scan.base import Health, ScannerError, ScanReport
 from amavisd.verdict import Finding
+
+SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded"
+
+
+class StreamRefused(Exception):
+    """clamd closed the stream over its StreamMaxLength; the session is gone."""
 
 
 class ClamdScanner:
-    name = "clamd"
-
-    def __init__(self, address: str, timeout: float = 120.0):
+    def __init__(self, address: str, timeout: float = 120.0, max_stream: int = 25 * 1024 * 1024,
+                 name: str = "clamd"):
+        self.name = name
         self.address = address
         self.kind, self.target = parse_address(address)
         self.timeout = timeout
+        self.max_stream = max_stream
+        self.connections = 0  # connects made, for tests and the benchmark
 
     def _connect(self, timeout: float) -> socket.socket:
+        self.connections += 1
         try:
             if self.kind == "tcp":
                 return socket.create_connection(self.target, timeout=timeout)
@@ -60,22 +72,44 @@ class ClamdScanner:
         except ScannerError:
             return False
 
-    def scan(self, parts: Sequence[Part]) -> list[Finding]:
-        todo = [p for p in parts if p.size]
-        if not todo:
-            return []
+    def health(self) -> Health:
+        """`ClamAV 1.4.6/27830/Mon Nov 24 09:12:01 2026`: version, signature
+        version and date, as clamd reports them."""
+        try:
+            return Health(self.name, True, self.command("VERSION"))
+        except ScannerError as err:
+            return Health(self.name, False, str(err))
+
+    def scan(self, parts: Sequence[Part]) -> ScanReport:
+        report = ScanReport(self.name)
+        todo = []
+        for part in parts:
+            if part.size > self.max_stream:
+                report.missed[part.path] = (f"{self.name}: {part.size} bytes, over "
+                                            f"StreamMaxLength {self.max_stream}")
+            elif part.size:
+                todo.append(part)
         deadline = time.monotonic() + self.timeout
-        sock = self._connect(self.timeout)
-        findings: list[Finding] = []
+        while todo:  # one session, or a new one after clamd refused an oversized stream
+            todo = self._session(todo, deadline, report)
+        return report
+
+    def _session(self, todo: list[Part], deadline: float, report: ScanReport) -> list[Part]:
+        """Scan parts on one IDSESSION; return those left when clamd hung up."""
+        sock = self._connect(max(0.1, deadline - time.monotonic()))
         try:
             sock.sendall(b"zIDSESSION\0")
             for number, part in enumerate(todo, 1):
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
-                _send_stream(sock, part)
-                reply = _read_reply(sock, self.address).decode("utf-8", "replace")
+                try:
+                    reply = _stream_part(sock, part, self.address)
+                except StreamRefused as refused:
+                    report.missed[part.path] = f"{self.name}: {refused}"
+                    return todo[number:]
                 name = _parse_scan_reply(reply, number, part, self.address)
                 if name:
-                    findings.append(Finding(part=part.path, name=name, scanner=self.name))
+                    report.findings.append(Finding(part=part.path, name=name,
+                                                   scanner=self.name))
             sock.sendall(b"zEND\0")
         except TimeoutError:
             raise ScannerError(f"clamd at {self.address}: no answer within "
@@ -84,7 +118,27 @@ class ClamdScanner:
             raise ScannerError(f"clamd at {self.address}: {err}") from None
         finally:
             sock.close()
-        return findings
+        return []
+
+
+def _stream_part(sock: socket.socket, part: Part, address: str) -> str:
+    try:
+        _send_stream(sock, part)
+    except (BrokenPipeError, ConnectionResetError):
+        # clamd stops reading and hangs up when a stream passes StreamMaxLength;
+        # its reason is usually still waiting in our receive buffer.
+        try:
+            reply = _read_reply(sock, address).decode("utf-8", "replace")
+        except (OSError, ScannerError):
+            reply = ""
+        if SIZE_LIMIT_REPLY in reply:
+            raise StreamRefused(f"over clamd's StreamMaxLength ({reply})") from None
+        raise ScannerError(f"clamd at {address} hung up while receiving part {part.path}"
+                           + (f": {reply}" if reply else "")) from None
+    reply = _read_reply(sock, address).decode("utf-8", "replace")
+    if SIZE_LIMIT_REPLY in reply:
+        raise StreamRefused(f"over clamd's StreamMaxLength ({reply})")
+    return reply
 
 
 def _send_stream(sock: socket.socket, part: Part) -> None:

@@ -97,6 +97,15 @@ class ClamdInstance:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def clamscan_table(self) -> dict:
+        """A [scanners.clamscan] table that reads this instance's signatures:
+        the real clamscan as a backup scanner in tests."""
+        db = f"--database={self.db_dir}"
+        return {"type": "command",
+                "argv": ["clamscan", "--stdout", "--no-summary", "--infected",
+                         "--alert-exceeds-max=yes", db, "{files}"],
+                "version_argv": ["clamscan", db, "--version"]}
+
     # -- set-up ------------------------------------------------------------
     def _write_database(self) -> None:
         self.db_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ class DaemonInstance:
             "myhostname": "scanner.example.test",
             "child_timeout": 60.0,
             "graceful_timeout": 10.0,
+            # no backup unless a test asks: "clamd down" must mean "no scanner"
+            "backup_scanners": [],
         }
         self.settings.update(settings)
         self.config_path = self.workdir / "amavisd.toml"
