@@ -112,6 +112,15 @@ def loopback_listen(value: str) -> str:
     return value
 
 
+DESTINIES = ("pass", "discard", "bounce", "reject", "tempfail")
+
+
+def reason_destinies_validator(value: list[str]) -> list[str]:
+    from amavisd.policy.destinies import reason_destinies
+
+    return reason_destinies(value)
+
+
 def scanner_names(value: list[str]) -> list[str]:
     bad = [v for v in value if not isinstance(v, str) or not v.replace("-", "").replace(
         "_", "").isalnum()]
@@ -260,13 +269,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tool_memory", "decode", int, 1024 * 1024 * 1024,
             "Address-space limit (bytes) of one external unpacker.", positive),
     # [policy]
-    Setting("virus_destiny", "policy", str, "reject",
-            "What happens to INFECTED mail: pass, discard, bounce, reject or tempfail.",
-            one_of("pass", "discard", "bounce", "reject", "tempfail")),
+    Setting("virus_destiny", "policy", str, "discard",
+            "What happens to INFECTED mail: pass, discard, bounce, reject or tempfail. "
+            "discard (after quarantine) sends nothing back to a sender viruses forge.",
+            one_of(*DESTINIES)),
+    Setting("banned_destiny", "policy", str, "discard",
+            "What happens to mail with a BANNED part (see banned_rules).",
+            one_of(*DESTINIES)),
     Setting("unchecked_destiny", "policy", str, "reject",
             "What happens to mail we could not fully check (limits, encrypted, "
-            "message/partial): never passed as clean unless set to pass.",
-            one_of("pass", "discard", "bounce", "reject", "tempfail")),
+            "message/partial, parts no scanner could take): never passed as clean "
+            "unless set to pass.", one_of(*DESTINIES)),
+    Setting("unchecked_destinies", "policy", list, [],
+            "Destinies for kinds of UNCHECKED, overriding unchecked_destiny: "
+            "kind=destiny entries, kind one of encrypted, partial, unscanned, limit "
+            '(e.g. ["encrypted=pass"]).', reason_destinies_validator),
     Setting("quarantine_dir", "policy", str, "/var/virusmails",
             "Quarantine of infected and banned mail (directory 0700).",
             absolute_path_or_empty, ("--quarantine-dir",), metavar="DIR"),

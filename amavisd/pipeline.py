@@ -118,7 +118,8 @@ class Pipeline:
         if result.findings:
             category = Category.INFECTED
         result.category = category
-        result.destiny = result.force_destiny or self.destinies[category]
+        result.destiny = result.force_destiny or self.destinies.destiny(category,
+                                                                        result.unchecked)
 
 
 def log_result(job: Job, result: Result) -> None:

@@ -19,40 +19,14 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from amavisd import sysexits
 from amavisd.envelope import Envelope, Job
+from amavisd.policy.destinies import REPLIES
 from amavisd.verdict import Destiny, HeaderEdit, Result
 from amavisd_client.ampdp import Block, Decoder, encode_block
 
 log = logging.getLogger("amavisd.ampdp")
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ReplyShape:
-    return_value: str
-    exit_code: int
-    rcode: str
-    xcode: str
-    text: str  # {log_id} and {summary} are filled in
-
-
-# One row per destiny: what AM.PDP clients (amavisd-milter, amavisd-submit,
-# our amavisd-client) are told. BOUNCE is a 5xx reject here: with
-# delivery_care_of=client the client's MTA produces the bounce.
-REPLIES: dict[Destiny, ReplyShape] = {
-    Destiny.PASS: ReplyShape("continue", sysexits.EX_OK, "250", "2.5.0",
-                             "Ok, id={log_id}, {summary}, continue delivery"),
-    Destiny.DISCARD: ReplyShape("discard", sysexits.EX_DISCARD, "250", "2.7.0",
-                                "Ok, discarded, id={log_id} - {summary}"),
-    Destiny.BOUNCE: ReplyShape("reject", sysexits.EX_UNAVAILABLE, "554", "5.7.0",
-                               "Reject, id={log_id} - {summary}"),
-    Destiny.REJECT: ReplyShape("reject", sysexits.EX_UNAVAILABLE, "554", "5.7.0",
-                               "Reject, id={log_id} - {summary}"),
-    Destiny.TEMPFAIL: ReplyShape("tempfail", sysexits.EX_TEMPFAIL, "451", "4.5.0",
-                                 "Temporary failure, id={log_id} - {summary}"),
-}
 
 
 class RequestError(Exception):
@@ -124,14 +98,14 @@ _HEADER_ORDER = {"delete": 0, "change": 1, "insert": 2, "add": 3}  # version 2 o
 
 def encode_reply(log_id: str, destiny: Destiny, summary: str,
                  edits: list[HeaderEdit] | None = None) -> bytes:
-    shape = REPLIES[destiny]
+    reply = REPLIES[destiny]
     attrs: list[tuple[str, str | list[str]]] = [("version_server", "2"), ("log_id", log_id)]
     for edit in sorted(edits or [], key=lambda e: _HEADER_ORDER[e.op]):
         attrs.append(header_attribute(edit))
-    attrs.append(("return_value", shape.return_value))
-    text = shape.text.format(log_id=log_id, summary=summary)
-    attrs.append(("setreply", [shape.rcode, shape.xcode, text]))
-    attrs.append(("exit_code", str(shape.exit_code)))
+    attrs.append(("return_value", reply.ampdp))
+    text = reply.text.format(log_id=log_id, summary=summary)
+    attrs.append(("setreply", [reply.smtp, reply.enhanced, text]))
+    attrs.append(("exit_code", str(reply.exit_code)))
     return encode_block(attrs)
 
 

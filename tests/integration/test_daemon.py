@@ -24,11 +24,14 @@ from amavisd.testing.messages import clean_message, eicar_message, forwarded_eic
 from amavisd_client.ampdp import Decoder, encode_block
 
 pytestmark = pytest.mark.integration
+# These tests check the mechanics through the MTA-visible reject (exit 69);
+# the default, discard after quarantine, has its own tests (test_policy).
+REJECTING = {"virus_destiny": "reject"}
 
 
 @pytest.fixture
 def daemon(short_tmp, clamd_nodecomp):
-    instance = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=2).start()
+    instance = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=2, **REJECTING).start()
     yield instance
     instance.stop()
 
@@ -86,7 +89,7 @@ def test_infected_message_is_not_delivered(daemon, short_tmp, message):
     out = short_tmp / "delivered.eml"
     proc = daemon.client("-d", deliver_to(out), "-f", "mallory@example.test", "--",
                          "bob@example.test", stdin=message)
-    assert proc.returncode == 69  # the default destiny: reject (the MTA bounces)
+    assert proc.returncode == 69  # reject here (REJECTING): the MTA bounces
     assert proc.stdout.decode().startswith("5.7.0 Reject, id=")
     assert "INFECTED: Eicar-Test-Signature" in proc.stdout.decode()
     assert not out.exists()
@@ -120,7 +123,7 @@ def test_clamd_down_means_tempfail_and_nothing_lost(short_tmp):
         pytest.skip(clamd_testing.skip_reason())
     clamd = clamd_testing.ClamdInstance(short_tmp / "c").start()
     try:
-        with DaemonInstance(short_tmp / "d", clamd.address) as daemon:
+        with DaemonInstance(short_tmp / "d", clamd.address, **REJECTING) as daemon:
             message = write(short_tmp / "msg.eml", clean_message())
             assert daemon.client(str(message)).returncode == 0
             clamd.stop()
@@ -192,7 +195,7 @@ def test_worker_killed_mid_scan_client_gets_tempfail_and_is_replaced(short_tmp,
                                                                       clamd_nodecomp):
     proxy = StallingClamdProxy(short_tmp / "px.sock", clamd_nodecomp.socket_path).start()
     try:
-        with DaemonInstance(short_tmp / "d", proxy.address, workers=2) as daemon:
+        with DaemonInstance(short_tmp / "d", proxy.address, workers=2, **REJECTING) as daemon:
             before = daemon.wait_for_workers(2)
             proxy.stall = True
             message = write(short_tmp / "msg.eml", clean_message())
@@ -220,7 +223,7 @@ def test_stuck_worker_is_aborted_and_its_client_hears_tempfail(short_tmp, clamd_
     proxy = StallingClamdProxy(short_tmp / "px.sock", clamd_nodecomp.socket_path,
                                stall=True).start()
     try:
-        with DaemonInstance(short_tmp / "d", proxy.address, child_timeout=2.0) as daemon:
+        with DaemonInstance(short_tmp / "d", proxy.address, child_timeout=2.0, **REJECTING) as daemon:
             before = daemon.wait_for_workers(2)
             job = spool(daemon, clean_message())
             started = time.monotonic()
@@ -241,7 +244,7 @@ def test_stuck_worker_is_aborted_and_its_client_hears_tempfail(short_tmp, clamd_
 
 
 def test_hup_under_a_steady_stream_loses_nothing(short_tmp, clamd_nodecomp):
-    with DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=2) as daemon:
+    with DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=2, **REJECTING) as daemon:
         first_generation = daemon.wait_for_workers(2)
         clean = write(short_tmp / "clean.eml", clean_message())
         infected = write(short_tmp / "infected.eml", eicar_message())
@@ -288,7 +291,7 @@ def test_term_lets_the_message_in_flight_finish(short_tmp, clamd_nodecomp):
     proxy = StallingClamdProxy(short_tmp / "px.sock", clamd_nodecomp.socket_path,
                                stall=True).start()
     try:
-        daemon = DaemonInstance(short_tmp / "d", proxy.address).start()
+        daemon = DaemonInstance(short_tmp / "d", proxy.address, **REJECTING).start()
         message = write(short_tmp / "v.eml", eicar_message())
         result = {}
         thread = threading.Thread(
@@ -309,7 +312,7 @@ def test_term_lets_the_message_in_flight_finish(short_tmp, clamd_nodecomp):
 
 def test_workers_retire_after_max_requests(short_tmp, clamd_nodecomp):
     with DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1, max_requests=3,
-                        max_requests_jitter=0) as daemon:
+                        max_requests_jitter=0, **REJECTING) as daemon:
         (first,) = daemon.wait_for_workers(1)
         message = write(short_tmp / "m.eml", clean_message())
         codes = [daemon.client(str(message)).returncode for _ in range(7)]
@@ -336,7 +339,7 @@ def test_root_is_dropped_and_a_worker_boot_failure_halts_the_master(short_tmp,
                                                                    clamd_nodecomp):
     nobody = pwd.getpwnam("nobody")
     daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, user="nobody",
-                            group="nogroup", log_file="")
+                            group="nogroup", log_file="", **REJECTING)
     daemon.start()
     try:
         workers = daemon.wait_for_workers(2)
@@ -355,7 +358,7 @@ def test_root_is_dropped_and_a_worker_boot_failure_halts_the_master(short_tmp,
     (home / "tmp").mkdir(parents=True)
     (home / "tmp").chmod(0o700)  # root's, closed to nobody
     broken = DaemonInstance(short_tmp / "d2", clamd_nodecomp.address, user="nobody",
-                            group="nogroup", log_file="")
+                            group="nogroup", log_file="", **REJECTING)
     try:
         broken.start(timeout=15)  # READY=1 comes once listening, maybe before the halt
     except RuntimeError as err:
@@ -369,7 +372,7 @@ def test_root_is_dropped_and_a_worker_boot_failure_halts_the_master(short_tmp,
 
 def test_socket_is_not_world_accessible_and_stale_socket_is_replaced(short_tmp,
                                                                     clamd_nodecomp):
-    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address)
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, **REJECTING)
     home = Path(daemon.settings["workdir"])
     home.mkdir(parents=True)
     stale = socket.socket(socket.AF_UNIX)
@@ -377,7 +380,7 @@ def test_socket_is_not_world_accessible_and_stale_socket_is_replaced(short_tmp,
     stale.close()  # a dead daemon's socket file
     with daemon:
         assert os.stat(daemon.socket_path).st_mode & 0o007 == 0
-        second = DaemonInstance(short_tmp / "d", clamd_nodecomp.address)
+        second = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, **REJECTING)
         with pytest.raises(RuntimeError, match="already listening"):
             second.start(timeout=10)
 
@@ -416,7 +419,7 @@ def test_pidfile_and_daemon_mode(short_tmp, clamd_nodecomp):
     pytest.importorskip("daemon")
     pidfile = short_tmp / "amavisd.pid"
     daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, pidfile=str(pidfile),
-                            daemon=True)
+                            daemon=True, **REJECTING)
     daemon.workdir.mkdir(parents=True)
     daemon.write_config()
     proc = subprocess.run([sys.executable, "-m", "amavisd", "run", "-c",
@@ -450,7 +453,7 @@ def test_loopback_tcp_listener_serves_ampdp_too(short_tmp, clamd_nodecomp):
     port = probe.getsockname()[1]
     probe.close()
     with DaemonInstance(short_tmp / "d", clamd_nodecomp.address,
-                        tcp_listen=f"127.0.0.1:{port}") as daemon:
+                        tcp_listen=f"127.0.0.1:{port}", **REJECTING) as daemon:
         message = write(short_tmp / "v.eml", eicar_message())
         proc = daemon.client("-s", f"127.0.0.1:{port}", "-T", daemon.tempbase, str(message))
         assert proc.returncode == 69, proc.stderr
@@ -459,10 +462,10 @@ def test_loopback_tcp_listener_serves_ampdp_too(short_tmp, clamd_nodecomp):
 
 def test_a_stopping_daemon_leaves_a_newer_daemons_socket_alone(short_tmp, clamd_nodecomp):
     old = DaemonInstance(short_tmp / "old", clamd_nodecomp.address,
-                         socket=str(short_tmp / "shared.sock")).start()
+                         socket=str(short_tmp / "shared.sock"), **REJECTING).start()
     os.unlink(old.socket_path)  # e.g. an admin or a second start cleaned up the path
     new = DaemonInstance(short_tmp / "new", clamd_nodecomp.address,
-                         socket=str(short_tmp / "shared.sock")).start()
+                         socket=str(short_tmp / "shared.sock"), **REJECTING).start()
     try:
         assert old.stop() == 0
         assert os.path.exists(new.socket_path)

@@ -19,13 +19,16 @@ from amavisd.testing.daemon import ROOT, DaemonInstance
 from amavisd.testing.messages import clean_message, eicar_message, forwarded_eicar_message
 
 pytestmark = pytest.mark.integration
+# These tests check the mechanics through the MTA-visible reject (exit 69);
+# the default, discard after quarantine, has its own tests (test_policy).
+REJECTING = {"virus_destiny": "reject"}
 
 AMAVISD_SUBMIT = "/usr/sbin/amavisd-submit"
 
 
 @pytest.fixture
 def daemon(short_tmp, clamd_nodecomp):
-    instance = DaemonInstance(short_tmp / "d", clamd_nodecomp.address).start()
+    instance = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, **REJECTING).start()
     yield instance
     instance.stop()
 

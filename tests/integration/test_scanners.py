@@ -25,6 +25,9 @@ from amavisd.testing.faults import StallingClamdProxy
 from amavisd.testing.messages import clean_message, eicar_message
 
 pytestmark = pytest.mark.integration
+# These tests check the mechanics through the MTA-visible reject (exit 69);
+# the default, discard after quarantine, has its own tests (test_policy).
+REJECTING = {"virus_destiny": "reject"}
 REPO = Path(__file__).resolve().parents[2]
 DEAD = "unix:/nonexistent/amavisd-test/clamd.sock"
 
@@ -112,7 +115,7 @@ def test_both_down_through_the_client_and_ampdp(short_tmp, clamd):
     clamd.stop()
     broken = {"type": "command", "argv": ["/nonexistent/clamscan", "{files}"]}
     with DaemonInstance(short_tmp / "d", clamd.address, backup_scanners=["clamscan"],
-                        scanners={"clamscan": broken}) as daemon:
+                        scanners={"clamscan": broken}, **REJECTING) as daemon:
         message = short_tmp / "m.eml"
         message.write_bytes(eicar_message())
         proc = daemon.client(str(message))
@@ -156,7 +159,7 @@ def test_a_hung_clamd_times_out_then_tempfail_and_the_worker_stays_usable(clamd,
     proxy = StallingClamdProxy(short_tmp / "stall.sock", clamd.socket_path, stall=True).start()
     try:
         with DaemonInstance(short_tmp / "d", proxy.address, workers=1, clamd_timeout=2.0,
-                            scanner_retry_after=0.0) as daemon:
+                            scanner_retry_after=0.0, **REJECTING) as daemon:
             message = short_tmp / "m.eml"
             message.write_bytes(eicar_message())
             started = time.monotonic()
