@@ -10,10 +10,12 @@ scan ends in `Destiny.TEMPFAIL` with a reason, so the MTA keeps the mail.
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import os
 import time
 from collections.abc import Sequence
+from email.parser import BytesHeaderParser
 
 from amavisd.actions.headers import header_edits
 from amavisd.config import Config
@@ -58,6 +60,7 @@ class Pipeline:
         try:
             raw = self.spool(job)
             result.size = len(raw)
+            result.headers = top_headers(raw)
             decomposition = decompose(raw, self.limits, self.spill_base,
                                       use_magic=self.name_types)
             result.tree = decomposition.root
@@ -122,18 +125,55 @@ class Pipeline:
                                                                         result.unchecked)
 
 
+def top_headers(raw: bytes) -> dict[str, str]:
+    """Message-ID, Subject, From and Date of the message itself, for the log
+    line and notifications: unfolded, decoded, one line each, bounded."""
+    end = raw.find(b"\n\n")
+    crlf = raw.find(b"\r\n\r\n")
+    if crlf >= 0 and (end < 0 or crlf < end):
+        end = crlf
+    block = raw[: end if end >= 0 else 64 * 1024][: 64 * 1024]
+    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(block)
+    found = {}
+    for name in ("Message-ID", "Subject", "From", "Date"):
+        try:
+            value = parsed.get(name)
+        except Exception:  # a hostile header the parser cannot represent
+            value = None
+        if value is not None:
+            found[name] = " ".join(str(value).split())[:500]
+    return found
+
+
+ACTIONS = {
+    Destiny.PASS: "Passed",
+    Destiny.DISCARD: "Blocked",
+    Destiny.BOUNCE: "Blocked",
+    Destiny.REJECT: "Blocked",
+    Destiny.TEMPFAIL: "Tempfailed",
+}
+
+
 def log_result(job: Job, result: Result) -> None:
-    """The one line per message, amavisd-new style."""
+    """The one line per message, amavisd-new style: log id, what was done and
+    why, the envelope, queue id, Message-ID, quarantine id, size, time."""
     env = job.envelope
-    action = {
-        Destiny.PASS: "Passed",
-        Destiny.DISCARD: "Blocked",
-        Destiny.BOUNCE: "Blocked",
-        Destiny.REJECT: "Blocked",
-        Destiny.TEMPFAIL: "Tempfailed",
-    }[result.destiny]
-    recipients = ",".join(env.recipients) or "-"
-    queue = f", queue_id: {env.queue_id}" if env.queue_id else ""
+    fields = [f"({job.log_id}) {ACTIONS[result.destiny]} {result.summary()}",
+              f"{{{result.destiny.value}}}"]
+    client = f"[{env.client_address}] " if env.client_address else ""
+    fields.append(f"{client}{_angle(env.sender)} -> "
+                  + (",".join(_angle(r) for r in env.recipients) or "-"))
+    if env.queue_id:
+        fields.append(f"Queue-ID: {env.queue_id}")
+    if result.headers.get("Message-ID"):
+        fields.append(f"Message-ID: {result.headers['Message-ID']}")
+    if result.quarantine_id:
+        fields.append(f"quarantine: {result.quarantine_id}")
+    fields.append(f"size: {result.size}")
+    fields.append(f"{result.elapsed_ms:.0f} ms")
     level = logging.WARNING if result.destiny is Destiny.TEMPFAIL else logging.INFO
-    log.log(level, "(%s) %s %s, %s -> %s%s, size: %d, %d ms", job.log_id, action,
-            result.summary(), env.sender, recipients, queue, result.size, result.elapsed_ms)
+    log.log(level, "%s", ", ".join(fields[:1]) + " " + ", ".join(fields[1:]))
+
+
+def _angle(address: str) -> str:
+    return address if address.startswith("<") else f"<{address}>"

@@ -85,8 +85,9 @@ class CommandScanner:
         if code in d.clean:
             return report
         if code not in d.infected:
-            tail = output.strip().splitlines()[-1:] or ["no output"]
-            raise ScannerError(f"{self.name}: exit status {code}: {tail[0][:200]}")
+            lines = output.strip().splitlines() or ["no output"]
+            first_error = next((ln for ln in lines if "rror" in ln), lines[-1])
+            raise ScannerError(f"exit status {code}: {first_error.strip()[:200]}")
         gave_up = re.compile(d.unchecked_names) if d.unchecked_names else None
         for match in self._names.finditer(output):
             part = _part_named(match.groupdict().get("path") or "", by_file)
@@ -128,13 +129,13 @@ class CommandScanner:
                                     stderr=subprocess.STDOUT, env=ENV, close_fds=True,
                                     start_new_session=True)
         except OSError as err:
-            raise ScannerError(f"{self.name}: cannot run {argv[0]}: {err.strerror}") from None
+            raise ScannerError(f"cannot run {argv[0]}: {err.strerror}") from None
         try:
             out, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise ScannerError(f"{self.name}: no answer within {limit:g}s") from None
+            raise ScannerError(f"no answer within {limit:g}s") from None
         return proc.returncode, out[:OUTPUT_LIMIT].decode("utf-8", "replace")
 
 
