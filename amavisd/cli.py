@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("-v", "--verbose", action="store_true", help="log every message")
     scan.add_argument("paths", nargs="+", metavar="PATH")
 
+    quarantine = sub.add_parser("quarantine", parents=[common],
+                                help="list, show or release quarantined mail")
+    configuration.add_flags(quarantine, only=["quarantine_dir"])
+    qsub = quarantine.add_subparsers(dest="action", metavar="ACTION", required=True)
+    qsub.add_parser("list", help="one line per quarantined message")
+    show = qsub.add_parser("show", help="print a message and what was found")
+    show.add_argument("id")
+    show.add_argument("--headers-only", action="store_true")
+    release = qsub.add_parser("release", help="re-send to the original (or given) recipients")
+    release.add_argument("id")
+    release.add_argument("recipients", nargs="*", metavar="RCPT")
+
     health = sub.add_parser("check-scanners", parents=[common],
                             help="ask each configured scanner for its version and signatures")
     configuration.add_flags(health, only=["clamd", "primary_scanners"])
@@ -191,6 +203,40 @@ def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
         print_tree(child, result, indent + 1)
 
 
+# -- quarantine ------------------------------------------------------------------
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from amavisd.actions.quarantine import Quarantine, QuarantineError
+    from amavisd.actions.release import release
+
+    cfg = load_config(args)
+    logging.basicConfig(level=logging.INFO, format="amavisd: %(message)s", stream=sys.stderr)
+    store = Quarantine(cfg.quarantine_dir, gzip=cfg.quarantine_gzip)
+    try:
+        if args.action == "list":
+            for e in store.list():
+                found = ", ".join(e.viruses or e.banned or e.unchecked)
+                print(f"{e.kind}-{e.id}  {e.date}  {e.category}  <{e.sender}> -> "
+                      f"{','.join(f'<{r}>' for r in e.recipients)}  {e.size} B  {found}")
+            return 0
+        if args.action == "show":
+            entry, data = store.show(args.id)
+            for key, value in vars(entry).items():
+                print(f"# {key}: {value}")
+            if args.headers_only:
+                data = data.split(b"\n\n", 1)[0] + b"\n"
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            return 0
+        outcome = release(cfg, args.id, args.recipients, log_id="cli")
+        print(f"{outcome.smtp} {outcome.enhanced} {outcome.text}")
+        return 0 if outcome.ok else sysexits.EX_TEMPFAIL if outcome.temporary else 1
+    except QuarantineError as err:
+        print(f"amavisd: {err}", file=sys.stderr)
+        return 1
+
+
 # -- check-scanners -----------------------------------------------------------
 
 
@@ -217,4 +263,4 @@ def cmd_check_scanners(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "scan": cmd_scan,
-            "check-scanners": cmd_check_scanners}
+            "check-scanners": cmd_check_scanners, "quarantine": cmd_quarantine}

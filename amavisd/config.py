@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from amavisd.policy.banned import DEFAULT_RULES as BANNED_DEFAULTS
+
 DEFAULT_CONFIG_PATH = "/etc/amavisd/amavisd.toml"
 
 
@@ -133,6 +135,34 @@ def scanner_tables(tables: dict[str, Any]) -> dict[str, Any]:
     from amavisd.scan.scanners import check_definitions  # the scanners know their keys
 
     return check_definitions(tables)
+
+
+def categories(*allowed: str) -> Callable[[list[str]], list[str]]:
+    def check(value: list[str]) -> list[str]:
+        value = [v.lower() for v in value]
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown category {bad[0]!r}; use {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def banned_rules(value: list[str]) -> list[str]:
+    from amavisd.policy.banned import BannedRules  # the rules know their syntax
+
+    BannedRules.parse(value)  # BannedRuleError is a ValueError naming the bad rule
+    return list(value)
+
+
+def method_spec(value: str) -> str:
+    from amavisd.actions.forward import method_spec as check
+
+    return check(value)
+
+
+def method_spec_or_empty(value: str) -> str:
+    return method_spec(value) if value else value
 
 
 # Sections that hold named tables ([scanners.NAME]) rather than settings.
@@ -287,6 +317,51 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quarantine_dir", "policy", str, "/var/virusmails",
             "Quarantine of infected and banned mail (directory 0700).",
             absolute_path_or_empty, ("--quarantine-dir",), metavar="DIR"),
+    Setting("quarantine", "policy", list, ["infected", "banned"],
+            "Categories whose mail is kept in the quarantine (infected, banned, unchecked, "
+            "clean); empty keeps none.", categories("infected", "banned", "unchecked", "clean")),
+    Setting("quarantine_gzip", "policy", bool, False,
+            "Gzip quarantined messages (virus-ID.gz); releases are byte-identical either way."),
+    Setting("banned_rules", "policy", list, list(BANNED_DEFAULTS),
+            "Ordered allow/deny rules checked on every part, archive members too; the first "
+            "that matches a part decides. 'deny|allow FIELD OP VALUE [and ...]', FIELD: name, "
+            "mime, type (detected: exe, elf, zip...), magic (libmagic); OP: ~ regex, = equal, "
+            "!~ !=; case-insensitive. Write them as TOML literal strings ('...').",
+            banned_rules),
+    # [notify] -- notifications, and where released mail goes
+    Setting("notify_method", "notify", str, "smtp:[127.0.0.1]:10025",
+            "How notifications are sent: smtp:HOST:PORT (the MTA's re-injection port) or "
+            "pipe:/usr/sbin/sendmail (run as PATH -i -f SENDER -- RCPT..., no shell).",
+            method_spec),
+    Setting("release_method", "notify", str, "",
+            "How released quarantined mail is re-sent; empty means notify_method.",
+            method_spec_or_empty),
+    Setting("smtp_timeout", "notify", float, 30.0,
+            "Seconds one notification or release may take over SMTP or the pipe.", positive),
+    Setting("local_domains", "notify", list, [],
+            "Our mail domains: example.com matches that domain, .example.com it and its "
+            "subdomains. Only their senders get DSNs, only their recipients notices."),
+    Setting("admin", "notify", str, "",
+            "Who gets admin alerts; empty means virusalert@<first local domain, else "
+            "myhostname>."),
+    Setting("admin_notify", "notify", list, ["infected", "banned"],
+            "Categories the admin is alerted about (infected, banned, unchecked).",
+            categories("infected", "banned", "unchecked")),
+    Setting("sender_notify", "notify", list, ["banned"],
+            "Categories for which a sender gets a DSN when the destiny is bounce; never "
+            "infected by default (virus senders are forged: backscatter).",
+            categories("infected", "banned", "unchecked")),
+    Setting("sender_notify_remote", "notify", bool, False,
+            "Also send DSNs to senders outside local_domains (backscatter risk)."),
+    Setting("recipient_notify", "notify", list, [],
+            "Categories for which each local recipient of undelivered mail is told.",
+            categories("infected", "banned", "unchecked")),
+    Setting("notify_from", "notify", str, "",
+            "From: of notifications; empty means \"Content-filter at HOST\" "
+            "<postmaster@HOST>."),
+    Setting("template_dir", "notify", str, "",
+            "Directory of site templates (virus-admin.txt, banned-sender.txt, dsn.txt, ...); "
+            "a file missing there comes from the shipped set.", absolute_path_or_empty),
     # [headers]
     Setting("myhostname", "headers", str, "",
             "This host's name in headers and replies; empty asks the system."),
@@ -471,8 +546,14 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        items = [toml_value(v) for v in value]
+        if sum(len(i) + 2 for i in items) <= 80:
+            return "[" + ", ".join(items) + "]"
+        return "[\n" + "".join(f"    {i},\n" for i in items) + "]"
+    text = str(value)
+    if "\\" in text and "'" not in text and "\n" not in text:
+        return f"'{text}'"  # a literal string keeps regex backslashes as written
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
 

@@ -15,10 +15,15 @@ from amavisd.privileges import chown_to
 
 WORKDIR_MODE = 0o750
 TEMPBASE_MODE = 0o770
+QUARANTINE_MODE = 0o700  # infected mail: for the daemon's user only
 
 
 def prepare_dirs(config: Config) -> None:
-    for path, mode in ((config.workdir, WORKDIR_MODE), (config.tempbase_path, TEMPBASE_MODE)):
+    """Create the daemon's dirs while still root, owned by the user it becomes."""
+    dirs = [(config.workdir, WORKDIR_MODE), (config.tempbase_path, TEMPBASE_MODE)]
+    if config.quarantine_dir:
+        dirs.append((config.quarantine_dir, QUARANTINE_MODE))
+    for path, mode in dirs:
         if not os.path.isdir(path):
             os.makedirs(path, mode=mode, exist_ok=True)
             os.chmod(path, mode)

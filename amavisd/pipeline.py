@@ -17,11 +17,15 @@ import time
 from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 
+from amavisd.actions.forward import forwarder
 from amavisd.actions.headers import header_edits
+from amavisd.actions.notify import Notifier, NotifySettings, Templates
+from amavisd.actions.quarantine import KINDS, Quarantine, QuarantineError
 from amavisd.config import Config
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
 from amavisd.envelope import Job
+from amavisd.policy.banned import BannedRules
 from amavisd.policy.destinies import destinies
 from amavisd.scan.base import Scanner, ScannerError
 from amavisd.scan.scanners import ScannerSet, build_scanner_set
@@ -32,6 +36,10 @@ log = logging.getLogger("amavisd.pipeline")
 
 class MessageUnreadable(Exception):
     """The message file cannot be read: tempfail, the MTA still has the mail."""
+
+
+class QuarantineFailed(Exception):
+    """Mail to be kept could not be stored: tempfail rather than lose it."""
 
 
 class Pipeline:
@@ -47,7 +55,15 @@ class Pipeline:
             scanners = ScannerSet(scanners)
         self.scanners = scanners
         self.destinies = destinies(config)
+        self.banned_rules = BannedRules.parse(config.banned_rules)
         self.limits = Limits.from_config(config)
+        self.quarantine = Quarantine(config.quarantine_dir, gzip=config.quarantine_gzip) \
+            if config.quarantine_dir else None
+        self.quarantined = {c.upper() for c in config.quarantine}
+        self.notifier = Notifier(NotifySettings.from_config(config),
+                                 forwarder(config.notify_method, config.smtp_timeout),
+                                 Templates([config.template_dir] if config.template_dir else []))
+        self.outbox: list[tuple[Result, Job, bytes]] = []  # notices to send after the reply
         # Large parts spill under the temp base when it exists (the daemon makes
         # sure it does), else in the system's temp dir (`amavisd scan`).
         tempbase = config.tempbase_path
@@ -62,13 +78,16 @@ class Pipeline:
             result.size = len(raw)
             result.headers = top_headers(raw)
             decomposition = decompose(raw, self.limits, self.spill_base,
-                                      use_magic=self.name_types)
+                                      use_magic=self.name_types or self.banned_rules.needs_magic)
             result.tree = decomposition.root
             result.parts = decomposition.scannable()
             result.unchecked.extend(decomposition.unchecked)
+            result.banned_hits = self.banned_rules.check(decomposition.root)
+            result.banned = [hit.label for hit in result.banned_hits]
             self.scan(result)
             self.decide(result)
-        except (MessageUnreadable, ScannerError, OSError) as err:
+            self.keep(job, result, raw)
+        except (MessageUnreadable, ScannerError, QuarantineFailed, OSError) as err:
             result.category = None
             result.destiny = Destiny.TEMPFAIL
             result.tempfail_reason = str(err)
@@ -111,6 +130,27 @@ class Pipeline:
         result.scanned_by = outcome.answered
         result.unchecked.extend(f"not scanned: {path} ({why})"
                                 for path, why in outcome.missed.items())
+
+    def keep(self, job: Job, result: Result, raw: bytes) -> None:
+        """Quarantine what the postmaster wants kept, and queue the notices.
+        Mail we would discard or reject is never dropped unkept: if the
+        quarantine cannot take it, the answer becomes a tempfail."""
+        if self.quarantine is not None and result.verdict in self.quarantined:
+            try:
+                qid = self.quarantine.store(raw, job.envelope, result)
+                result.quarantine_id = f"{KINDS[result.category]}-{qid}"
+            except (OSError, QuarantineError) as err:
+                raise QuarantineFailed(f"quarantine {self.quarantine.directory}: "
+                                       f"{getattr(err, 'strerror', None) or err}") from None
+        if result.category is not Category.CLEAN:
+            self.outbox.append((result, job, raw))
+
+    def send_notices(self) -> None:
+        """Admin alerts and sender/recipient notices for the messages just
+        answered; called after the reply, so a slow MTA never delays a verdict."""
+        outbox, self.outbox = self.outbox, []
+        for result, job, raw in outbox:
+            self.notifier.notify(result, job.envelope, raw, result.quarantine_id)
 
     def decide(self, result: Result) -> None:
         category = Category.CLEAN

@@ -53,6 +53,7 @@ class Result:
     destiny: Destiny = Destiny.TEMPFAIL
     findings: list[Finding] = field(default_factory=list)
     banned: list[str] = field(default_factory=list)
+    banned_hits: list = field(default_factory=list)  # policy.banned.BannedHit: part, rule
     unchecked: list[str] = field(default_factory=list)
     tempfail_reason: str | None = None
     header_edits: list[HeaderEdit] = field(default_factory=list)

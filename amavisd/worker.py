@@ -19,6 +19,8 @@ import signal
 import socket
 
 from amavisd import logs, wakeup
+from amavisd.actions.release import ReleaseOutcome
+from amavisd.actions.release import release as release_quarantined
 from amavisd.config import Config
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
@@ -125,7 +127,8 @@ class Worker:
         conn.setblocking(True)
         self.heartbeat.notify()
         self.session = Session(conn, self.config.tempbase_path, self.process,
-                               self.next_log_id, self.keep_going, self.config.client_timeout)
+                               self.next_log_id, self.keep_going, self.config.client_timeout,
+                               release=self.release, after_reply=self.after_reply)
         try:
             self.session.serve()
         finally:
@@ -148,6 +151,19 @@ class Worker:
             log.exception("(%s) internal error", job.log_id)
             return Result(log_id=job.log_id, destiny=Destiny.TEMPFAIL,
                           tempfail_reason=f"internal error: {type(err).__name__}")
+
+    def release(self, name: str, recipients: list[str], log_id: str) -> ReleaseOutcome:
+        self.heartbeat.notify()
+        return release_quarantined(self.config, name, recipients, log_id)
+
+    def after_reply(self) -> None:
+        """Notifications for the message just answered; never fatal."""
+        self.heartbeat.notify()
+        assert self.pipeline is not None
+        try:
+            self.pipeline.send_notices()
+        except Exception:
+            log.exception("sending notifications failed")
 
     def keep_going(self) -> bool:
         self.heartbeat.notify()

@@ -24,6 +24,9 @@ def header_edits(config: Config, result: Result) -> list[HeaderEdit]:
         alerts.append("UNCHECKED: " + "; ".join(result.unchecked))
     edits += [HeaderEdit(op="insert", name="X-Amavis-Alert", value=_one_line(a), index=0)
               for a in alerts]
+    if result.quarantine_id:
+        edits.append(HeaderEdit(op="insert", name="X-Quarantine-ID",
+                                value=f"<{result.quarantine_id}>", index=0))
     return edits
 
 

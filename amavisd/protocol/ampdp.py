@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from amavisd.actions.release import ReleaseOutcome
 from amavisd.envelope import Envelope, Job
 from amavisd.policy.destinies import REPLIES
 from amavisd.verdict import Destiny, HeaderEdit, Result
@@ -127,8 +128,12 @@ class Session:
 
     def __init__(self, conn: socket.socket, tempbase: str,
                  process: Callable[[Job], Result], next_log_id: Callable[[], str],
-                 keep_going: Callable[[], bool], timeout: float):
+                 keep_going: Callable[[], bool], timeout: float,
+                 release: Callable[[str, list[str], str], ReleaseOutcome] | None = None,
+                 after_reply: Callable[[], None] | None = None):
         self.conn = conn
+        self.release = release  # quarantine release, for request=release (amavisd-release)
+        self.after_reply = after_reply  # work that must not delay a reply (notifications)
         self.tempbase = tempbase
         self.process = process
         self.next_log_id = next_log_id
@@ -161,6 +166,8 @@ class Session:
             received = 0
             self._send(self.answer(block))
             answered += 1
+            if self.after_reply is not None:
+                self.after_reply()
             if not self.keep_going():
                 return answered
 
@@ -171,6 +178,8 @@ class Session:
             request = block.get("request")
             if block.first_name != "request":
                 return self._refuse(log_id, "the first attribute must be 'request'")
+            if request in ("release", "requeue") and self.release is not None:
+                return self.answer_release(block, log_id)
             if request != "AM.PDP":
                 return self._refuse(log_id, f"unsupported request {request!r}")
             try:
@@ -184,6 +193,17 @@ class Session:
                     remove_tempdir(message.tempdir, self.tempbase)
         finally:
             self.in_flight = None
+
+    def answer_release(self, block: Block, log_id: str) -> bytes:
+        """amavisd-release sends mail_id (and mail_file, the name it was given),
+        optional recipient=... to override the original recipients."""
+        name = block.get("mail_file") or block.get("mail_id") or ""
+        outcome = self.release(os.path.basename(name), block.getall("recipient"), log_id)
+        attrs: list[tuple[str, str | list[str]]] = [
+            ("version_server", "2"), ("log_id", log_id),
+            ("setreply", [outcome.smtp, outcome.enhanced, outcome.text]),
+            ("exit_code", "0" if outcome.ok else "75" if outcome.temporary else "69")]
+        return encode_block(attrs)
 
     def _refuse(self, log_id: str, reason: str) -> bytes:
         log.warning("(%s) AM.PDP request refused: %s", log_id, reason)

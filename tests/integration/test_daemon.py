@@ -185,7 +185,7 @@ def test_several_requests_on_one_connection_and_server_side_tempdir_removal(daem
     assert replies[0].get("version_server") == "2"
     assert replies[0].fields("insheader", 3)[0][:2] == ["0", "X-Virus-Scanned"]
     assert first.exists() and not second.parent.exists()
-    assert "queue_id: 4XyZ1" in daemon.log_text()
+    assert "Queue-ID: 4XyZ1" in daemon.log_text()
 
 
 # -- the process model --------------------------------------------------------------------------
