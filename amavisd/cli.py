@@ -182,6 +182,8 @@ def result_json(path: str, result: Any) -> dict[str, Any]:
         "findings": [vars(f) for f in result.findings],
         "scanned_by": result.scanned_by,
         "banned": result.banned,
+        "banned_rules": [{"part": h.part_path, "name": h.part_name, "rule": h.rule_text}
+                         for h in result.banned_hits],
         "unchecked": result.unchecked,
         "tempfail": result.tempfail_reason,
         "parts": len(result.parts),
@@ -193,6 +195,8 @@ def result_json(path: str, result: Any) -> dict[str, Any]:
 
 def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
     found = {f.part: f"{f.name} (by {f.scanner})" for f in result.findings}
+    for hit in result.banned_hits:
+        found.setdefault(hit.part_path, f"BANNED by rule {hit.rule_number} [{hit.rule_text}]")
     mark = f"  <-- {found[node['path']]}" if node["path"] in found else ""
     name = f" {node['name']!r}" if node["name"] else ""
     flags = f" [{', '.join(node['flags'])}]" if node["flags"] else ""

@@ -15,6 +15,7 @@ as an option (the sender follows -f, recipients follow --).
 
 from __future__ import annotations
 
+import re
 import shlex
 import smtplib
 import subprocess
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 DEFAULT_METHOD = "smtp:[127.0.0.1]:10025"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class ForwardError(Exception):
@@ -56,6 +58,9 @@ class SMTPForwarder:
             raise ForwardError("no recipients")
         where = f"smtp:[{self.host}]:{self.port}"
         sender, recipients = bare_address(sender), [bare_address(r) for r in recipients]
+        # SMTP wants CRLF lines; smtplib does not convert bytes, and a message
+        # spooled with bare LFs would gain a blank line before the final dot.
+        data = _BARE_LF.sub(b"\r\n", data)
         # Internationalised addresses need the server's SMTPUTF8 (smtplib checks).
         options = [] if all(a.isascii() for a in [sender, *recipients]) else ["SMTPUTF8"]
         try:

@@ -20,6 +20,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -80,8 +81,10 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.umask(0o077)
 
-    out_path = os.path.join(cwd, ".stdout")
-    err_path = os.path.join(cwd, ".stderr")
+    # never in cwd: a tool writing members there must not meet its own logs
+    logs = tempfile.mkdtemp(prefix="log-", dir=ctx.workdir())
+    out_path = os.path.join(logs, "stdout")
+    err_path = os.path.join(logs, "stderr")
     started = time.monotonic()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(argv, cwd=cwd, env=ENV | {"HOME": cwd}, stdin=subprocess.DEVNULL,
@@ -104,8 +107,7 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
                 proc.wait()
     result = ToolResult(proc.returncode, _read_head(out_path), _read_head(err_path),
                         time.monotonic() - started)
-    os.unlink(out_path)
-    os.unlink(err_path)
+    shutil.rmtree(logs, ignore_errors=True)
     if over:
         raise LimitExceeded(over, scope="branch")
     if proc.returncode == -signal.SIGXFSZ:

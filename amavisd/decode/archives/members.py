@@ -78,6 +78,7 @@ def harvest(ctx: Context, archive: Part, outdir: str) -> list[str]:
             ctx.budget.check_time()
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             with os.fdopen(fd, "rb") as fh:
-                stream_member(ctx, archive, rel, iter(lambda fh=fh: fh.read(1 << 20), b""))
+                stream_member(ctx, archive, os.fsencode(rel),
+                              iter(lambda fh=fh: fh.read(1 << 20), b""))
             os.unlink(path)
     return skipped

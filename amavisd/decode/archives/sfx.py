@@ -1,1 +1,308 @@
-"""(being written)"""
+"""Self-extracting executables: archives hidden inside PE (MZ) and ELF programs.
+
+A self-extractor is a program with an archive inside it, appended after its
+image (7-Zip, WinRAR, LHA, zip -A) or kept in a resource (IExpress cabinets).
+The program stays a part to scan as it is; each archive found in it becomes a
+child `<program name>@<offset>.<ext>` (its bytes from its start to its computed
+end, or to the end of the file), which the registry then decodes by content.
+
+Finding: every signature in FINDERS is searched for in the first and in the
+last SCAN_WINDOW bytes, and a hit counts only when its header checks out: a
+CRC where the format has one (7z start header, RAR 4/5 main header, ARJ main
+header, LHA level 0/1 header sum and level 2 CRC-16), the end-of-central-
+directory arithmetic or a sane local header for zip, consistent header fields
+for cab. That keeps plain programs (clam.exe, /bin/true) without children:
+code is full of two-byte ARJ ids and "PK\\3\\4" constants.
+
+Never: mark the program expanded (its own code is what the scanners must see),
+run it, or read it outside the two windows.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from amavisd.decode.archives import legacy
+from amavisd.decode.archives.members import clean_name
+from amavisd.decode.parts import Part
+from amavisd.decode.registry import Context, register
+
+SCAN_WINDOW = 32 * 1024 * 1024  # bytes searched at the start and at the end
+MAX_HITS = 4096  # candidate positions checked per signature
+MAX_EMBEDDED = 32  # archives taken from one program
+CHUNK = 1 << 20
+
+Buffer = bytes | mmap.mmap
+
+
+@dataclass(frozen=True)
+class Embedded:
+    start: int
+    end: int
+    ext: str
+
+
+# (signature, its offset inside the archive's header, checker)
+Finder = Callable[[Buffer, int], Embedded | None]
+FINDERS: list[tuple[bytes, int, Finder]] = []
+
+
+def finder(signature: bytes, offset: int = 0) -> Callable[[Finder], Finder]:
+    def wrap(fn: Finder) -> Finder:
+        FINDERS.append((signature, offset, fn))
+        return fn
+
+    return wrap
+
+
+@register("exe", "elf")
+def decode_sfx(part: Part, ctx: Context) -> None:
+    base = clean_name(part.name).rsplit("/", 1)[-1] or part.id
+    with mapped(part) as buf:
+        for found in find_embedded(buf, ctx):
+            sink = ctx.sink(part, name=f"{base}@{found.start}.{found.ext}")
+            try:
+                for pos in range(found.start, found.end, CHUNK):
+                    sink.write(bytes(buf[pos:min(pos + CHUNK, found.end)]))
+            except BaseException:
+                sink.finish(truncated=True)
+                raise
+            sink.finish()
+
+
+def find_embedded(buf: Buffer, ctx: Context | None = None) -> list[Embedded]:
+    """The archives inside `buf`, in file order, none inside another."""
+    candidates: list[Embedded] = []
+    for signature, offset, check in FINDERS:
+        for pos in _positions(buf, signature):
+            if ctx is not None:
+                ctx.budget.check_time()
+            if pos >= offset and (hit := check(buf, pos - offset)) is not None and hit.start > 0:
+                candidates.append(hit)
+    kept: list[Embedded] = []
+    for hit in sorted(candidates, key=lambda h: (h.start, h.end)):
+        if not kept or hit.start >= kept[-1].end:
+            kept.append(hit)
+            if len(kept) == MAX_EMBEDDED:
+                break
+    return kept
+
+
+def _positions(buf: Buffer, signature: bytes) -> Iterator[int]:
+    size = len(buf)
+    windows = [(0, min(size, SCAN_WINDOW))]
+    if size > SCAN_WINDOW:
+        windows.append((max(SCAN_WINDOW, size - SCAN_WINDOW), size))
+    for start, end in windows:
+        pos, hits = buf.find(signature, start, end), 0
+        while pos >= 0 and hits < MAX_HITS:
+            yield pos
+            hits += 1
+            pos = buf.find(signature, pos + 1, end)
+
+
+@contextmanager
+def mapped(part: Part) -> Iterator[Buffer]:
+    """The part's bytes without reading a spilled part into memory."""
+    if not part.spill_path:
+        yield part.data
+        return
+    with open(part.spill_path, "rb") as fh:
+        if part.size == 0:
+            yield b""
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            yield view
+
+
+def _u16(buf: Buffer, pos: int) -> int:
+    return struct.unpack_from("<H", buf, pos)[0]
+
+
+def _u32(buf: Buffer, pos: int) -> int:
+    return struct.unpack_from("<I", buf, pos)[0]
+
+
+# -- zip ---------------------------------------------------------------------
+
+ZIP_LOCAL = b"PK\x03\x04"
+ZIP_CENTRAL = b"PK\x01\x02"
+ZIP_METHODS = frozenset({0, 1, 6, 8, 9, 12, 14, 19, 93, 95, 96, 97, 98, 99})
+
+
+@finder(b"PK\x05\x06")
+def zip_from_end(buf: Buffer, pos: int) -> Embedded | None:
+    """A zip located from its end record: the central directory sits just
+    before it, and its first entry says where the first member starts (relative
+    to the zip, or to the file when `zip -A` adjusted the offsets)."""
+    if pos + 22 > len(buf):
+        return None
+    entries, cd_size, cd_offset, comment = struct.unpack_from("<HIIH", buf, pos + 10)
+    cd_start = pos - cd_size
+    if entries == 0 or cd_start < 0 or buf[cd_start:cd_start + 4] != ZIP_CENTRAL:
+        return None
+    first_local = _u32(buf, cd_start + 42)
+    for base in (cd_start - cd_offset, 0):
+        start = base + first_local
+        if 0 <= start < cd_start and buf[start:start + 4] == ZIP_LOCAL:
+            return Embedded(start, min(len(buf), pos + 22 + comment), "zip")
+    return None
+
+
+@finder(ZIP_LOCAL)
+def zip_from_local_header(buf: Buffer, pos: int) -> Embedded | None:
+    """A zip with no usable end record (cut short): a sane first local header."""
+    if pos + 30 > len(buf):
+        return None
+    version, flags, method = struct.unpack_from("<HHH", buf, pos + 4)
+    packed, = struct.unpack_from("<I", buf, pos + 18)
+    name_len, extra_len = struct.unpack_from("<HH", buf, pos + 26)
+    if (version & 0xFF) > 63 or method not in ZIP_METHODS or not 0 < name_len <= 1024:
+        return None
+    name = bytes(buf[pos + 30:pos + 30 + name_len])
+    if len(name) < name_len or any(c < 32 for c in name) or extra_len > 4096:
+        return None
+    if not flags & 0x08 and packed != 0xFFFFFFFF and pos + 30 + name_len + packed > len(buf):
+        return None
+    return Embedded(pos, len(buf), "zip")
+
+
+# -- rar, 7z, cab --------------------------------------------------------------
+
+@finder(b"Rar!\x1a\x07")
+def rar(buf: Buffer, pos: int) -> Embedded | None:
+    """RAR 4: main header (type 0x73) with its CRC-16; RAR 5: main header CRC-32."""
+    if buf[pos + 6:pos + 7] == b"\x00":
+        if pos + 14 > len(buf):
+            return None
+        crc, kind, _flags, size = struct.unpack_from("<HBHH", buf, pos + 7)
+        if kind != 0x73 or size < 13 or (zlib.crc32(buf[pos + 9:pos + 7 + size]) & 0xFFFF) != crc:
+            return None
+        return Embedded(pos, len(buf), "rar")
+    if buf[pos + 6:pos + 8] == b"\x01\x00":
+        crc = _u32(buf, pos + 8) if pos + 12 <= len(buf) else -1
+        size, width = _vint(buf, pos + 12)
+        if size is None or not 0 < size < 1 << 16:
+            return None
+        if zlib.crc32(buf[pos + 12:pos + 12 + width + size]) != crc:
+            return None
+        return Embedded(pos, len(buf), "rar")
+    return None
+
+
+def _vint(buf: Buffer, pos: int) -> tuple[int | None, int]:
+    value = 0
+    for n in range(4):
+        if pos + n >= len(buf):
+            return None, 0
+        byte = buf[pos + n]
+        value |= (byte & 0x7F) << (7 * n)
+        if not byte & 0x80:
+            return value, n + 1
+    return None, 0
+
+
+@finder(b"7z\xbc\xaf\x27\x1c")
+def sevenzip(buf: Buffer, pos: int) -> Embedded | None:
+    """7z: the start header's CRC-32 covers where the archive ends."""
+    if pos + 32 > len(buf) or buf[pos + 6] != 0:
+        return None
+    if zlib.crc32(buf[pos + 12:pos + 32]) != _u32(buf, pos + 8):
+        return None
+    next_offset, next_size = struct.unpack_from("<QQ", buf, pos + 12)
+    return Embedded(pos, min(len(buf), pos + 32 + next_offset + next_size), "7z")
+
+
+@finder(b"MSCF\0\0\0\0")
+def cab(buf: Buffer, pos: int) -> Embedded | None:
+    """A cabinet header whose fields agree: version 1.3, a folder and a file,
+    the file table inside the cabinet."""
+    if pos + 36 > len(buf):
+        return None
+    size, files_at = _u32(buf, pos + 8), _u32(buf, pos + 16)
+    minor, major, folders, files, flags = struct.unpack_from("<BBHHH", buf, pos + 24)
+    if (major, minor) != (1, 3) or not folders or not files or flags > 7:
+        return None
+    if not 36 <= files_at < size:
+        return None
+    return Embedded(pos, min(len(buf), pos + size), "cab")
+
+
+# -- arj, lha ------------------------------------------------------------------
+
+@finder(legacy.ARJ_ID)
+def arj(buf: Buffer, pos: int) -> Embedded | None:
+    header = legacy.read_arj_header(buf, pos)
+    if header is None or header.file_type != legacy.ARJ_MAIN:
+        return None
+    return Embedded(pos, len(buf), "arj")
+
+
+LHA_METHOD = re.compile(rb"-(lh[0-7dx]|lz[s45]|pm[0-2s])-")
+
+
+def _lha(buf: Buffer, pos: int) -> Embedded | None:
+    """An LHA header: level 0/1 by its byte sum, level 2 by its CRC-16."""
+    head = bytes(buf[pos:pos + 24])
+    if len(head) < 24 or not LHA_METHOD.fullmatch(head[2:7]):
+        return None
+    level = head[20]
+    if level in (0, 1):
+        size = head[0]
+        body = bytes(buf[pos + 2:pos + 2 + size])
+        if size < 20 or len(body) < size or sum(body) & 0xFF != head[1]:
+            return None
+    elif level == 2:
+        if not _lha2_crc_ok(buf, pos, _u16(head, 0)):
+            return None
+    else:
+        return None
+    return Embedded(pos, len(buf), "lzh")
+
+
+def _lha2_crc_ok(buf: Buffer, pos: int, size: int) -> bool:
+    header = bytearray(buf[pos:pos + size])
+    if not 26 <= size <= 4096 or len(header) < size:
+        return False
+    ext = 24
+    while ext + 2 <= size:
+        length = _u16(header, ext)
+        if length == 0:
+            return False
+        if length >= 5 and header[ext + 2] == 0x00 and ext + 5 <= size:  # the common header
+            stored = _u16(header, ext + 3)
+            header[ext + 3:ext + 5] = b"\0\0"
+            return crc16(header) == stored
+        ext += length
+    return False
+
+
+for _id in (b"-lh", b"-lz", b"-pm"):
+    finder(_id, offset=2)(_lha)
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def crc16(data: bytes | bytearray) -> int:
+    """CRC-16/ARC, the LHA header and member checksum."""
+    crc = 0
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC16[(crc ^ byte) & 0xFF]
+    return crc
