@@ -45,7 +45,6 @@ SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x78\x9f\x3e\x22", "tnef"),
     (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "ole2"),
     (0, b"%PDF-", "pdf"),
-    (0, b"MZ", "exe"),
     (0, b"\x7fELF", "elf"),
     (257, b"ustar", "tar"),
 )
@@ -59,6 +58,12 @@ def head_probe(kind: str) -> Callable[[Callable[[bytes], bool]], Callable[[bytes
         return fn
 
     return wrap
+
+
+@head_probe("exe")
+def _is_dos_or_windows_program(head: bytes) -> bool:
+    # "MZ" alone is two letters a text may start with ("MZ is..."): a program is binary
+    return head[:2] == b"MZ" and len(head) >= 64 and not looks_like_text(head)
 
 
 @head_probe("lha")
