@@ -19,6 +19,9 @@ CHUNK = 256 * 1024
 
 # Flags that say "we could not fully look at this part".
 PROBLEM_FLAGS = frozenset({"decode-error", "truncated", "encrypted", "too-deep", "limit"})
+# Informational flags for policy (banned rules), not problems: "macros" marks an
+# Office document or OOXML zip that carries a VBA project.
+INFO_FLAGS = frozenset({"macros"})
 
 
 @dataclass(eq=False)

@@ -113,9 +113,9 @@ class Sink:
     def write(self, chunk: bytes) -> None:
         if not chunk:
             return
-        self.size += len(chunk)
-        self.ctx.budget.check_part_size(self.size, self.parent.path)
+        self.ctx.budget.check_part_size(self.size + len(chunk), self.parent.path)
         self.ctx.budget.charge_bytes(len(chunk))
+        self.size += len(chunk)
         if self.file is None and len(self.buffer) + len(chunk) > self.ctx.limits.spill_threshold:
             self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

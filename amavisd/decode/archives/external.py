@@ -100,7 +100,10 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
                 if watch is not None and disk_use(watch) > allowance:
                     over = f"{os.path.basename(argv[0])} output over {allowance} bytes"
                     break
-                time.sleep(POLL)
+                try:  # returns when the tool exits, not a poll later
+                    proc.wait(timeout=POLL)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
