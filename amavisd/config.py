@@ -324,7 +324,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Gzip quarantined messages (virus-ID.gz); releases are byte-identical either way."),
     Setting("banned_rules", "policy", list, list(BANNED_DEFAULTS),
             "Ordered allow/deny rules checked on every part, archive members too; the first "
-            "that matches a part decides. 'deny|allow FIELD OP VALUE [and ...]', FIELD: name, "
+            "that matches a part decides. 'deny|allow FIELD OP VALUE [and ...]', FIELD: name, flag, "
             "mime, type (detected: exe, elf, zip...), magic (libmagic); OP: ~ regex, = equal, "
             "!~ !=; case-insensitive. Write them as TOML literal strings ('...').",
             banned_rules),

@@ -82,6 +82,8 @@ FIELDS: dict[str, Callable[[Part], tuple[str, ...]]] = {
     "mime": lambda part: (part.mime_type,),
     "type": lambda part: (part.detected,),
     "magic": lambda part: (part.detected_mime,),
+    # informational flags a decoder set, e.g. "deny flag = macros" (VBA in Office files)
+    "flag": lambda part: tuple(sorted(part.flags)) or ("",),
 }
 
 

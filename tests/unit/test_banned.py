@@ -181,3 +181,12 @@ def test_default_rules_parse_and_a_non_string_is_refused():
     assert len(BannedRules.default().rules) == len(DEFAULT_RULES)
     with pytest.raises(BannedRuleError, match="banned rule 1 .*must be a string"):
         BannedRules.parse([{"deny": "exe"}])
+
+
+def test_a_flag_rule_bans_documents_with_macros():
+    rules = BannedRules.parse(["deny flag = macros"])
+    root = Part(id="p001", name="m.eml")
+    doc = root.add(Part(id="p002", name="report.xlsm", flags={"macros"}))
+    root.add(Part(id="p003", name="plain.xlsx"))
+    hits = rules.check(root)
+    assert [h.part_path for h in hits] == [doc.path]
