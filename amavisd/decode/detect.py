@@ -110,6 +110,26 @@ def _is_lzma_alone(head: bytes) -> bool:
     return size == b"\xff" * 8 or int.from_bytes(size, "little") < 1 << 40
 
 
+@head_probe("zstd")
+def _is_zstd_after_skippable_frames(head: bytes) -> bool:
+    """zstd frames may follow skippable frames (magic 0x184D2A50-5F, then a
+    32-bit length); the zstd reader skips them itself."""
+    return _after_skippable_frames(head) == b"\x28\xb5\x2f\xfd"
+
+
+@head_probe("lz4")
+def _is_lz4_after_skippable_frames(head: bytes) -> bool:
+    return _after_skippable_frames(head) == b"\x04\x22\x4d\x18"
+
+
+def _after_skippable_frames(head: bytes) -> bytes:
+    pos = 0
+    while len(head) >= pos + 8 and head[pos] & 0xF0 == 0x50 \
+            and head[pos + 1:pos + 4] == b"\x2a\x4d\x18":
+        pos += 8 + int.from_bytes(head[pos + 4:pos + 8], "little")
+    return head[pos:pos + 4] if pos else b""
+
+
 _BINHEX = re.compile(rb"\(This file must be converted (with BinHex|; you knew that)")
 _HEADER_LINE = re.compile(rb"^[!-9;-~]{1,76}:[ \t]?", re.M)
 _MAIL_HEADERS = re.compile(
