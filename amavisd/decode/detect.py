@@ -113,21 +113,24 @@ def _is_lzma_alone(head: bytes) -> bool:
 @head_probe("zstd")
 def _is_zstd_after_skippable_frames(head: bytes) -> bool:
     """zstd frames may follow skippable frames (magic 0x184D2A50-5F, then a
-    32-bit length); the zstd reader skips them itself."""
-    return _after_skippable_frames(head) == b"\x28\xb5\x2f\xfd"
+    32-bit length); the zstd reader skips them itself, also when they run
+    past the head (else a big one would hide what follows from decoding)."""
+    return _after_skippable_frames(head) in (b"\x28\xb5\x2f\xfd", b"?")
 
 
 @head_probe("lz4")
 def _is_lz4_after_skippable_frames(head: bytes) -> bool:
-    return _after_skippable_frames(head) == b"\x04\x22\x4d\x18"
+    return _after_skippable_frames(head) in (b"\x04\x22\x4d\x18", b"\x02\x21\x4c\x18")
 
 
 def _after_skippable_frames(head: bytes) -> bytes:
+    """The magic after leading skippable frames: b"" if there are none,
+    b"?" if they run past the head."""
     pos = 0
     while len(head) >= pos + 8 and head[pos] & 0xF0 == 0x50 \
             and head[pos + 1:pos + 4] == b"\x2a\x4d\x18":
         pos += 8 + int.from_bytes(head[pos + 4:pos + 8], "little")
-    return head[pos:pos + 4] if pos else b""
+    return (head[pos:pos + 4] or b"?") if pos else b""
 
 
 _BINHEX = re.compile(rb"\(This file must be converted (with BinHex|; you knew that)")
