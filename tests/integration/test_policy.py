@@ -24,8 +24,7 @@ from amavisd import config as configuration
 from amavisd.envelope import Envelope, Job
 from amavisd.pipeline import Pipeline
 from amavisd.testing.daemon import DaemonInstance
-from amavisd.testing.eicar import EICAR
-from amavisd.testing.messages import clean_message, eicar_message
+from amavisd.testing.messages import eicar_message
 from amavisd.testing.smtpsink import SMTPSink
 
 pytestmark = pytest.mark.integration
