@@ -193,15 +193,19 @@ BOMB_SECONDS = 10
 BOMB_MIB = 200
 # Run in a child so its peak RSS is its own: growth over the imports is what
 # decoding the bomb cost; RUSAGE_CHILDREN is the biggest external unpacker.
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent (a
+# pytest grown by the whole suite), which would hide the growth.
 DECODE_ONE = """
 import json, resource, sys, time
 from amavisd.decode.engine import decompose
+def hwm_kib():
+    return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 data = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm_kib()
 started = time.monotonic()
 result = decompose(data, tempbase=sys.argv[2], bare_file=True)
 elapsed = time.monotonic() - started
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+grown = hwm_kib() - before
 tool = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 result.cleanup()
 print(json.dumps({"seconds": elapsed, "grown_mib": grown / 1024, "tool_mib": tool / 1024,
