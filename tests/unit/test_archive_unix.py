@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.decode.engine import decompose
 from amavisd.testing.eicar import CLAM_EXE_PATH
+from tests.unit.decoding import cleanup_decoded, decode_bare  # noqa: F401 (fixture)
 
 FOLDERS = {"tar": "tar", "cpio": "cpio", "deb-ar": "ar", "rpm": "rpm", "iso": "iso"}
 # Corpus samples with no member to give (an empty image, a tar holding one directory).
@@ -32,20 +32,8 @@ def run(argv: list[str], cwd: Path, **kwargs) -> bytes:
     return subprocess.run(argv, cwd=cwd, capture_output=True, check=True, **kwargs).stdout
 
 
-_decoded: list = []
-
-
-@pytest.fixture(autouse=True)
-def _cleanup():
-    """Remove the work dirs (spilled members) of what a test decoded."""
-    yield
-    while _decoded:
-        _decoded.pop().cleanup()
-
-
 def decoded(data: bytes):
-    dec = decompose(data, bare_file=True)
-    _decoded.append(dec)
+    dec = decode_bare(data)
     return dec, dec.root
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from amavisd.decode import compressed
-from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
 from amavisd.decode.registry import Context
+from tests.unit.decoding import cleanup_decoded, decode_bare  # noqa: F401 (fixture)
 
 # The reference decoder for each corpus folder (argv before the file name).
 REFERENCE = {
@@ -51,20 +51,8 @@ def reference(path: Path) -> bytes | None:
     return done.stdout if done.returncode == 0 else None
 
 
-_decoded: list = []
-
-
-@pytest.fixture(autouse=True)
-def _cleanup():
-    """Remove the work dirs (spilled parts) of what a test decoded."""
-    yield
-    while _decoded:
-        _decoded.pop().cleanup()
-
-
 def only_child(data: bytes):
-    dec = decompose(data, bare_file=True)
-    _decoded.append(dec)
+    dec = decode_bare(data)
     root = dec.root
     assert len(root.children) == 1, [c.name for c in root.children]
     return dec, root, root.children[0]
@@ -245,8 +233,7 @@ def test_bombs_stop_at_the_quota(tmp_path, tool, size):
     packed = subprocess.run(tool, stdin=zeros.stdout, capture_output=True, check=True).stdout
     zeros.wait()
     started = time.monotonic()
-    dec = decompose(packed, bare_file=True)
-    _decoded.append(dec)
+    dec = decode_bare(packed)
     assert time.monotonic() - started < 5
     assert dec.unchecked and "quota" in dec.unchecked[0]
     (child,) = dec.root.children
@@ -258,8 +245,7 @@ def test_bombs_stop_at_the_quota(tmp_path, tool, size):
                                   "sflock__1025mb.tar.bz2"])
 def test_corpus_bombs_stop_within_seconds(corpus, name):
     started = time.monotonic()
-    dec = decompose((corpus / "archives/bombs" / name).read_bytes(), bare_file=True)
-    _decoded.append(dec)
+    dec = decode_bare((corpus / "archives/bombs" / name).read_bytes())
     assert time.monotonic() - started < 5
     assert dec.unchecked  # too deep, or over the quota: never CLEAN
     dec.cleanup()
@@ -269,7 +255,6 @@ def test_gzip_inside_compress_inside_zstd(tmp_path):
     need("compress", "zstd")
     inner = gzip.compress(PAYLOAD)
     packed = make(tmp_path, ["zstd", "-qc"], make(tmp_path, ["compress", "-c"], inner, "in"))
-    dec = decompose(packed, bare_file=True)
-    _decoded.append(dec)
+    dec = decode_bare(packed)
     assert [p.detected for p in dec.root.walk()][:3] == ["zstd", "compress", "gzip"]
     assert any(p.read() == PAYLOAD for p in dec.root.walk())
