@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from amavisd.testing import clamd as clamd_testing
+from amavisd.testing.smtpsink import SMTPSink
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,10 @@ def corpus() -> Path:
     if not path.is_dir():
         pytest.skip(f"corpus not found at {path} (set AMAVISD_CORPUS)")
     return path
+
+
+@pytest.fixture
+def sink():
+    """A real SMTP sink standing in for the MTA's re-injection port."""
+    with SMTPSink() as server:
+        yield server

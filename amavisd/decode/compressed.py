@@ -208,10 +208,7 @@ def _uncompress_with_gzip(part: Part, ctx: Context, name: str) -> bool:
 
     work = ctx.scratch_dir(part)
     packed, unpacked = os.path.join(work, "x.Z"), os.path.join(work, "x")
-    fd = os.open(packed, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        for chunk in part.chunks():
-            fh.write(chunk)
+    part.write_to(packed)
     try:
         result = external.run_tool(ctx, ["gzip", "-d", "-f", "-q", packed], cwd=work,
                                    watch=work)

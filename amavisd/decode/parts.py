@@ -11,9 +11,11 @@ work dir, so a message whose parts are all small never touches the disk.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 CHUNK = 256 * 1024
 
@@ -22,6 +24,13 @@ PROBLEM_FLAGS = frozenset({"decode-error", "truncated", "encrypted", "too-deep",
 # Informational flags for policy (banned rules), not problems: "macros" marks an
 # Office document or OOXML zip that carries a VBA project.
 INFO_FLAGS = frozenset({"macros"})
+
+
+def create_private(path: str) -> BinaryIO:
+    """A new file for our eyes only (0600): never over an existing file, never
+    through a link planted at `path`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 @dataclass(eq=False)
@@ -75,19 +84,31 @@ class Part:
             for start in range(0, len(view), CHUNK):
                 yield bytes(view[start:start + CHUNK])
 
+    def open(self) -> BinaryIO:
+        """The bytes as a seekable binary file, for readers that seek
+        (archive directories): the spill file, or a view of memory."""
+        if self.spill_path:
+            return open(self.spill_path, "rb")
+        return io.BytesIO(self.data)
+
     def read(self) -> bytes:
         if self.spill_path:
             with open(self.spill_path, "rb") as fh:
                 return fh.read()
         return self.data
 
+    def write_to(self, path: str) -> None:
+        """A private copy of the bytes at `path` (for external tools and scanners)."""
+        with create_private(path) as fh:
+            for chunk in self.chunks():
+                fh.write(chunk)
+
     def spill(self, directory: str) -> None:
         """Move the bytes to a file (0600) in the message's work dir."""
         if self.spill_path:
             return
         path = os.path.join(directory, self.id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as fh:
+        with create_private(path) as fh:
             fh.write(self.data)
         self.spilled_size = len(self.data)
         self.spill_path = path

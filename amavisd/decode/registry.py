@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 
 from amavisd.decode.limits import Budget, Limits
-from amavisd.decode.parts import Part, PartNumbering
+from amavisd.decode.parts import Part, PartNumbering, create_private
 
 Decoder = Callable[[Part, "Context"], None]
 REGISTRY: dict[str, Decoder] = {}
@@ -118,8 +118,7 @@ class Sink:
         self.size += len(chunk)
         if self.file is None and len(self.buffer) + len(chunk) > self.ctx.limits.spill_threshold:
             self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            self.file = os.fdopen(fd, "wb")
+            self.file = create_private(self.path)
             self.file.write(self.buffer)
             self.buffer = bytearray()
         if self.file is not None:

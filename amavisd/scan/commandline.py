@@ -75,7 +75,7 @@ class CommandScanner:
             by_file = {}
             for part in todo:
                 path = os.path.join(workdir, part.id)
-                write_part(part, path)
+                part.write_to(path)
                 by_file[part.id] = part
             files = [os.path.join(workdir, pid) for pid in by_file]
             code, output = self._run(self._argv(workdir, files))
@@ -137,13 +137,6 @@ class CommandScanner:
             proc.communicate()
             raise ScannerError(f"no answer within {limit:g}s") from None
         return proc.returncode, out[:OUTPUT_LIMIT].decode("utf-8", "replace")
-
-
-def write_part(part: Part, path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        for chunk in part.chunks():
-            fh.write(chunk)
 
 
 def _part_named(path: str, by_file: dict[str, Part]) -> Part | None:

@@ -68,14 +68,6 @@ def settings(**changes) -> NotifySettings:
     return NotifySettings(myhostname="mx.example.com", local_domains=["example.com"], **changes)
 
 
-@pytest.fixture
-def sink():
-    server = SMTPSink()
-    server.start()
-    yield server
-    server.stop()
-
-
 def notifier(sink: SMTPSink, **changes) -> Notifier:
     return Notifier(settings(**changes), SMTPForwarder(*sink.address, timeout=5))
 

@@ -146,14 +146,6 @@ def test_tampered_message_is_not_released(tmp_path: Path):
         store.show(qid)
 
 
-@pytest.fixture
-def sink():
-    server = SMTPSink()
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_release_resends_the_original_envelope_and_bytes(tmp_path: Path, sink: SMTPSink):
     store = Quarantine(str(tmp_path), gzip=True)
     qid = store.store(RAW, envelope(), infected())

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import io
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from amavisd.decode.archives.members import stream_member
+from amavisd.decode.archives.members import (
+    CHUNK,
+    Truncated,
+    member_chunks,
+    read_exact,
+    stream_member,
+)
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, register
 
-CHUNK = 1024 * 1024
 MAX_NAME = 64 * 1024
 TRAILER = b"TRAILER!!!"
 
@@ -36,17 +40,6 @@ class Entry:
     mode: int
     size: int
     data_align: int  # the data is padded to a multiple of this
-
-
-class Truncated(Exception):
-    """The archive ends inside a header, a name or member data."""
-
-
-def _read_exact(fh: BinaryIO, size: int) -> bytes:
-    data = fh.read(size)
-    if len(data) != size:
-        raise Truncated(f"needed {size} bytes, {len(data)} left")
-    return data
 
 
 def _ascii_fields(header: bytes, widths: tuple[int, ...], base: int) -> list[int]:
@@ -63,7 +56,7 @@ def _ascii_fields(header: bytes, widths: tuple[int, ...], base: int) -> list[int
 
 def _newc(fh: BinaryIO, magic: bytes) -> Entry:
     """070701/070702: 13 eight-digit hex fields; name and data 4-aligned."""
-    header = _read_exact(fh, 104)
+    header = read_exact(fh, 104)
     (_ino, mode, _uid, _gid, _nlink, _mtime, size, _maj, _min, _rmaj, _rmin, namesize,
      _check) = _ascii_fields(header, (8,) * 13, 16)
     name = _read_name(fh, namesize, pad=(4 - (110 + namesize) % 4) % 4)
@@ -72,7 +65,7 @@ def _newc(fh: BinaryIO, magic: bytes) -> Entry:
 
 def _odc(fh: BinaryIO, magic: bytes) -> Entry:
     """070707: octal fields, no padding anywhere."""
-    header = _read_exact(fh, 70)
+    header = read_exact(fh, 70)
     (_dev, _ino, mode, _uid, _gid, _nlink, _rdev, _mtime, namesize,
      size) = _ascii_fields(header, (6, 6, 6, 6, 6, 6, 6, 11, 6, 11), 8)
     return Entry(_read_name(fh, namesize, pad=0), mode, size, 1)
@@ -83,7 +76,7 @@ def _binary(fh: BinaryIO, magic: bytes) -> Entry:
     the magic 070707 reads); 32-bit values as two words, high word first;
     name and data 2-aligned."""
     order = "little" if magic == b"\xc7\x71" else "big"
-    header = _read_exact(fh, 24)
+    header = read_exact(fh, 24)
     words = [int.from_bytes(header[i:i + 2], order) for i in range(0, 24, 2)]
     mode, namesize = words[2], words[9]  # dev ino mode uid gid nlink rdev mtime(2) namesize
     size = words[10] << 16 | words[11]
@@ -93,7 +86,7 @@ def _binary(fh: BinaryIO, magic: bytes) -> Entry:
 def _read_name(fh: BinaryIO, namesize: int, pad: int) -> bytes:
     if not 0 < namesize <= MAX_NAME:
         raise DecodeError(f"cpio name size {namesize} out of range")
-    name = _read_exact(fh, namesize + pad)[:namesize]
+    name = read_exact(fh, namesize + pad)[:namesize]
     return name.split(b"\0", 1)[0]
 
 
@@ -115,16 +108,6 @@ def _read_entry(fh: BinaryIO, head: bytes) -> Entry | None:
     return reader(fh, magic)
 
 
-def _data(fh: BinaryIO, size: int, ctx: Context) -> Iterator[bytes]:
-    while size > 0:
-        chunk = fh.read(min(size, CHUNK))
-        if not chunk:
-            raise Truncated(f"member data cut short, {size} bytes missing")
-        size -= len(chunk)
-        yield chunk
-        ctx.budget.check_time()
-
-
 def _is_member(entry: Entry) -> bool:
     kind = stat.S_IFMT(entry.mode)
     return kind == stat.S_IFREG or (kind == 0 and entry.size > 0)
@@ -133,7 +116,7 @@ def _is_member(entry: Entry) -> bool:
 @register("cpio")
 def decode_cpio(part: Part, ctx: Context) -> None:
     problems: list[str] = []
-    with _open(part) as fh:
+    with part.open() as fh:
         try:
             _read_archives(fh, part, ctx, problems)
         except Truncated as err:
@@ -166,7 +149,7 @@ def _read_archives(fh: BinaryIO, part: Part, ctx: Context, problems: list[str]) 
             continue
         start = fh.tell()
         if _is_member(entry):
-            stream_member(ctx, part, entry.name, _data(fh, entry.size, ctx))
+            stream_member(ctx, part, entry.name, member_chunks(fh, entry.size, ctx))
         elif entry.size:
             _skip(fh, entry.size)
         end = start + entry.size - origin
@@ -189,7 +172,3 @@ def _skip_zeros(fh: BinaryIO) -> bool:
     return False
 
 
-def _open(part: Part) -> BinaryIO:
-    if part.spill_path:
-        return open(part.spill_path, "rb")
-    return io.BytesIO(part.data)

@@ -56,9 +56,7 @@ def input_path(ctx: Context, part: Part, workdir: str, name: str = "input") -> s
     if part.spill_path:
         return part.spill_path
     path = os.path.join(workdir, name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(part.data)
+    part.write_to(path)
     return path
 
 

@@ -31,7 +31,6 @@ member names are labels only.
 
 from __future__ import annotations
 
-import io
 import stat
 import zlib
 from collections.abc import Iterator
@@ -88,7 +87,7 @@ class Image:
 
 @register("iso")
 def decode_iso(part: Part, ctx: Context) -> None:
-    with _open(part) as fh:
+    with part.open() as fh:
         image = Image(fh, part.size)
         volumes = _volumes(image)
         if not volumes:
@@ -351,7 +350,3 @@ def _uncovered_data(image: Image, ctx: Context) -> bool:
     return False
 
 
-def _open(part: Part) -> BinaryIO:
-    if part.spill_path:
-        return open(part.spill_path, "rb")
-    return io.BytesIO(part.data)

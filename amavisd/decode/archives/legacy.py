@@ -39,7 +39,6 @@ names parts from what is on disk, cleaned).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -225,7 +224,7 @@ def arj_inventory(part: Part) -> Inventory:
     """Walk the ARJ headers: the members with the garbled flag, and how many
     plain file members there are (directories and labels are not files)."""
     inventory = Inventory()
-    with _opened(part) as fh:
+    with part.open() as fh:
         main = read_arj_header(fh, 0)
         if main is None or main.file_type != ARJ_MAIN:
             return inventory
@@ -245,12 +244,6 @@ def arj_inventory(part: Part) -> Inventory:
 
 
 INVENTORIES: dict[str, Callable[[Part], Inventory]] = {"arj": arj_inventory}
-
-
-def _opened(part: Part):
-    if part.spill_path:
-        return open(part.spill_path, "rb")  # noqa: SIM115  (the caller's with closes it)
-    return io.BytesIO(part.data)
 
 
 def _read_at(buf, pos: int, size: int) -> bytes:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context
 
 MAX_NAME = 1024
+CHUNK = 1024 * 1024
 _CONTROL = {c: "?" for c in range(32)} | {0x7F: "?"}
 
 
@@ -55,6 +57,30 @@ def stream_member(ctx: Context, archive: Part, name: str | bytes, chunks: Iterab
         sink.finish(truncated=True)
         raise
     return sink.finish()
+
+
+class Truncated(Exception):
+    """The archive ends inside a header, a name or member data."""
+
+
+def read_exact(fh: BinaryIO, size: int) -> bytes:
+    """`size` bytes of a header, or Truncated."""
+    data = fh.read(size)
+    if len(data) != size:
+        raise Truncated(f"needed {size} bytes, {len(data)} left")
+    return data
+
+
+def member_chunks(fh: BinaryIO, size: int, ctx: Context) -> Iterator[bytes]:
+    """A member's `size` bytes from `fh` in bounded chunks (for stream_member),
+    checking the clock between them; Truncated when the archive ends first."""
+    while size > 0:
+        chunk = fh.read(min(size, CHUNK))
+        if not chunk:
+            raise Truncated(f"member data cut short, {size} bytes missing")
+        size -= len(chunk)
+        yield chunk
+        ctx.budget.check_time()
 
 
 def harvest(ctx: Context, archive: Part, outdir: str) -> list[str]:

@@ -22,7 +22,6 @@ would otherwise be read over and over into memory).
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zlib
@@ -40,8 +39,7 @@ MAX_DIR_STREAM = 16 * 1024 * 1024  # a VBA project's decompressed "dir" (real on
 
 @register("ole2")
 def decode_ole2(part: Part, ctx: Context) -> None:
-    source = open(part.spill_path, "rb") if part.spill_path else io.BytesIO(part.data)
-    with source:
+    with part.open() as source:
         try:
             ole = olefile.OleFileIO(source)
         except Exception as err:  # olefile raises many kinds on hostile input

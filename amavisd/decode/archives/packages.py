@@ -22,14 +22,19 @@ data left; names are labels only. Nothing is ever extracted.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import BinaryIO
 
-from amavisd.decode.archives.members import clean_name, stream_member
+from amavisd.decode.archives.members import (
+    CHUNK,
+    Truncated,
+    clean_name,
+    member_chunks,
+    read_exact,
+    stream_member,
+)
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, register
 
-CHUNK = 1024 * 1024
 AR_MAGIC = b"!<arch>\n"
 AR_HEADER = 60
 AR_SYMBOL_TABLES = (b"/", b"/SYM64/", b"__.SYMDEF", b"__.SYMDEF SORTED", b"__.SYMDEF_64")
@@ -40,31 +45,10 @@ RPM_MAX_TAGS = 0xFFFF  # rpm's own limits on a header
 RPM_MAX_DATA = 256 * 1024 * 1024
 
 
-class Truncated(Exception):
-    """The package ends inside a header or member."""
-
-
-def _chunks(fh: BinaryIO, size: int, ctx: Context) -> Iterator[bytes]:
-    while size > 0:
-        chunk = fh.read(min(size, CHUNK))
-        if not chunk:
-            raise Truncated(f"member cut short, {size} bytes missing")
-        size -= len(chunk)
-        yield chunk
-        ctx.budget.check_time()
-
-
-def _read_exact(fh: BinaryIO, size: int) -> bytes:
-    data = fh.read(size)
-    if len(data) != size:
-        raise Truncated(f"needed {size} bytes, {len(data)} left")
-    return data
-
-
 def _decode(part: Part, ctx: Context, reader) -> None:
     """Run `reader(fh, part, ctx)`; it returns True when its children stand
     for the whole part. What was read stays when the package is cut short."""
-    with _open(part) as fh:
+    with part.open() as fh:
         try:
             complete = reader(fh, part, ctx)
         except Truncated as err:
@@ -98,11 +82,11 @@ def _read_ar(fh: BinaryIO, part: Part, ctx: Context) -> bool:
             name_size = _decimal(raw_name[3:])
             if name_size > size:
                 raise DecodeError("ar BSD name longer than its member")
-            name, size = _read_exact(fh, name_size).rstrip(b"\0"), size - name_size
+            name, size = read_exact(fh, name_size).rstrip(b"\0"), size - name_size
         elif raw_name == b"//":  # GNU long-name table
             if size > MAX_LONG_NAMES:
                 raise DecodeError(f"ar long-name table of {size} bytes")
-            long_names = _read_exact(fh, size)
+            long_names = read_exact(fh, size)
             _skip_padding(fh, size)
             continue
         elif raw_name[:1] == b"/" and raw_name[1:].isdigit():  # GNU: "/offset" in the table
@@ -113,7 +97,7 @@ def _read_ar(fh: BinaryIO, part: Part, ctx: Context) -> bool:
             complete = False  # the linker's index, not a member: skipped, the archive scanned
             _skip(fh, size)
         else:
-            stream_member(ctx, part, clean_name(name), _chunks(fh, size, ctx))
+            stream_member(ctx, part, clean_name(name), member_chunks(fh, size, ctx))
         _skip_padding(fh, stored)
     return complete
 
@@ -148,13 +132,13 @@ def decode_rpm(part: Part, ctx: Context) -> None:
 
 
 def _read_rpm(fh: BinaryIO, part: Part, ctx: Context) -> bool:
-    _read_exact(fh, RPM_LEAD)
+    read_exact(fh, RPM_LEAD)
     signature = _rpm_header_size(fh, "signature")
     fh.seek(signature + (-signature) % 8, io.SEEK_CUR)
     main = _rpm_header_size(fh, "main")
     end = fh.seek(main, io.SEEK_CUR)
     fh.seek(RPM_LEAD)
-    stream_member(ctx, part, "header", _chunks(fh, end - RPM_LEAD, ctx))
+    stream_member(ctx, part, "header", member_chunks(fh, end - RPM_LEAD, ctx))
     stream_member(ctx, part, "payload", iter(lambda: fh.read(CHUNK), b""))
     return True
 
@@ -162,7 +146,7 @@ def _read_rpm(fh: BinaryIO, part: Part, ctx: Context) -> bool:
 def _rpm_header_size(fh: BinaryIO, which: str) -> int:
     """Read an RPM header's 16-byte preamble; return the size of the rest
     (index entries and data), checked against rpm's limits and the file."""
-    preamble = _read_exact(fh, 16)
+    preamble = read_exact(fh, 16)
     if preamble[:4] != RPM_HEADER_MAGIC:
         raise DecodeError(f"rpm {which} header magic missing")
     tags = int.from_bytes(preamble[8:12], "big")
@@ -177,7 +161,3 @@ def _rpm_header_size(fh: BinaryIO, which: str) -> int:
     return size
 
 
-def _open(part: Part) -> BinaryIO:
-    if part.spill_path:
-        return open(part.spill_path, "rb")
-    return io.BytesIO(part.data)

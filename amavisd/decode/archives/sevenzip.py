@@ -39,7 +39,6 @@ import re
 import struct
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import BinaryIO
 
 import lz4.frame
@@ -79,7 +78,7 @@ WRONG_PASSWORD = re.compile(r"Wrong password\? : (.+)$", re.M)
 
 @register("7z")
 def decode_7z(part: Part, ctx: Context) -> None:
-    with _opened(part) as fh:
+    with part.open() as fh:
         if _cut_short(fh, part.size):
             part.flags.add("truncated")
             raise DecodeError("7z cut short: its header lies past the end (one volume of a set?)")
@@ -112,15 +111,6 @@ def decode_7z(part: Part, ctx: Context) -> None:
         _mark_encrypted(part, ctx, locked, "encrypted 7z member")
     else:
         part.flags.add("expanded")
-
-
-@contextmanager
-def _opened(part: Part) -> Iterator[BinaryIO]:
-    if part.spill_path:
-        with open(part.spill_path, "rb") as fh:
-            yield fh
-    else:
-        yield io.BytesIO(part.data)
 
 
 def _cut_short(fh: BinaryIO, size: int) -> bool:

@@ -22,7 +22,6 @@ and member names are only labels (members.clean_name).
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -56,7 +55,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 @register("tar")
 def decode_tar(part: Part, ctx: Context) -> None:
     problems: list[str] = []
-    with _open(part) as raw:
+    with part.open() as raw:
         start = 0
         while start is not None:
             ctx.budget.check_time()
@@ -151,7 +150,3 @@ def _is_header(block: bytes) -> bool:
     return int(field, 8) == sum(block[:148]) + 8 * 32 + sum(block[156:])
 
 
-def _open(part: Part) -> BinaryIO:
-    if part.spill_path:
-        return open(part.spill_path, "rb")
-    return io.BytesIO(part.data)

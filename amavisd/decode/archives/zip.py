@@ -47,7 +47,7 @@ import inflate64
 from amavisd.decode.archives import external
 from amavisd.decode.archives.members import clean_name, harvest, stream_member
 from amavisd.decode.limits import LimitExceeded
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, create_private
 from amavisd.decode.registry import Context, DecodeError, register
 
 log = logging.getLogger("amavisd.decode")
@@ -452,8 +452,7 @@ def _repack(buf: bytes | mmap.mmap, entries: list[Entry], path: str) -> dict[str
     returns those names mapped to the declared ones."""
     labels: dict[str, str] = {}
     central = bytearray()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
+    with create_private(path) as out:
         for index, entry in enumerate(entries):
             label = f"m{index:05d}"
             labels[label] = entry.name
