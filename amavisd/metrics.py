@@ -13,7 +13,3 @@ COUNTS: Counter[str] = Counter()
 
 def scanner_failed(scanner: str) -> None:
     COUNTS[f"scanner_failures:{scanner}"] += 1
-
-
-def message_done(verdict: str) -> None:
-    COUNTS[f"messages:{verdict}"] += 1
