@@ -45,6 +45,10 @@ SIGNAL_NAMES = {
     signal.SIGCHLD: "chld",
 }
 
+# What the master sends its workers: blocked across fork() (see spawn_worker).
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                  signal.SIGABRT, signal.SIGHUP}
+
 # Settings that only a restart can change (the sockets are bound before dropping root).
 RESTART_ONLY = ("workdir", "socket", "socket_mode", "socket_owner", "socket_group",
                 "tcp_listen", "user", "group", "pidfile", "daemon")
@@ -188,8 +192,17 @@ class Arbiter:
     def spawn_worker(self) -> int:
         self.worker_age += 1
         heartbeat = Heartbeat()
-        pid = os.fork()
+        # Until the child has its own handlers, a signal would run the master's
+        # (inherited) enqueue_signal and be lost: a USR1 or TERM sent right
+        # after the fork. Blocked here, it stays pending until Worker.boot().
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat)
             log.info("worker %d spawned (generation %d)", pid, self.generation)
             return pid
@@ -201,7 +214,7 @@ class Arbiter:
             for other in self.workers.values():
                 other.heartbeat.close()
             Worker(self.worker_age, self.generation, os.getppid(), self.config,
-                   self.listeners, heartbeat).run()
+                   self.listeners, heartbeat, unblocked).run()
         finally:
             os._exit(1)
 

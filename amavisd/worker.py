@@ -43,8 +43,10 @@ class BootError(Exception):
 
 class Worker:
     def __init__(self, age: int, generation: int, ppid: int, config: Config,
-                 listeners: list[socket.socket], heartbeat: Heartbeat):
+                 listeners: list[socket.socket], heartbeat: Heartbeat,
+                 signal_mask: set[signal.Signals] | None = None):
         self.age = age
+        self.signal_mask = signal_mask  # restored once our handlers are in
         self.generation = generation
         self.ppid = ppid
         self.config = config
@@ -88,6 +90,10 @@ class Worker:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         # A signal writes a byte here (the C-level handler), waking select() at once.
         self._wakeup_r, _ = wakeup.open_pipe()
+        if self.signal_mask is not None:
+            # Signals the master sent since fork() were held back: they reach
+            # the handlers above now (see Master.spawn_worker).
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
         tempbase = self.config.tempbase_path
         if not os.path.isdir(tempbase):
             raise BootError(f"temp base {tempbase} is not a directory")

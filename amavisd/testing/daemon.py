@@ -41,8 +41,11 @@ def children(pid: int) -> set[int]:
 
 
 class DaemonInstance:
-    def __init__(self, workdir: Path, clamd_address: str, workers: int = 2, **settings: Any):
+    def __init__(self, workdir: Path, clamd_address: str, workers: int = 2,
+                 python_args: list[str] | None = None, **settings: Any):
         self.workdir = Path(workdir)
+        # what follows the interpreter: `-m amavisd`, or a fault's launcher
+        self.python_args = python_args or ["-m", "amavisd"]
         self.settings: dict[str, Any] = {
             "workdir": str(self.workdir / "home"),
             "clamd": clamd_address,
@@ -114,7 +117,7 @@ class DaemonInstance:
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONPATH=ROOT)
         self._stderr = open(self.workdir / "stderr.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "amavisd", "run", "-c", str(self.config_path)],
+            [sys.executable, *self.python_args, "run", "-c", str(self.config_path)],
             env=env, stdout=self._stderr, stderr=self._stderr, cwd=ROOT,
         )
         try:

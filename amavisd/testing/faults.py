@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""Fault injection: a clamd that hangs on demand.
+"""Fault injection: a clamd that hangs on demand, workers slow to boot.
 
 A real clamd cannot be told to stop answering mid-scan, yet timeouts and
 worker-kill paths must be tested against exactly that.  ``StallingClamdProxy``
@@ -8,6 +8,11 @@ of a real clamd.  While ``stall`` is False it forwards every connection byte
 for byte; while ``stall`` is True it accepts and reads but never answers, and
 reports the connecting process's PID (``SO_PEERCRED``) so that a test knows
 exactly which worker is stuck.
+
+``slow_boot_argv`` starts the real daemon with every worker pausing before it
+installs its signal handlers: the window just after fork() in which a signal
+from the master must not be lost, widened from microseconds to a fixed delay
+so that a test hits it every time.
 """
 
 from __future__ import annotations
@@ -23,10 +28,28 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["StallingClamdProxy"]
+__all__ = ["StallingClamdProxy", "slow_boot_argv"]
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _POLL = 0.1  # seconds between checks of the stop flag
+
+
+_SLOW_BOOT = """\
+import sys, time
+from amavisd import worker
+boot = worker.Worker.boot
+def slow_boot(self):
+    time.sleep({delay!r})
+    boot(self)
+worker.Worker.boot = slow_boot
+from amavisd.cli import main
+sys.exit(main())
+"""
+
+
+def slow_boot_argv(delay: float) -> list[str]:
+    """Interpreter arguments running `amavisd` with workers `delay` s slow to boot."""
+    return ["-c", _SLOW_BOOT.format(delay=delay)]
 
 
 def _unix_path(address: str | os.PathLike[str]) -> str:

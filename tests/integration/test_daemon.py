@@ -19,7 +19,7 @@ import pytest
 
 from amavisd.testing import clamd as clamd_testing
 from amavisd.testing.daemon import DaemonInstance
-from amavisd.testing.faults import StallingClamdProxy
+from amavisd.testing.faults import StallingClamdProxy, slow_boot_argv
 from amavisd.testing.messages import clean_message, eicar_message, forwarded_eicar_message
 from amavisd_client.ampdp import Decoder, encode_block
 
@@ -329,9 +329,39 @@ def test_usr1_reopens_the_log_file(daemon, short_tmp):
     while not daemon.log_path.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.2)  # the workers reopen on their next loop turn
-    daemon.client(str(write(short_tmp / "m.eml", clean_message())))
+    assert daemon.client(str(write(short_tmp / "m.eml", clean_message()))).returncode == 0
     assert "Passed CLEAN" in daemon.log_text()
     assert "Passed CLEAN" not in rotated.read_text()
+
+
+BOOT_DELAY = 1.5  # seconds each worker of the slow_boot fault waits before its handlers
+
+
+def test_usr1_sent_while_a_worker_boots_is_not_lost(short_tmp, clamd_nodecomp):
+    with DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                        python_args=slow_boot_argv(BOOT_DELAY), **REJECTING) as daemon:
+        rotated = daemon.log_path.with_suffix(".1")
+        daemon.log_path.rename(rotated)
+        daemon.signal(signal.SIGUSR1)  # READY=1 came before the worker's handlers
+        message = write(short_tmp / "m.eml", clean_message())
+        assert daemon.client(str(message)).returncode == 0
+        time.sleep(0.2)
+        assert "Passed CLEAN" in daemon.log_text()
+        assert "Passed CLEAN" not in rotated.read_text()
+
+
+def test_term_sent_while_a_worker_boots_stops_it_after_boot(short_tmp, clamd_nodecomp):
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                            python_args=slow_boot_argv(BOOT_DELAY), graceful_timeout=30.0,
+                            **REJECTING).start()
+    try:
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc.wait(20) == 0
+        # A lost TERM would leave the worker serving until graceful_timeout (30 s).
+        assert time.monotonic() - started < BOOT_DELAY + 5
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
