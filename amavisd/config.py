@@ -69,6 +69,12 @@ def absolute_path_or_empty(value: str) -> str:
     return value
 
 
+def absolute_path(value: str) -> str:
+    if not value:
+        raise ValueError("must be an absolute path, not empty")
+    return absolute_path_or_empty(value)
+
+
 def file_mode(value: str) -> str:
     try:
         mode = int(value, 8)
@@ -254,6 +260,9 @@ SETTINGS: tuple[Setting, ...] = (
             one_of("mail", "daemon", "user", "local0", "local1", "local2", "local3",
                    "local4", "local5", "local6", "local7")),
     Setting("syslog_ident", "log", str, "amavisd", "Syslog ident."),
+    Setting("syslog_socket", "log", str, "/dev/log",
+            "The local syslog daemon's socket (a chroot or container may put it elsewhere).",
+            absolute_path),
     # [scan]
     Setting("clamd", "scan", str, "unix:/var/run/clamav/clamd.ctl",
             "clamd to ask: unix:/path or tcp:host:port.", scanner_address, ("--clamd",),

@@ -1,8 +1,20 @@
-"""The envelope of one message and the job a worker runs for it."""
+"""The envelope of one message and the job a worker runs for it.
+
+Envelope values come from the client (AM.PDP, and later milter and SMTP) and
+end up in the log line, in notifications and in SMTP commands at release:
+control characters are replaced on the way in, so no ingress can forge a log
+line or smuggle a command.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F)}
+
+
+def printable(value: str) -> str:
+    return value.translate(_CONTROLS)
 
 
 @dataclass
@@ -15,6 +27,14 @@ class Envelope:
     helo_name: str = ""
     protocol_name: str = ""
     policy_bank: str = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, [printable(v) for v in value])
+            else:
+                setattr(self, f.name, printable(value))
 
 
 @dataclass

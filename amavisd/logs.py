@@ -1,8 +1,9 @@
 """Logging set-up: syslog (facility mail) and/or stderr, plus an optional file.
 
 `reopen()` (SIGUSR1) closes and reopens the file and the syslog connection,
-for logrotate and a restarted syslogd. When /dev/log is absent the syslog
-target is skipped with one warning rather than failing the daemon.
+for logrotate and a restarted syslogd. When the syslog socket
+(`syslog_socket`, /dev/log by default) is absent the syslog target is
+skipped with one warning rather than failing the daemon.
 """
 
 from __future__ import annotations
@@ -29,13 +30,6 @@ class _IdentFilter(logging.Filter):
         return True
 
 
-def _syslog_address() -> str | None:
-    for path in ("/dev/log", "/var/run/syslog"):
-        if os.path.exists(path):
-            return path
-    return None
-
-
 def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
     """(Re)build our handlers on the root logger; safe to call again on reload."""
     root = logging.getLogger()
@@ -52,8 +46,8 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
         h.setFormatter(logging.Formatter(FORMAT_STDERR))
         handlers.append(h)
     if "syslog" in targets:
-        address = _syslog_address()
-        if address:
+        address = config["syslog_socket"]
+        if os.path.exists(address):
             facility = logging.handlers.SysLogHandler.facility_names[config["syslog_facility"]]
             h = logging.handlers.SysLogHandler(address=address, facility=facility)
             h.addFilter(_IdentFilter(config["syslog_ident"]))
@@ -69,7 +63,8 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
         setattr(h, _OURS, True)
         root.addHandler(h)
     if missing_syslog:
-        logging.getLogger("amavisd").warning("syslog requested but no /dev/log; logging without it")
+        logging.getLogger("amavisd").warning("syslog requested but no %s; logging without it",
+                                             config["syslog_socket"])
 
 
 def reopen() -> None:

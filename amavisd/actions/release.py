@@ -16,6 +16,7 @@ from typing import Any
 
 from amavisd.actions.forward import forwarder
 from amavisd.actions.quarantine import Quarantine, QuarantineError, UnknownEntry, parse_id
+from amavisd.envelope import printable
 
 log = logging.getLogger("amavisd.release")
 
@@ -36,7 +37,7 @@ def release(config: Mapping[str, Any], name: str, recipients: Sequence[str] = ()
         return ReleaseOutcome(False, "550", "5.3.0", "no quarantine is configured")
     quarantine = Quarantine(config["quarantine_dir"], gzip=config["quarantine_gzip"])
     method = config["release_method"] or config["notify_method"]
-    targets = [r.strip("<>") for r in recipients if r.strip("<>")]
+    targets = [t for t in (printable(r).strip("<>") for r in recipients) if t]
     try:
         qid = parse_id(name.removesuffix(".gz"))
         entry = quarantine.load(qid)

@@ -503,3 +503,31 @@ def test_a_stopping_daemon_leaves_a_newer_daemons_socket_alone(short_tmp, clamd_
         assert new.client("-T", new.tempbase, message).returncode == 0
     finally:
         new.stop()
+
+
+def test_the_log_line_reaches_syslog_as_facility_mail(short_tmp, clamd_nodecomp):
+    """A real datagram socket stands where syslogd's /dev/log would be."""
+    log_socket = short_tmp / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslogd:
+        syslogd.bind(str(log_socket))
+        syslogd.settimeout(0.5)
+        with DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                            log_to=["syslog"], syslog_socket=str(log_socket),
+                            **REJECTING) as daemon:
+            clean = write(short_tmp / "clean.eml", clean_message())
+            infected = write(short_tmp / "virus.eml", eicar_message())
+            assert daemon.client(str(clean)).returncode == 0
+            assert daemon.client(str(infected)).returncode == 69
+            datagrams = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(b"Blocked" in d for d in datagrams):
+                try:
+                    datagrams.append(syslogd.recv(65536))
+                except TimeoutError:
+                    pass
+    # <PRI> = facility mail (2) * 8 + severity info (6)
+    clean_lines = [d for d in datagrams if b"Passed CLEAN" in d]
+    virus_lines = [d for d in datagrams if b"Blocked INFECTED" in d]
+    assert len(clean_lines) == 1 and len(virus_lines) == 1, datagrams
+    assert clean_lines[0].startswith(b"<22>amavisd[")
+    assert virus_lines[0].startswith(b"<22>amavisd[") and b"Eicar" in virus_lines[0]

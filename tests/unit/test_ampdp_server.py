@@ -134,3 +134,17 @@ def test_tempdir_removed_by_server_is_removed(tempbase):
     assert replies[0].get("return_value") == "continue"
     assert not (tempbase / "job").exists()
     assert tempbase.exists()
+
+
+def test_control_characters_in_the_envelope_are_neutralised(tempbase):
+    """A CR/LF in an address would forge a log line or an SMTP command at release."""
+    request = parse_message_request(block(
+        ("request", "AM.PDP"), ("tempdir", str(tempbase / "job")),
+        ("sender", "<a@x.test>\r\nRCPT TO:<evil@x.test>"),
+        ("recipient", "<b@x.test>\n2026 amavisd[1]: Passed CLEAN"), ("recipient", "<c@x.test>"),
+        ("queue_id", "Q1\x00\x1b[2J"), ("helo_name", "h\x7fost"),
+    ), str(tempbase), "1-01")
+    env = request.job.envelope
+    assert env.sender == "<a@x.test>??RCPT TO:<evil@x.test>"
+    assert env.recipients == ["<b@x.test>?2026 amavisd[1]: Passed CLEAN", "<c@x.test>"]
+    assert env.queue_id == "Q1??[2J" and env.helo_name == "h?ost"

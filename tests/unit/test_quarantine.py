@@ -202,3 +202,19 @@ def test_a_message_without_verdict_is_not_stored(tmp_path: Path):
     with pytest.raises(QuarantineError, match="no verdict"):
         Quarantine(str(tmp_path)).store(RAW, envelope(), Result(log_id="x"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_release_request_cannot_forge_log_lines(tmp_path: Path, sink: SMTPSink, caplog):
+    from amavisd import config as configuration
+    from amavisd.actions.release import release
+
+    host, port = sink.address
+    config = configuration.load(None, {"quarantine_dir": str(tmp_path),
+                                       "release_method": f"smtp:[{host}]:{port}"})
+    qid = Quarantine(str(tmp_path)).store(RAW, envelope(), infected())
+    caplog.set_level("INFO", logger="amavisd.release")
+    outcome = release(config, qid, ["<admin@example.org>\r\namavisd[1]: Passed CLEAN"])
+    assert outcome.ok, outcome
+    assert len(sink.wait(1)) == 1
+    [line] = [r.getMessage() for r in caplog.records if "released" in r.getMessage()]
+    assert "\n" not in line and "\r" not in line and "??amavisd[1]" in line
