@@ -213,6 +213,7 @@ def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from amavisd.actions.quarantine import Quarantine, QuarantineError
     from amavisd.actions.release import release
+    from amavisd.envelope import angled
 
     cfg = load_config(args)
     logging.basicConfig(level=logging.INFO, format="amavisd: %(message)s", stream=sys.stderr)
@@ -221,8 +222,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if args.action == "list":
             for e in store.list():
                 found = ", ".join(e.viruses or e.banned or e.unchecked)
-                print(f"{e.kind}-{e.id}  {e.date}  {e.category}  <{e.sender}> -> "
-                      f"{','.join(f'<{r}>' for r in e.recipients)}  {e.size} B  {found}")
+                print(f"{e.kind}-{e.id}  {e.date}  {e.category}  {angled(e.sender)} -> "
+                      f"{','.join(angled(r) for r in e.recipients)}  {e.size} B  {found}")
             return 0
         if args.action == "show":
             entry, data = store.show(args.id)

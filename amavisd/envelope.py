@@ -17,6 +17,19 @@ def printable(value: str) -> str:
     return value.translate(_CONTROLS)
 
 
+def bare_address(address: str) -> str:
+    """'<a@b>' -> 'a@b'; '<>' -> '' (the null sender)."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+def angled(address: str) -> str:
+    """An address as logs and reports show it: '<a@b>', '<>' for the null sender."""
+    return f"<{bare_address(address)}>"
+
+
 @dataclass
 class Envelope:
     sender: str = "<>"

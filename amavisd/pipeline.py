@@ -24,7 +24,7 @@ from amavisd.actions.quarantine import KINDS, Quarantine, QuarantineError
 from amavisd.config import Config
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
-from amavisd.envelope import Job
+from amavisd.envelope import Job, angled
 from amavisd.policy.banned import BannedRules
 from amavisd.policy.destinies import destinies
 from amavisd.scan.base import Scanner, ScannerError
@@ -201,8 +201,8 @@ def log_result(job: Job, result: Result) -> None:
     fields = [f"({job.log_id}) {ACTIONS[result.destiny]} {result.summary()}",
               f"{{{result.destiny.value}}}"]
     client = f"[{env.client_address}] " if env.client_address else ""
-    fields.append(f"{client}{_angle(env.sender)} -> "
-                  + (",".join(_angle(r) for r in env.recipients) or "-"))
+    fields.append(f"{client}{angled(env.sender)} -> "
+                  + (",".join(angled(r) for r in env.recipients) or "-"))
     if env.queue_id:
         fields.append(f"Queue-ID: {env.queue_id}")
     if result.headers.get("Message-ID"):
@@ -213,7 +213,3 @@ def log_result(job: Job, result: Result) -> None:
     fields.append(f"{result.elapsed_ms:.0f} ms")
     level = logging.WARNING if result.destiny is Destiny.TEMPFAIL else logging.INFO
     log.log(level, "%s", ", ".join(fields[:1]) + " " + ", ".join(fields[1:]))
-
-
-def _angle(address: str) -> str:
-    return address if address.startswith("<") else f"<{address}>"

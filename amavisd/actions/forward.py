@@ -23,20 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from amavisd.envelope import bare_address
+
 DEFAULT_METHOD = "smtp:[127.0.0.1]:10025"
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class ForwardError(Exception):
     """The message could not be handed over; one line saying why."""
-
-
-def bare_address(address: str) -> str:
-    """'<a@b>' -> 'a@b'; '<>' -> '' (the null sender)."""
-    address = address.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    return address
 
 
 class Forwarder(Protocol):

@@ -38,8 +38,8 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formatdate, make_msgid
 
-from amavisd.actions.forward import Forwarder, bare_address
-from amavisd.envelope import Envelope
+from amavisd.actions.forward import Forwarder
+from amavisd.envelope import Envelope, angled, bare_address
 from amavisd.verdict import Category, Destiny, Result
 
 log = logging.getLogger("amavisd.notify")
@@ -241,8 +241,8 @@ def placeholders(settings: NotifySettings, result: Result, envelope: Envelope,
                 + f", found by {f.scanner}" for f in result.findings]
     values = {
         "log_id": result.log_id, "queue_id": envelope.queue_id or "-",
-        "sender": f"<{bare_address(envelope.sender)}>",
-        "recipients": ", ".join(f"<{bare_address(r)}>" for r in envelope.recipients),
+        "sender": angled(envelope.sender),
+        "recipients": ", ".join(angled(r) for r in envelope.recipients),
         "recipient": "", "subject": _header(headers, "Subject"),
         "message_id": _header(headers, "Message-ID"), "header_from": _header(headers, "From"),
         "date": formatdate(localtime=True), "myhostname": settings.myhostname,

@@ -259,7 +259,8 @@ def test_release_with_the_cli_delivers_with_the_original_envelope(quarantined):
     daemon, sink, qid = quarantined
     run = [sys.executable, "-m", "amavisd", "quarantine", "-c", str(daemon.config_path)]
     listing = subprocess.run(run + ["list"], capture_output=True, text=True, timeout=30)
-    assert qid in listing.stdout and "<alice@example.test>" in listing.stdout
+    [line] = [x for x in listing.stdout.splitlines() if qid in x]
+    assert "INFECTED  <alice@example.test> -> <bob@example.test>,<carol@example.test>" in line
     proc = subprocess.run(run + ["release", qid], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = sink.wait(1)[0]
