@@ -29,7 +29,7 @@ from amavisd.policy.banned import BannedRules
 from amavisd.policy.destinies import destinies
 from amavisd.scan.base import Scanner, ScannerError
 from amavisd.scan.scanners import ScannerSet, build_scanner_set
-from amavisd.verdict import Category, Destiny, Result
+from amavisd.verdict import Category, Destiny, Result, Unchecked
 
 log = logging.getLogger("amavisd.pipeline")
 
@@ -122,13 +122,14 @@ class Pipeline:
         except ScannerError as err:
             if self.config.when_scanners_fail != "pass":
                 raise
-            result.unchecked.append("not scanned: no virus scanner answered")
+            result.unchecked.append(Unchecked("not scanned: no virus scanner answered",
+                                              "unscanned"))
             result.alerts.append(f"NOT SCANNED: {err}")
             result.force_destiny = Destiny.PASS
             return
         result.findings.extend(outcome.findings)
         result.scanned_by = outcome.answered
-        result.unchecked.extend(f"not scanned: {path} ({why})"
+        result.unchecked.extend(Unchecked(f"not scanned: {path} ({why})", "unscanned")
                                 for path, why in outcome.missed.items())
 
     def keep(self, job: Job, result: Result, raw: bytes) -> None:

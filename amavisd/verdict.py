@@ -27,6 +27,23 @@ class Destiny(enum.Enum):
     TEMPFAIL = "tempfail"
 
 
+class Unchecked(str):
+    """Why (part of) a message could not be checked: the text logs, headers
+    and notices show, and its kind, on which the postmaster's destinies are
+    keyed. The kind is set where the problem is found, never read back from
+    the text, which carries member names and tool output an attacker chose."""
+
+    KINDS = ("encrypted", "partial", "unscanned", "limit")
+    kind: str
+
+    def __new__(cls, text: str, kind: str = "limit") -> Unchecked:
+        if kind not in cls.KINDS:
+            raise ValueError(f"unknown kind of UNCHECKED {kind!r}")
+        reason = super().__new__(cls, text)
+        reason.kind = kind
+        return reason
+
+
 @dataclass(frozen=True)
 class Finding:
     """A virus name found in one part, by one scanner."""
@@ -54,7 +71,7 @@ class Result:
     findings: list[Finding] = field(default_factory=list)
     banned: list[str] = field(default_factory=list)
     banned_hits: list = field(default_factory=list)  # policy.banned.BannedHit: part, rule
-    unchecked: list[str] = field(default_factory=list)
+    unchecked: list[Unchecked] = field(default_factory=list)
     tempfail_reason: str | None = None
     header_edits: list[HeaderEdit] = field(default_factory=list)
     parts: list = field(default_factory=list)  # decode.parts.Part: what the scanners saw

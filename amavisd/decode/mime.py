@@ -55,7 +55,7 @@ def _add_entity(parent: Part, entity: Message, ctx: Context, layer: bool) -> Non
         fragment = ctx.add(parent, _raw_payload(entity), layer=layer, mime_type=content_type,
                            detected="partial")
         fragment.flags.add("partial")
-        ctx.note_unchecked(fragment, "message/partial fragment")
+        ctx.note_unchecked(fragment, "message/partial fragment", kind="partial")
         return
     if entity.is_multipart() and content_type.startswith("message/"):
         # message/rfc822 (and message/global...): decompose it again, one layer down.

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from amavisd.decode.limits import Budget, Limits
 from amavisd.decode.parts import Part, PartNumbering, create_private
+from amavisd.verdict import Unchecked
 
 Decoder = Callable[[Part, "Context"], None]
 REGISTRY: dict[str, Decoder] = {}
@@ -45,7 +46,7 @@ class Context:
         self.limits = limits
         self.budget = Budget(limits, message_size)
         self.numbering = PartNumbering()
-        self.unchecked: list[str] = []
+        self.unchecked: list[Unchecked] = []
         self.tempbase = tempbase
         self._workdir: str | None = None
 
@@ -77,8 +78,9 @@ class Context:
         self.budget.charge_part()
         return parent.add(self.new_part(b"", **fields), layer=layer)
 
-    def note_unchecked(self, part: Part, reason: str) -> None:
-        self.unchecked.append(f"{reason} ({part.path})")
+    def note_unchecked(self, part: Part, reason: str, kind: str = "limit") -> None:
+        """`kind` (see verdict.Unchecked) is what policy acts on, not `reason`."""
+        self.unchecked.append(Unchecked(f"{reason} ({part.path})", kind))
 
     def scratch_dir(self, part: Part) -> str:
         """A fresh private (0700) dir in the work dir, e.g. for an external unpacker."""

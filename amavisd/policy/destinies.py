@@ -13,34 +13,23 @@ action. Ingresses read it; none has its own mapping.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from amavisd import sysexits
-from amavisd.verdict import Category, Destiny
-
-# Kinds of UNCHECKED, recognised from the reason text each decoder or
-# scanner gives; a reason that matches none is a "limit".
-UNCHECKED_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("encrypted", re.compile(r"\bencrypted\b|\bpassword\b", re.I)),
-    ("partial", re.compile(r"message/partial", re.I)),
-    ("unscanned", re.compile(r"^not scanned\b", re.I)),
-    ("limit", re.compile(r".")),
-)
+from amavisd.verdict import Category, Destiny, Unchecked
 
 
 def unchecked_kind(reason: str) -> str:
-    for kind, pattern in UNCHECKED_KINDS:
-        if pattern.search(reason):
-            return kind
-    return "limit"
+    """The kind its finder gave the reason (verdict.Unchecked); never guessed
+    from the text. A bare string, from code that gave none, is a "limit"."""
+    return getattr(reason, "kind", "limit")
 
 
 def reason_destinies(value: list[str]) -> list[str]:
     """Validator for `unchecked_destinies`: "kind=destiny" entries."""
-    kinds = {kind for kind, _ in UNCHECKED_KINDS}
+    kinds = Unchecked.KINDS
     for entry in value:
         kind, sep, destiny = entry.partition("=")
         if not sep or kind.strip() not in kinds:

@@ -157,6 +157,55 @@ def test_passed_with_a_problem_gets_alert_and_quarantine_headers(pipeline, tmp_p
     assert names["X-Quarantine-ID"] == f"<{result.quarantine_id}>"
 
 
+def gzip_nest(levels: int) -> bytes:
+    data = b"plain text at the bottom\n"
+    for _ in range(levels):
+        data = subprocess.run(["gzip", "-c"], input=data, capture_output=True,
+                              check=True).stdout
+    return data
+
+
+def encrypted_zip(tmp: Path) -> bytes:
+    return archive(["zip", "-q", "-P", "secret"], "locked.zip", {"report.txt": b"hello\n"}, tmp)
+
+
+def test_unchecked_destinies_per_kind(pipeline, tmp_path):
+    """encrypted=pass lets a locked zip through with an alert; a bomb in the
+    same message still meets the (stricter) unchecked_destiny."""
+    p = pipeline(unchecked_destinies=["encrypted=pass", "partial=discard"], max_depth=3)
+    zipped = encrypted_zip(tmp_path)
+    locked = process(p, attachment_message("locked.zip", zipped), tmp_path)
+    assert locked.verdict == "UNCHECKED" and locked.destiny.value == "pass"
+    assert [r.kind for r in locked.unchecked] == ["encrypted"]
+    assert any(e.name == "X-Amavis-Alert" and "encrypted zip member report.txt" in e.value
+               for e in locked.header_edits)
+
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@example.test", "b@example.test", "two"
+    msg.set_content("two attachments")
+    msg.add_attachment(zipped, maintype="application", subtype="zip", filename="again.zip")
+    msg.add_attachment(gzip_nest(6), maintype="application", subtype="gzip",
+                       filename="deep.gz")
+    both = process(p, msg.as_bytes(), tmp_path)
+    assert sorted(r.kind for r in both.unchecked) == ["encrypted", "limit"]
+    assert both.destiny.value == "reject"  # unchecked_destiny: the limit has no entry
+
+    partial = process(p, attachment_message("f.bin", b"x", mime="message/partial"), tmp_path)
+    assert partial.destiny.value == "discard" and partial.unchecked[0].kind == "partial"
+
+
+def test_a_reason_s_words_never_choose_its_destiny():
+    """Reasons carry member names and tool output: only their kind counts."""
+    from amavisd.policy.destinies import destinies
+    from amavisd.verdict import Category, Unchecked
+
+    table = destinies(configuration.load(None, {"unchecked_destinies": ["encrypted=pass"]}))
+    disguised = Unchecked("nested deeper than 20 levels (encrypted password.zip)", "limit")
+    assert table.destiny(Category.UNCHECKED, [disguised]).value == "reject"
+    locked = Unchecked("encrypted zip member a.txt (p001/p002)", "encrypted")
+    assert table.destiny(Category.UNCHECKED, [locked]).value == "pass"
+
+
 def test_admin_alert_and_sender_dsn_arrive_as_mime(pipeline, tmp_path):
     with SMTPSink() as sink:
         host, port = sink.address

@@ -100,7 +100,8 @@ def decode_legacy(part: Part, ctx: Context) -> None:
     inventory = INVENTORIES.get(part.detected, lambda p: Inventory())(part)
     for name in inventory.encrypted:
         part.flags.add("encrypted")
-        ctx.note_unchecked(part, f"encrypted {part.detected} member {members.clean_name(name)}")
+        ctx.note_unchecked(part, f"encrypted {part.detected} member {members.clean_name(name)}",
+                           kind="encrypted")
     runnable = [u for u in unpackers if external.available(u.tool)]
     if not runnable:
         tried = ", ".join(u.tool for u in unpackers) or "none exists on this system"
@@ -116,7 +117,8 @@ def decode_legacy(part: Part, ctx: Context) -> None:
         log.debug("%s: links or devices not read: %s", part.path, ", ".join(skipped[:10]))
     for name in _unverified(unpacker, result.stdout + result.stderr):
         part.flags.add("encrypted")
-        ctx.note_unchecked(part, f"encrypted or corrupt {part.detected} member {name}")
+        ctx.note_unchecked(part, f"encrypted or corrupt {part.detected} member {name}",
+                           kind="encrypted")
     if result.returncode != 0 and "encrypted" not in part.flags:
         raise DecodeError(f"{unpacker.tool} exit {result.returncode}: {_last_line(result)}")
     expected = inventory.files

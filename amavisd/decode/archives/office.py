@@ -93,7 +93,8 @@ class OleDecoding:
     def encrypted(self, how: str) -> None:
         self.part.flags.add("encrypted")
         if not self.encryption:
-            self.ctx.note_unchecked(self.part, f"encrypted Office document ({how})")
+            self.ctx.note_unchecked(self.part, f"encrypted Office document ({how})",
+                                    kind="encrypted")
         self.encryption.add(how)
 
     # -- VBA ------------------------------------------------------------------------------------

@@ -159,4 +159,4 @@ def _mark_encrypted(part: Part, ctx: Context, names: list[str], what: str) -> No
         child.flags.add("encrypted")
     more = f" {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "") \
         if names else ""
-    ctx.note_unchecked(part, what + more)
+    ctx.note_unchecked(part, what + more, kind="encrypted")

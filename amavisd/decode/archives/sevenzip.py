@@ -361,4 +361,4 @@ def _mark_encrypted(part: Part, ctx: Context, names: list[str], what: str) -> No
         members.add_member(ctx, part, name, b"", flags=("encrypted",))
     more = f" {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "") \
         if names else ""
-    ctx.note_unchecked(part, what + more)
+    ctx.note_unchecked(part, what + more, kind="encrypted")

@@ -123,6 +123,7 @@ class ZipDecoding:
         self.problems: list[str] = []
         self.complete = True  # every member became a part, nothing foreign around them
         self.notes = 0
+        self.note_kinds: set[str] = set()  # of the notes over MAX_NOTES
 
     def run(self) -> None:
         entries = self.entries()
@@ -140,8 +141,9 @@ class ZipDecoding:
         if by_tool:
             self.extract_with_7zz(by_tool)
         if self.notes > MAX_NOTES:
+            kind = self.note_kinds.pop() if len(self.note_kinds) == 1 else "limit"
             self.ctx.note_unchecked(self.part, f"{self.notes - MAX_NOTES} more zip members "
-                                               "encrypted or unreadable")
+                                               "encrypted or unreadable", kind=kind)
         if self.problems:
             raise DecodeError("; ".join(self.problems[:3]))
         if self.complete and entries:
@@ -191,18 +193,20 @@ class ZipDecoding:
                 continue
             if entry.encrypted:
                 self.part.flags.add("encrypted")
-                self.note(f"encrypted zip member {clean_name(entry.name)}")
+                self.note(f"encrypted zip member {clean_name(entry.name)}", "encrypted")
             elif entry.data is None:
                 self.fail(entry, "no local header where the central directory points")
             else:
                 readable.append(entry)
         return readable
 
-    def note(self, reason: str) -> None:
+    def note(self, reason: str, kind: str = "limit") -> None:
         self.complete = False
         self.notes += 1
         if self.notes <= MAX_NOTES:
-            self.ctx.note_unchecked(self.part, reason)
+            self.ctx.note_unchecked(self.part, reason, kind)
+        else:
+            self.note_kinds.add(kind)
 
     # -- reading -------------------------------------------------------------------------------
 
