@@ -18,8 +18,8 @@ SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"PK00PK\x03\x04", "zip"),
     (0, b"\x1f\x8b", "gzip"),
     (0, b"\x1f\x9d", "compress"),  # .Z
-    (0, b"\x1f\x9e", "freeze"),  # .F, freeze 2
-    (0, b"\x1f\x9f", "freeze"),  # .F, freeze 1
+    (0, b"\x1f\x9e", "freeze"),  # .F, freeze 1
+    (0, b"\x1f\x9f", "freeze"),  # .F, freeze 2
     (0, b"BZh", "bzip2"),
     (0, b"\xfd7zXZ\x00", "xz"),
     (0, b"\x28\xb5\x2f\xfd", "zstd"),

@@ -1,8 +1,8 @@
-"""ARJ, LHA, ZOO, ARC and freeze: real tools on real archives, hostile ones included.
+"""ARJ, LHA, ZOO and ARC: real tools on real archives, hostile ones included.
 
 Fixtures with EICAR are made at test time by the real arj, jlha (Debian's only
-LHA writer) and arc; zoo and freeze have no creator on Debian 12, so only the
-corpus covers them.
+LHA writer) and arc; zoo has no creator on Debian 12, so only the corpus
+covers it. (freeze, read in-process, has tests/unit/test_freeze.py.)
 """
 
 from __future__ import annotations
@@ -202,15 +202,6 @@ def test_corpus_arj_clam_exe_comes_out_whole(corpus, decode):
         pytest.skip("clamav-testfiles not installed")
     result = decode((corpus / "archives/arj/clamav__clam.arj").read_bytes())
     assert members_of(result)["clam.exe"] == Path(CLAM_EXE_PATH).read_bytes()
-
-
-def test_freeze_has_no_decoder_and_is_scanned_as_it_is(corpus, decode):
-    # No freeze/melt on Debian 12 (unar, 7zz and ancient 2.0 do not read it).
-    for sample in sorted((corpus / "archives/freeze-F").iterdir()):
-        result = decode(sample.read_bytes())
-        assert result.root.detected == "freeze"
-        assert result.root.flags == {"decode-error"} and not result.root.children
-        assert result.unchecked == [] and result.scannable() == [result.root]
 
 
 # -- hostile archives ----------------------------------------------------------------

@@ -7,6 +7,7 @@ module says why it reads its format in-process or through an external tool.
 from amavisd.decode.archives import (  # noqa: F401  (imported to register)
     cab,
     cpio,
+    freeze,
     iso,
     legacy,
     office,

@@ -1,6 +1,6 @@
 """Running an external unpacker on hostile input, and nothing more.
 
-Some formats have no well-kept Python reader (arj, lha, zoo, arc, freeze,
+Some formats have no well-kept Python reader (arj, lha, zoo, arc,
 old rar, cab's LZX); for them a real tool runs, and it runs boxed in:
 - argv list, never a shell; a minimal environment; stdin from /dev/null;
 - its own session, so a timeout kills it and anything it forked;

@@ -1,4 +1,4 @@
-"""ARJ, LHA/LZH, ZOO, ARC and freeze (.F): old archivers, read by external tools.
+"""ARJ, LHA/LZH, ZOO and ARC: old archivers, read by external tools.
 
 No well-kept Python reader exists for these formats, so a real unpacker runs
 boxed (`external.run_tool`) into a private scratch dir and `members.harvest`
@@ -20,10 +20,6 @@ real archiver). Through run_tool every run takes at least ~23 ms, its 20 ms poll
   ("illegal filename", exit 0, later members never written) and reports no
   CRC error; nomarch sanitises names and says "bad CRC" per member.
 - ZOO: unar 30.6, the only reader on Debian 12.
-- freeze: none. unar and 7zz do not know it, Debian 12 ships no melt, and its
-  `ancient` (2.0) has no freeze either: the part is flagged decode-error and
-  scanned as it is, not UNCHECKED (a format nobody has mailed for 30 years
-  should not hold every message carrying one).
 
 Encryption: ARJ says so in each member's header (the "garbled" flag), read here
 before the tool runs. ARC cannot say it: a garbled member only fails its CRC,
@@ -90,7 +86,6 @@ UNPACKERS: dict[str, tuple[str, tuple[Unpacker, ...]]] = {
     "lha": ("lzh", (LHASA, UNAR)),
     "zoo": ("zoo", (UNAR,)),
     "arc": ("arc", (NOMARCH,)),
-    "freeze": ("F", ()),
 }
 
 
