@@ -8,6 +8,7 @@ fork) names everything else for the tree and the banned-type rules.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable
 
 # (offset, magic bytes, short type); first match wins, most specific first.
@@ -47,6 +48,9 @@ SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"%PDF-", "pdf"),
     (0, b"\x7fELF", "elf"),
     (257, b"ustar", "tar"),
+    # installer data cut out of its program by the self-extractor search (sfx.py)
+    (4, b"\xef\xbe\xad\xdeNullsoftInst", "nsis"),  # NSIS first header
+    (0, b"InstallShield\0", "ishield"),  # InstallShield's appended file table
 )
 # Formats with no fixed magic at offset 0: a cheap structural test each.
 HEAD_PROBES: list[tuple[Callable[[bytes], bool], str]] = []
@@ -64,6 +68,42 @@ def head_probe(kind: str) -> Callable[[Callable[[bytes], bool]], Callable[[bytes
 def _is_dos_or_windows_program(head: bytes) -> bool:
     # "MZ" alone is two letters a text may start with ("MZ is..."): a program is binary
     return head[:2] == b"MZ" and len(head) >= 64 and not looks_like_text(head)
+
+
+@head_probe("tos")
+def _is_atari_program(head: bytes) -> bool:
+    """An Atari TOS/GEMDOS program: 0x601A (`bra.s` over the header), then the
+    text, data, bss and symbol table sizes (big-endian). Real segments are far
+    below 16 MiB, and where the whole file is in `head` they must fit in it."""
+    if len(head) < 28 or head[:2] != b"\x60\x1a":
+        return False
+    text, data, bss, symbols = struct.unpack_from(">IIII", head, 2)
+    if not 0 < text < 1 << 24 or max(data, bss, symbols) >= 1 << 24:
+        return False
+    return len(head) == HEAD_SIZE or 28 + text + data + symbols <= len(head)
+
+
+HUNK_FIRST = frozenset({0x3E8, 0x3E9, 0x3EA, 0x3EB})  # HUNK_NAME, _CODE, _DATA, _BSS
+
+
+@head_probe("amiga")
+def _is_amiga_program(head: bytes) -> bool:
+    """An AmigaOS load file: HUNK_HEADER (0x3F3), no resident libraries, a hunk
+    table whose first..last range fits, one size per hunk, then a real hunk."""
+    if len(head) < 24 or head[:4] != b"\0\0\x03\xf3":
+        return False
+    names, table, first, last = struct.unpack_from(">IIII", head, 4)
+    if names != 0 or not 0 < table <= 0xFFFF or not first <= last < table:
+        return False
+    pos = 20
+    for _ in range(last - first + 1):  # a size; memory flags 11 add a word of attributes
+        if pos + 4 > len(head):
+            return False
+        size = int.from_bytes(head[pos:pos + 4], "big")
+        pos += 8 if size >> 30 == 3 else 4
+    if pos + 4 > len(head):
+        return False
+    return (int.from_bytes(head[pos:pos + 4], "big") & 0x3FFFFFFF) in HUNK_FIRST
 
 
 @head_probe("lha")
@@ -131,6 +171,31 @@ def _after_skippable_frames(head: bytes) -> bytes:
             and head[pos + 1:pos + 4] == b"\x2a\x4d\x18":
         pos += 8 + int.from_bytes(head[pos + 4:pos + 8], "little")
     return (head[pos:pos + 4] or b"?") if pos else b""
+
+
+COM_MAX = 0xFF00  # DOS loads a .COM into one 64 KiB segment after its 256-byte PSP
+COM_DOS_CALL = 4096  # where a DOS call (int 21h) must show up
+
+
+@head_probe("com")
+def _is_dos_com_program(head: bytes) -> bool:
+    """A DOS .COM program has no header at all, so this is a guess, tried after
+    every format with a header: binary, a first instruction that jumps (E9 near,
+    EB short) forward to inside the program, and a DOS call (int 21h) in its
+    first 4 KiB (LArc 3.33 has one at byte 8, LHarc 1.13 at 313). About 1 in
+    3,000 random binaries passes; none of 125,000 files under /usr did. The
+    name "com" is kept apart from "exe" so that a default `deny type = exe` is
+    never hit by a guess; a part so named is searched like a program (sfx.py)."""
+    if len(head) < 16 or head[0] not in (0xE9, 0xEB) or looks_like_text(head):
+        return False
+    # where the jump lands, as an offset in the file (the program runs at 0x100);
+    # a jump backwards from the first instruction lands in the PSP: not a program
+    if head[0] == 0xEB:
+        target = 2 + head[1] if head[1] < 0x80 else -1
+    else:
+        target = ((0x103 + int.from_bytes(head[1:3], "little")) & 0xFFFF) - 0x100
+    size = COM_MAX if len(head) == HEAD_SIZE else len(head)  # else the head is all of it
+    return size <= COM_MAX and 0 <= target < size and b"\xcd\x21" in head[:COM_DOS_CALL]
 
 
 _BINHEX = re.compile(rb"\(This file must be converted (with BinHex|; you knew that)")

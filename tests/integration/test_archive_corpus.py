@@ -51,26 +51,13 @@ ALONE = {
     "zip/split/clamav-upstream__logos.zip": "last piece of a spanned zip: starts mid-member",
     "cab/multi/libarchive__cab_multi.p2.cab": "its one file begins in p1.cab (cabextract: "
                                               "'cabinet set is incomplete')",
-    "freeze-F/ancient__test_C1.F": "freeze: no reader on Debian 12 (legacy.py: flagged)",
-    "freeze-F/ancient__test_C1_old.F": "freeze 1: no reader on Debian 12 (legacy.py: flagged)",
     "lha-lzh/lhasa__unlha32__lh3.lzh": "-lh3-: lhasa (CRC error), unar and 7zz all fail",
     "rpm/libarchive__test_read_format_huge_rpm.rpm": "declares 2^31 signature tags: rpm(8) "
                                                      "refuses it too ('not an rpm package')",
 }
 # Known decoder/detection gaps, reported to the lead: strict xfail, so the
 # day one is fixed the test says so and the entry goes.
-KNOWN_GAPS = {
-    "zip/libarchive__test_read_format_zip_padded1.zip": "detect: zip after a non-program "
-                                                        "prefix is not searched",
-    "sfx-exe/libarchive__zip_sfx.bin": "sfx: zip after a non-program prefix",
-    "sfx-exe/rarfile__rar5-crc.sfx": "sfx: rar after a non-program prefix",
-    "sfx-exe/lhasa__larc333__sfx.com": "sfx: DOS .COM stubs (no MZ) are not searched",
-    "sfx-exe/lhasa__lharc113__sfx.com": "sfx: DOS .COM stubs (no MZ) are not searched",
-    "sfx-exe/lhasa__lha_amiga_122__sfx.run": "sfx: Amiga hunk programs are not searched",
-    "sfx-exe/lhasa__lharc_atari_313a__sfx.tos": "sfx: Atari TOS programs are not searched",
-    "sfx-exe/clamav__clam-nsis.exe": "NSIS installer: no decoder (7zz could read it)",
-    "sfx-exe/clamav__clam_ISmsi_int.exe": "InstallShield installer: no decoder",
-}
+KNOWN_GAPS: dict[str, str] = {}
 # Carry a test virus, but in a format no AMaViS decoder opens (MANIFEST: other/).
 SIGNATURE_NOT_REQUIRED = {"other/clamav__clam.chm", "other/clamav__clam.exe.szdd",
                           "other/clamav__clam.sis"}
