@@ -51,7 +51,7 @@ EXTRACTORS: dict[str, list[str]] = {
     "lz": ["lzip", "-d", IN],
     "Z": ["compress", "-d", IN],
     "arj": ["7zz", "x", "-y", "-bd", f"-o{OUT}", IN],
-    "lha": ["lha", "xqf", IN],
+    "lha": ["lhasa", "xqf", IN],  # not `lha`: jlha-utils (Java) may own that alternative
     "arc": ["nomarch", IN],
     "cab": ["cabextract", "-q", "-d", OUT, IN],
     "cpio": ["cpio", "-idm", "--quiet", "-F", IN],

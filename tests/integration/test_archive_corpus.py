@@ -240,6 +240,45 @@ def test_bomb_is_unchecked_fast_and_small(bomb_reports, rel):
     assert report["left"] == [], "the work dir was left behind"
 
 
+def fan_out_zip_bomb(work: Path, layers: int = 4, fan: int = 16, leaf_mib: int = 256) -> Path:
+    """A 42.zip-like bomb made by the real zip: `fan` copies of the layer below
+    in each of `layers` zips over one zip of `leaf_mib` MiB of zeros (16^4 x
+    256 MiB = 16 TiB here). Deflate output of zeros deflates again, so each
+    layer stays small; the corpus has no 42.zip. The copies are named .bin:
+    zip stores members named .zip without compressing them."""
+    work.mkdir()
+    zeros = work / "0.dat"
+    with open(zeros, "wb") as fh:
+        fh.truncate(leaf_mib << 20)  # sparse: no disk needed to read zeros
+    subprocess.run(["zip", "-q", "-j", str(work / "l0.zip"), str(zeros)], check=True)
+    zeros.unlink()
+    for layer in range(1, layers + 1):
+        below = work / f"l{layer - 1}.zip"
+        names = []
+        for n in range(fan):
+            copy = work / f"{n:x}.bin"
+            copy.write_bytes(below.read_bytes())
+            names.append(copy.name)
+        subprocess.run(["zip", "-q", f"l{layer}.zip", *names], cwd=work, check=True)
+        for name in names:
+            (work / name).unlink()
+        assert (work / f"l{layer}.zip").stat().st_size < 1 << 20, "a layer did not compress"
+    return work / f"l{layers}.zip"
+
+
+@pytest.mark.parametrize("leaf_mib", [256, 1])  # few huge leaves; 65,536 small ones
+def test_generated_42_zip_like_nest_is_unchecked_fast_and_small(tmp_path, leaf_mib):
+    bomb = fan_out_zip_bomb(tmp_path / "make", leaf_mib=leaf_mib)
+    report = decode_in_child(bomb, tmp_path / "t")
+    assert "error" not in report, report.get("error")
+    print(f"42.zip-like ({bomb.stat().st_size} B): {report['seconds']:.2f}s, "
+          f"+{report['grown_mib']:.0f} MiB")
+    assert report["unchecked"], "a bomb must leave the message UNCHECKED"
+    assert report["seconds"] < BOMB_SECONDS
+    assert report["grown_mib"] < BOMB_MIB
+    assert report["left"] == [], "the work dir was left behind"
+
+
 # -- path traversal: nothing lands outside the work dir ---------------------------
 
 # Where the samples' members try to go (lsar lists them): /tmp/evil.txt,
