@@ -302,6 +302,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest single decoded part.", positive),
     Setting("max_decode_time", "decode", float, 60.0,
             "Seconds of decoding per message before it is UNCHECKED.", positive),
+    Setting("max_memory", "decode", int, 32 * 1024 * 1024,
+            "Bytes of decoded parts one message keeps in memory; parts past this (and any "
+            "part over 8 MiB) are spilled to its private work dir.", positive),
     Setting("tool_timeout", "decode", float, 30.0,
             "Seconds one external unpacker (unar, 7zz, arj, ...) may run on one archive; "
             "never more than what is left of max_decode_time.", positive),

@@ -34,6 +34,7 @@ class Limits:
     max_part_size: int = 256 * MiB
     max_time: float = 60.0
     spill_threshold: int = 8 * MiB  # bigger parts go to the work dir, smaller stay in memory
+    max_memory: int = 32 * MiB  # all of a message's parts held in memory; the rest spill
     tool_timeout: float = 30.0  # one external unpacker run
     tool_memory: int = 1024 * MiB  # its address space
 
@@ -46,6 +47,7 @@ class Limits:
             quota_factor=config["expansion_quota_factor"],
             max_part_size=config["max_part_size"],
             max_time=config["max_decode_time"],
+            max_memory=config["max_memory"],
             tool_timeout=config["tool_timeout"],
             tool_memory=config["tool_memory"],
         )

@@ -47,6 +47,7 @@ class Context:
         self.budget = Budget(limits, message_size)
         self.numbering = PartNumbering()
         self.unchecked: list[Unchecked] = []
+        self.in_memory = 0  # bytes of decoded parts held in memory, not spilled
         self.tempbase = tempbase
         self._workdir: str | None = None
 
@@ -65,9 +66,18 @@ class Context:
         self.budget.check_part_size(len(data), parent.path)
         self.budget.charge_bytes(len(data))
         child = parent.add(self.new_part(data, **fields), layer=layer)
-        if len(data) > self.limits.spill_threshold:
+        if self.may_hold(len(data)):
+            self.in_memory += len(data)
+        else:
             child.spill(self.workdir())
         return child
+
+    def may_hold(self, size: int) -> bool:
+        """Whether a part of `size` bytes may stay in memory: a large part, or
+        many small ones past max_memory (a bomb of small members), go to disk,
+        so a worker never holds the whole expansion quota in RAM."""
+        return (size <= self.limits.spill_threshold
+                and self.in_memory + size <= self.limits.max_memory)
 
     def sink(self, parent: Part, layer: bool = True, **fields) -> Sink:
         """A child written chunk by chunk (decompressors): charged as it grows."""
@@ -118,7 +128,7 @@ class Sink:
         self.ctx.budget.check_part_size(self.size + len(chunk), self.parent.path)
         self.ctx.budget.charge_bytes(len(chunk))
         self.size += len(chunk)
-        if self.file is None and len(self.buffer) + len(chunk) > self.ctx.limits.spill_threshold:
+        if self.file is None and not self.ctx.may_hold(len(self.buffer) + len(chunk)):
             self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
             self.file = create_private(self.path)
             self.file.write(self.buffer)
@@ -136,6 +146,7 @@ class Sink:
             child.spilled_size = self.size
         else:
             child.data = bytes(self.buffer)
+            self.ctx.in_memory += len(child.data)
         if truncated:
             child.flags.add("truncated")
         return child

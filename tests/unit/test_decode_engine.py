@@ -202,6 +202,23 @@ def test_large_parts_spill_to_the_work_dir_and_are_cleaned_up(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_many_small_parts_past_max_memory_spill_too(tmp_path):
+    """A zip of 20 x 1 MiB (each under the 8 MiB spill threshold) with
+    max_memory = 4 MiB: at most 4 MiB stays in memory, the rest is on disk."""
+    from amavisd.testing import archivers
+
+    members = {f"m{n:02d}.bin": os.urandom(1 << 20) for n in range(20)}
+    data = archivers.build("zip", members, tmp_path)
+    dec = decompose(attach(data, "application/zip", "many.zip"),
+                    Limits(max_memory=4 << 20), tempbase=str(tmp_path))
+    (archive,) = [p for p in dec.root.walk() if p.detected == "zip"]
+    assert {m.name: b"".join(m.chunks()) for m in archive.children} == members
+    held = sum(len(p.data) for p in archive.children)
+    spilled = [p for p in archive.children if p.spill_path]
+    assert held <= 4 << 20 and len(spilled) >= 16
+    dec.cleanup()
+
+
 def test_clean_message_tree_describes_itself():
     tree = decompose(clean_message()).root.describe()
     assert tree["detected"] == "mail" and tree["depth"] == 0
