@@ -216,6 +216,15 @@ class AmpdpRow(Row):
     socket_path = ""
     tempbase = ""
     owner: tuple[int, int] | None = None  # who must own the spool
+    daemon = None  # the server under test: DaemonInstance or AmavisdNewInstance
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+    def server_ticks(self) -> int:
+        return tree_ticks(self.daemon.pid if self.daemon else None)
 
     def prepare(self, messages: list[Message], tag: str) -> list:
         jobs = []
@@ -276,14 +285,6 @@ class Ours(AmpdpRow):
         self.daemon.wait_for_workers(concurrency)
         self.socket_path, self.tempbase = self.daemon.socket_path, self.daemon.tempbase
 
-    def stop(self) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
-            self.daemon = None
-
-    def server_ticks(self) -> int:
-        return tree_ticks(self.daemon.pid if self.daemon else None)
-
 
 class AmavisdNew(AmpdpRow):
     name = "amavisd-new"
@@ -299,14 +300,6 @@ class AmavisdNew(AmpdpRow):
             max_servers=concurrency, scan_method=self.scan_method)
         self.daemon.start()
         self.socket_path, self.tempbase = str(self.daemon.socket_path), str(self.daemon.tempbase)
-
-    def stop(self) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
-            self.daemon = None
-
-    def server_ticks(self) -> int:
-        return tree_ticks(self.daemon.pid if self.daemon else None)
 
 
 class RawClamd(Row):
