@@ -10,11 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F)}
-
-
-def printable(value: str) -> str:
-    return value.translate(_CONTROLS)
+from amavisd.printable import printable
 
 
 def bare_address(address: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from amavisd.actions.forward import forwarder
 from amavisd.actions.quarantine import Quarantine, QuarantineError, UnknownEntry, parse_id
-from amavisd.envelope import printable
+from amavisd.printable import printable
 
 log = logging.getLogger("amavisd.release")
 

@@ -15,10 +15,10 @@ from typing import BinaryIO
 
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context
+from amavisd.printable import printable
 
 MAX_NAME = 1024
 CHUNK = 1024 * 1024
-_CONTROL = {c: "?" for c in range(32)} | {0x7F: "?"}
 
 
 def clean_name(raw: str | bytes) -> str:
@@ -29,7 +29,7 @@ def clean_name(raw: str | bytes) -> str:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             raw = raw.decode("cp437")  # the zip default, and total
-    name = raw.translate(_CONTROL).replace("\\", "/")
+    name = printable(raw).replace("\\", "/")
     if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
         name = name[2:]
     kept = [c for c in name.split("/") if c not in ("", ".", "..")]
