@@ -265,7 +265,7 @@ def test_corrupt_ppmd_does_not_crash_the_worker(corpus, tmp_path):
     (tmp_path / "bad.7z").write_bytes(data)
     probe = ("import sys\nfrom amavisd.decode.engine import decompose\n"
              "dec = decompose(open(sys.argv[1], 'rb').read(), bare_file=True)\n"
-             "print(sorted(dec.root.flags))\n")
+             "print(sorted(dec.root.flags))\ndec.cleanup()\n")
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "bad.7z")],
                           capture_output=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-500:]
@@ -303,6 +303,7 @@ def test_7z_methods_read_in_memory_or_by_7zz(tmp_path, options):
     needs("7zz")
     dec = decompose(make_7z(tmp_path, FILES, *options), bare_file=True)
     assert names_and_bytes(dec) == FILES and dec.root.expanded
+    dec.cleanup()
 
 
 def test_7z_member_above_the_spill_threshold_goes_to_7zz(tmp_path):
@@ -432,6 +433,7 @@ def test_rar_links_and_copies_are_not_members(corpus):
     dec = decompose((rar / "libarchive__test_read_format_rar5_symlink.rar").read_bytes(),
                     bare_file=True)
     assert [c.name for c in dec.root.children] == ["file.txt"] and dec.root.expanded
+    dec.cleanup()
     dec = decompose((rar / "rarfile__rar3-versions.rar").read_bytes(), bare_file=True)
     assert len(dec.root.children) == 3  # older versions of a file are content too
     dec.cleanup()
