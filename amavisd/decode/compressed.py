@@ -143,56 +143,58 @@ class _Run:
             self.feed(b"")
 
 
-def _inner_name(part: Part, suffixes: tuple[str, ...]) -> str:
+def inner_name(part: Part, suffixes: tuple[str, ...]) -> str:
+    """The name a compressed part's content had: `part.name` less its suffix
+    (a name that is only the suffix is kept, not emptied)."""
     name = part.name
     for suffix in suffixes:
-        if name.lower().endswith(suffix):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
 
 
 @register("gzip")
 def decode_gzip(part: Part, ctx: Context) -> None:
-    name = _gzip_name(part.head(1024)) or _inner_name(part, (".gz", ".tgz", ".z"))
+    name = _gzip_name(part.head(1024)) or inner_name(part, (".gz", ".tgz", ".z"))
     stream(part, ctx, lambda: zlib.decompressobj(wbits=31), name)
 
 
 @register("bzip2")
 def decode_bzip2(part: Part, ctx: Context) -> None:
-    stream(part, ctx, bz2.BZ2Decompressor, _inner_name(part, (".bz2", ".tbz")))
+    stream(part, ctx, bz2.BZ2Decompressor, inner_name(part, (".bz2", ".tbz")))
 
 
 @register("xz")
 def decode_xz(part: Part, ctx: Context) -> None:
-    stream(part, ctx, lzma.LZMADecompressor, _inner_name(part, (".xz", ".txz")))
+    stream(part, ctx, lzma.LZMADecompressor, inner_name(part, (".xz", ".txz")))
 
 
 @register("lzma")
 def decode_lzma_alone(part: Part, ctx: Context) -> None:
     stream(part, ctx, lambda: lzma.LZMADecompressor(lzma.FORMAT_ALONE, memlimit=LZMA_MEMLIMIT),
-           _inner_name(part, (".lzma", ".tlz")), multi_member=False)
+           inner_name(part, (".lzma", ".tlz")), multi_member=False)
 
 
 @register("lzip")
 def decode_lzip(part: Part, ctx: Context) -> None:
-    stream(part, ctx, LzipMember, _inner_name(part, (".lz", ".tlz")))
+    stream(part, ctx, LzipMember, inner_name(part, (".lz", ".tlz")))
 
 
 @register("zstd")
 def decode_zstd(part: Part, ctx: Context) -> None:
-    stream(part, ctx, ZstdDecompressor, _inner_name(part, (".zst", ".zstd", ".tzst")))
+    stream(part, ctx, ZstdDecompressor, inner_name(part, (".zst", ".zstd", ".tzst")))
 
 
 @register("lz4")
 def decode_lz4(part: Part, ctx: Context) -> None:
-    stream(part, ctx, Lz4Frame, _inner_name(part, (".lz4",)))
+    stream(part, ctx, Lz4Frame, inner_name(part, (".lz4",)))
 
 
 @register("compress")
 def decode_compress(part: Part, ctx: Context) -> None:
     from amavisd.decode.archives import external  # here: archives' modules may import us
 
-    name = _inner_name(part, (".z",))
+    name = inner_name(part, (".z",))
     if part.size >= LZW_TOOL_FROM and external.available("gzip") and \
             _uncompress_with_gzip(part, ctx, name):
         return

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import product
 
+from amavisd.decode.compressed import inner_name
 from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, register
@@ -291,10 +292,6 @@ def pieces_of(chunks: Iterable[bytes], skip: int) -> Iterator[bytes]:
             yield bytes(chunk[at:at + PIECE])
 
 
-def _inner_name(name: str) -> str:
-    return name[:-2] if name.lower().endswith(".f") and len(name) > 2 else name
-
-
 @register("freeze")
 def decode_freeze(part: Part, ctx: Context) -> None:
     """One child, the melted stream. Cut short: the part and the child are
@@ -308,7 +305,7 @@ def decode_freeze(part: Part, ctx: Context) -> None:
         part.flags.add("truncated")
         return
     lengths = V1_CODE_LENGTHS if version is V1 else v2_code_lengths(head)
-    sink = ctx.sink(part, name=_inner_name(part.name))
+    sink = ctx.sink(part, name=inner_name(part, (".f",)))
     part.flags.add("expanded")
     melter = Melter(version, lengths, sink.write, ctx.budget.check_time)
     try:
