@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps run test unit integration check lint format sample clean
+.PHONY: all deps run test unit integration check lint format sample clean fuzz
 
 all: test
 
@@ -22,6 +22,14 @@ unit: deps
 
 integration: deps
 	$(PY) -m pytest -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+# Hypothesis against the decoders and the AM.PDP parser, many more examples
+# than `make test` runs; bounded: FUZZ_EXAMPLES per test, FUZZ_TIMEOUT seconds in all.
+FUZZ_EXAMPLES ?= 3000
+FUZZ_TIMEOUT ?= 1800
+fuzz: deps
+	AMAVISD_FUZZ=long AMAVISD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout $(FUZZ_TIMEOUT) \
+		$(PY) -m pytest -p no:cacheprovider tests/fuzz $(PYTEST_ARGS)
 
 check: deps
 	$(PY) tools/check.py

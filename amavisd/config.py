@@ -238,6 +238,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds in-flight messages get to finish on TERM or reload.", positive),
     Setting("client_timeout", "daemon", float, 60.0,
             "Seconds a worker waits for a client's next request line.", positive),
+    Setting("client_idle_timeout", "daemon", float, 10.0,
+            "Seconds a connection may sit idle (after connecting, or after a reply) before "
+            "its next request starts; then the worker hangs up.", positive),
+    Setting("request_timeout", "daemon", float, 30.0,
+            "Seconds a client has to send one whole request, from its first byte.", positive),
+    Setting("max_connection_requests", "daemon", int, 100,
+            "Requests served on one connection before the worker closes it.", positive),
+    Setting("max_message_size", "daemon", int, 100 * 1024 * 1024,
+            "Largest message (bytes) a request may hand over; a larger one is UNCHECKED "
+            "(kind limit) without being read.", positive),
+    Setting("work_base", "daemon", str, "",
+            "The workers' own per-message dirs (0700, closed to clients); empty means "
+            "<workdir>/work. Never inside the temp base.",
+            absolute_path_or_empty, ("--work-base",), metavar="DIR"),
     Setting("user", "daemon", str, "",
             "Drop root to this user after binding; empty keeps the invoking user."),
     Setting("group", "daemon", str, "",
@@ -324,7 +338,9 @@ SETTINGS: tuple[Setting, ...] = (
             "unless set to pass.", one_of(*DESTINIES)),
     Setting("unchecked_destinies", "policy", list, [],
             "Destinies for kinds of UNCHECKED, overriding unchecked_destiny: "
-            "kind=destiny entries, kind one of encrypted, partial, unscanned, limit "
+            "kind=destiny entries, kind one of encrypted, partial, unscanned, limit, "
+            "undecipherable (an archive whose content could not all be read), internal "
+            "(a decoder failed) "
             '(e.g. ["encrypted=pass"]).', reason_destinies_validator),
     Setting("quarantine_dir", "policy", str, "/var/virusmails",
             "Quarantine of infected and banned mail (directory 0700).",
@@ -345,6 +361,12 @@ SETTINGS: tuple[Setting, ...] = (
             "How notifications are sent: smtp:HOST:PORT (the MTA's re-injection port) or "
             "pipe:/usr/sbin/sendmail (run as PATH -i -f SENDER -- RCPT..., no shell).",
             method_spec),
+    Setting("auth_required_release", "notify", bool, True,
+            "AM.PDP release/requeue must carry the entry's secret_id (amavisd-release "
+            "mail_file secret_id), checked in constant time; the local `amavisd quarantine "
+            "release` run by root or the daemon's user needs none."),
+    Setting("release_to_others", "notify", bool, False,
+            "Allow an AM.PDP release to recipients other than the original ones."),
     Setting("release_method", "notify", str, "",
             "How released quarantined mail is re-sent; empty means notify_method.",
             method_spec_or_empty),
@@ -423,6 +445,10 @@ class Config(Mapping[str, Any]):
     @property
     def tempbase_path(self) -> str:
         return self.tempbase or os.path.join(self.workdir, "tmp")
+
+    @property
+    def work_base_path(self) -> str:
+        return self.work_base or os.path.join(self.workdir, "work")
 
     @property
     def hostname(self) -> str:

@@ -33,7 +33,12 @@ class Unchecked(str):
     keyed. The kind is set where the problem is found, never read back from
     the text, which carries member names and tool output an attacker chose."""
 
-    KINDS = ("encrypted", "partial", "unscanned", "limit")
+    # limit: a decoding limit (depth, size, parts, time); encrypted; partial
+    # (message/partial); unscanned: no scanner took a part; undecipherable: an
+    # archive or compressed stream some of whose content could not be read
+    # (unknown method, failed integrity check, a tool's failure); internal: a
+    # decoder failed unexpectedly (a bug, or input it was not built for).
+    KINDS = ("encrypted", "partial", "unscanned", "limit", "undecipherable", "internal")
     kind: str
 
     def __new__(cls, text: str, kind: str = "limit") -> Unchecked:

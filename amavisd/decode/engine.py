@@ -3,8 +3,18 @@
 Content drives it: each part's type is sniffed from its bytes, and the
 registered decoder for that type adds its children, layer by layer, down to
 `max_depth`. A limit stops that branch or the whole message and leaves a
-reason in `unchecked`; a decoder's failure flags the part and goes on. Nothing
-a message contains can make this raise.
+reason in `unchecked`. Nothing a message contains can make this raise, and
+nothing a decoder fails to do can make a message CLEAN:
+
+- `DecodeError`: the input is not quite what it claimed (a text part that
+  looked like uuencode, a truncated member); the part is flagged and scanned
+  as it is, as are its children.
+- `Undecipherable`: a container whose content we could not all read; what
+  was read is scanned and the message is UNCHECKED (kind `undecipherable`).
+- anything else is a decoder failure (a bug, or input it was not built
+  for): UNCHECKED of kind `internal`, the traceback logged once a message.
+- `WorkDirFailed` (disk full, I/O error) and `MemoryError` are ours, not the
+  message's: they propagate, and the pipeline answers tempfail.
 """
 
 from __future__ import annotations
@@ -15,7 +25,15 @@ from dataclasses import dataclass, field
 from amavisd.decode import detect
 from amavisd.decode.limits import LimitExceeded, Limits
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import PROBES, REGISTRY, Context, DecodeError
+from amavisd.decode.registry import (
+    PROBES,
+    REGISTRY,
+    RESOURCE_ERRNOS,
+    Context,
+    DecodeError,
+    Undecipherable,
+    WorkDirFailed,
+)
 
 # Importing the decoder modules registers them.
 from amavisd.decode import archives, compressed, mime, textual  # noqa: F401, E402  isort: skip
@@ -82,12 +100,28 @@ def decode_one(part: Part, ctx: Context, use_magic: bool) -> None:
         return
     try:
         decoder(part, ctx)
-    except LimitExceeded:
+    except (LimitExceeded, WorkDirFailed, MemoryError):
         raise
+    except Undecipherable as err:
+        part.flags.add("undecipherable")
+        ctx.note_unchecked(part, f"{part.detected}: {err}", kind="undecipherable")
     except DecodeError as err:
         part.flags.add("decode-error")
         log.debug("%s: %s", part.path, err)
-    except Exception as err:  # a decoder bug must not lose the message: scan it as it is
-        part.flags.add("decode-error")
-        log.warning("decoder %s failed on %s: %s: %s", part.detected, part.path,
-                    type(err).__name__, err)
+    except OSError as err:
+        if err.errno in RESOURCE_ERRNOS:  # the machine's problem, not the message's
+            raise WorkDirFailed(f"decoding {part.path}: {err.strerror}") from None
+        decoder_failed(part, ctx, err)
+    except Exception as err:
+        decoder_failed(part, ctx, err)
+
+
+def decoder_failed(part: Part, ctx: Context, err: Exception) -> None:
+    """A decoder broke: the part is scanned as it is, but the message can no
+    longer be called CLEAN, since what the decoder would have found is unknown."""
+    part.flags.add("internal-error")
+    ctx.note_unchecked(part, f"decoder {part.detected} failed: {type(err).__name__}",
+                       kind="internal")
+    if not ctx.logged_failure:  # one traceback a message, not one a part
+        ctx.logged_failure = True
+        log.error("decoder %s failed on %s", part.detected, part.path, exc_info=err)

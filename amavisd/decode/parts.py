@@ -20,7 +20,8 @@ from typing import BinaryIO
 CHUNK = 256 * 1024
 
 # Flags that say "we could not fully look at this part".
-PROBLEM_FLAGS = frozenset({"decode-error", "truncated", "encrypted", "too-deep", "limit"})
+PROBLEM_FLAGS = frozenset({"decode-error", "truncated", "encrypted", "too-deep", "limit",
+                           "undecipherable", "internal-error"})
 # Informational flags for policy (banned rules), not problems: "macros" marks an
 # Office document or OOXML zip that carries a VBA project.
 INFO_FLAGS = frozenset({"macros"})

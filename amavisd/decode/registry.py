@@ -9,6 +9,7 @@ scanned as it is) and never needs to catch `LimitExceeded`.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -29,6 +30,23 @@ class DecodeError(Exception):
     """The input is not what it claimed; the message says what was wrong."""
 
 
+class WorkDirFailed(Exception):
+    """Our own work dir failed (disk full, quota, I/O error): a tempfail for
+    the whole message, never a property of the input. Deliberately not an
+    OSError, so a decoder's `except OSError` for bad input cannot swallow it."""
+
+
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
+                             errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class Undecipherable(DecodeError):
+    """A part positively identified as an archive or compressed stream holds
+    content we could not read (an unknown method, a failed integrity check, a
+    tool's failure). What could be read is kept and scanned; the message is
+    UNCHECKED of kind `undecipherable`, never CLEAN."""
+
+
 def register(*kinds: str, probe: Callable[[Part], bool] | None = None
              ) -> Callable[[Decoder], Decoder]:
     def wrap(fn: Decoder) -> Decoder:
@@ -47,6 +65,7 @@ class Context:
         self.budget = Budget(limits, message_size)
         self.numbering = PartNumbering()
         self.unchecked: list[Unchecked] = []
+        self.logged_failure = False  # a decoder's traceback was logged for this message
         self.in_memory = 0  # bytes of decoded parts held in memory, not spilled
         self.tempbase = tempbase
         self._workdir: str | None = None
@@ -54,7 +73,10 @@ class Context:
     def workdir(self) -> str:
         """The message's private work dir, created only when something needs it."""
         if self._workdir is None:
-            self._workdir = tempfile.mkdtemp(prefix="amavisd-", dir=self.tempbase)
+            try:
+                self._workdir = tempfile.mkdtemp(prefix="amavisd-", dir=self.tempbase)
+            except OSError as err:
+                raise WorkDirFailed(f"cannot create a work dir: {err.strerror}") from None
         return self._workdir
 
     def new_part(self, data: bytes = b"", **fields) -> Part:
@@ -69,7 +91,10 @@ class Context:
         if self.may_hold(len(data)):
             self.in_memory += len(data)
         else:
-            child.spill(self.workdir())
+            try:
+                child.spill(self.workdir())
+            except OSError as err:
+                raise WorkDirFailed(f"cannot spill {child.path}: {err.strerror}") from None
         return child
 
     def may_hold(self, size: int) -> bool:
@@ -94,7 +119,10 @@ class Context:
 
     def scratch_dir(self, part: Part) -> str:
         """A fresh private (0700) dir in the work dir, e.g. for an external unpacker."""
-        return tempfile.mkdtemp(prefix=f"x{part.id}-", dir=self.workdir())
+        try:
+            return tempfile.mkdtemp(prefix=f"x{part.id}-", dir=self.workdir())
+        except OSError as err:
+            raise WorkDirFailed(f"cannot create a scratch dir: {err.strerror}") from None
 
     def cleanup(self) -> None:
         """Remove the work dir; rmtree never follows links out of it."""
@@ -128,20 +156,27 @@ class Sink:
         self.ctx.budget.check_part_size(self.size + len(chunk), self.parent.path)
         self.ctx.budget.charge_bytes(len(chunk))
         self.size += len(chunk)
-        if self.file is None and not self.ctx.may_hold(len(self.buffer) + len(chunk)):
-            self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
-            self.file = create_private(self.path)
-            self.file.write(self.buffer)
-            self.buffer = bytearray()
-        if self.file is not None:
-            self.file.write(chunk)
-        else:
-            self.buffer += chunk
+        try:
+            if self.file is None and not self.ctx.may_hold(len(self.buffer) + len(chunk)):
+                self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
+                self.file = create_private(self.path)
+                self.file.write(self.buffer)
+                self.buffer = bytearray()
+            if self.file is not None:
+                self.file.write(chunk)
+            else:
+                self.buffer += chunk
+        except OSError as err:
+            raise WorkDirFailed(f"cannot write {self.parent.path}'s child: "
+                                f"{err.strerror or err}") from None
 
     def finish(self, truncated: bool = False) -> Part:
         child = self.parent.add(self.ctx.new_part(b"", **self.fields), layer=self.layer)
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as err:
+                raise WorkDirFailed(f"cannot write {child.path}: {err.strerror}") from None
             child.spill_path = self.path
             child.spilled_size = self.size
         else:

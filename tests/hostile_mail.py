@@ -1,0 +1,259 @@
+"""Hostile mails that hide EICAR, built at test time (issue 10's acceptance set).
+
+Each builder returns one message whose only way to CLEAN is a decoder failing
+open: nests deeper than Python's recursion limit, compressed streams with a
+broken integrity check, archives whose tool fails half-way, methods we cannot
+read, MIME read differently by different readers. EICAR is always compressed
+or encoded, so a clamd that decodes nothing (the tests' clamd) sees it only
+in a part we hand it. `EXPECT` says what each must be at least: "INFECTED"
+(all the bytes are there: we must find it) or "NOT CLEAN" (INFECTED or
+UNCHECKED).
+
+Byte surgery follows the formats' documented layouts (RFC 1952 gzip trailer,
+the xz stream footer, lzip's member trailer, zip's local/central headers).
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import gzip
+import io
+import lzma
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from amavisd.testing.eicar import EICAR
+
+PAYLOAD = EICAR + b"\n" + b"padding to make it compress " * 40
+BUILDERS: dict[str, Callable[[], bytes]] = {}
+EXPECT: dict[str, str] = {}
+NEEDS: dict[str, tuple[str, ...]] = {}
+
+
+def hostile(name: str, expect: str = "NOT CLEAN", needs: tuple[str, ...] = ()):
+    def wrap(fn: Callable[[], bytes]) -> Callable[[], bytes]:
+        BUILDERS[name], EXPECT[name], NEEDS[name] = fn, expect, needs
+        return fn
+    return wrap
+
+
+def missing_tools(name: str) -> list[str]:
+    return [tool for tool in NEEDS[name] if shutil.which(tool) is None]
+
+
+def attach(data: bytes, filename: str, ctype: str = "application/octet-stream") -> bytes:
+    return (b"From: mallory@example.test\nTo: bob@example.test\nSubject: hostile\n"
+            b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="h0"\n\n'
+            b"--h0\nContent-Type: text/plain\n\nsee attached\n"
+            + f'--h0\nContent-Type: {ctype}; name="{filename}"\n'.encode()
+            + f'Content-Disposition: attachment; filename="{filename}"\n'.encode()
+            + b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(data)
+            + b"--h0--\n")
+
+
+def eicar_mail(subject: str = "inner") -> bytes:
+    return attach(PAYLOAD, "notes.txt").replace(b"Subject: hostile", b"Subject: " +
+                                                subject.encode())
+
+
+# -- nesting -----------------------------------------------------------------------
+
+
+def rfc822_nest(levels: int) -> bytes:
+    raw = eicar_mail()
+    for _ in range(levels):
+        raw = b"From: a@example.test\nMIME-Version: 1.0\nContent-Type: message/rfc822\n\n" + raw
+    return raw
+
+
+def multipart_nest(levels: int) -> bytes:
+    head = b"".join(b'Content-Type: multipart/mixed; boundary="n%d"\n\n--n%d\n' % (i, i)
+                    for i in range(levels))
+    tail = b"".join(b"\n--n%d--\n" % i for i in reversed(range(levels)))
+    leaf = (b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+            + base64.encodebytes(gzip.compress(PAYLOAD)))
+    return b"From: a@example.test\nMIME-Version: 1.0\n" + head + leaf + tail
+
+
+for _levels in (250, 2000):
+    hostile(f"rfc822-nest-{_levels}")(lambda n=_levels: rfc822_nest(n))
+for _levels in (1000, 20000):
+    hostile(f"multipart-nest-{_levels}")(lambda n=_levels: multipart_nest(n))
+
+
+@hostile("mixed-nest-600")
+def mixed_nest() -> bytes:
+    raw = eicar_mail()
+    for level in range(600):
+        if level % 2:
+            raw = b"MIME-Version: 1.0\nContent-Type: message/rfc822\n\n" + raw
+        else:
+            raw = (b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="m%d"\n\n'
+                   b"--m%d\n" % (level, level)) + raw + b"\n--m%d--\n" % level
+    return raw
+
+
+@hostile("gzip-nest-40")
+def gzip_nest() -> bytes:
+    data = PAYLOAD
+    for _ in range(40):
+        data = gzip.compress(data)
+    return attach(data, "a.gz")
+
+
+# -- broken integrity checks: all the data is there, only the check fails ---------
+
+
+def gzip_bad_crc() -> bytes:
+    data = bytearray(gzip.compress(PAYLOAD))
+    data[-8] ^= 0xFF  # CRC32 of the trailer (RFC 1952)
+    return bytes(data)
+
+
+def bzip2_bad_crc() -> bytes:
+    data = bytearray(bz2.compress(PAYLOAD))
+    data[10] ^= 0xFF  # the first block's CRC, after "BZh9" and the block magic
+    return bytes(data)
+
+
+def xz_bad_crc() -> bytes:
+    data = bytearray(lzma.compress(PAYLOAD, check=lzma.CHECK_CRC32))
+    backward = struct.unpack("<I", data[-8:-4])[0]
+    index = len(data) - 12 - (backward + 1) * 4
+    data[index - 4] ^= 0xFF  # the block's CRC32 check, just before the index
+    return bytes(data)
+
+
+def lzip_bad_crc() -> bytes:
+    data = bytearray(_tool_stream(["lzip", "-c"]))
+    data[-20] ^= 0xFF  # CRC32 in the member trailer
+    return bytes(data)
+
+
+def zstd_bad_checksum() -> bytes:
+    data = bytearray(_tool_stream(["zstd", "-c", "--check", "-q"]))
+    data[-1] ^= 0xFF  # content checksum, the frame's last 4 bytes
+    return bytes(data)
+
+
+def lz4_bad_checksum() -> bytes:
+    data = bytearray(_tool_stream(["lz4", "-c", "-q"]))
+    data[-1] ^= 0xFF  # content checksum after the end mark
+    return bytes(data)
+
+
+def _tool_stream(argv: list[str]) -> bytes:
+    return subprocess.run(argv, input=PAYLOAD, capture_output=True, check=True).stdout
+
+
+for _name, _make, _ext, _needs in (
+        ("gzip", gzip_bad_crc, "gz", ()), ("bzip2", bzip2_bad_crc, "bz2", ()),
+        ("xz", xz_bad_crc, "xz", ()), ("lzip", lzip_bad_crc, "lz", ("lzip",)),
+        ("zstd", zstd_bad_checksum, "zst", ("zstd",)), ("lz4", lz4_bad_checksum, "lz4", ("lz4",))):
+    hostile(f"{_name}-bad-check", "INFECTED", _needs)(
+        lambda m=_make, e=_ext: attach(m(), f"invoice.{e}"))
+
+
+@hostile("zip-bad-crc", "INFECTED")
+def zip_bad_crc() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("invoice.txt", PAYLOAD)
+    data = bytearray(buf.getvalue())
+    for signature, offset in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):
+        at = data.find(signature)
+        data[at + offset] ^= 0xFF  # the member's CRC-32, in both headers
+    return attach(bytes(data), "invoice.zip")
+
+
+@hostile("gzip-bad-crc-in-zip", "INFECTED")
+def gzip_in_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("invoice.gz", gzip_bad_crc())
+    return attach(buf.getvalue(), "invoice.zip")
+
+
+@hostile("gzip-truncated", "NOT CLEAN")
+def gzip_truncated() -> bytes:
+    return attach(gzip.compress(PAYLOAD + os.urandom(2000))[:-12], "cut.gz")
+
+
+# -- methods nobody here can read -----------------------------------------------------
+
+
+def _zip_with_method(method: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("invoice.txt", PAYLOAD)
+    data = bytearray(buf.getvalue())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.find(signature)
+        data[at + offset:at + offset + 2] = struct.pack("<H", method)
+    return bytes(data)
+
+
+for _method in (97, 98, 19, 200):
+    hostile(f"zip-method-{_method}")(lambda m=_method: attach(_zip_with_method(m), "a.zip"))
+
+
+# -- tools that fail half-way, readers that disagree --------------------------------------
+
+
+@hostile("7z-symlink-dir", "NOT CLEAN", ("7zz",))
+def sevenzip_symlink_dir() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        one, two = Path(tmp, "one"), Path(tmp, "two")
+        one.mkdir()
+        (two / "docs").mkdir(parents=True)
+        os.symlink("/etc", one / "docs")
+        (two / "docs" / "invoice.txt").write_bytes(PAYLOAD)
+        archive = Path(tmp, "a.7z")
+        for cwd, member in ((one, "docs"), (two, "docs/invoice.txt")):
+            subprocess.run(["7zz", "a", "-snl", "-bd", str(archive), member], cwd=cwd,
+                           capture_output=True, check=True)
+        return attach(archive.read_bytes(), "docs.7z")
+
+
+@hostile("tar-symlink-dir", "INFECTED")
+def tar_symlink_dir() -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        link = tarfile.TarInfo("docs")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tf.addfile(link)
+        info = tarfile.TarInfo("docs/invoice.txt")
+        info.size = len(PAYLOAD)
+        tf.addfile(info, io.BytesIO(PAYLOAD))
+    return attach(buf.getvalue(), "docs.tgz")
+
+
+@hostile("mime-two-encodings", "INFECTED")
+def mime_two_encodings() -> bytes:
+    return (b"From: a@example.test\nMIME-Version: 1.0\n"
+            b'Content-Type: multipart/mixed; boundary="q"\n\n--q\n'
+            b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: 7bit\n"
+            b"Content-Transfer-Encoding: base64\n\n"
+            + base64.encodebytes(gzip.compress(PAYLOAD))
+            + b"--q--\n")
+
+
+def build_all(directory: Path) -> dict[str, Path]:
+    """Write every buildable hostile mail into `directory`; name -> path."""
+    made = {}
+    for name, build in BUILDERS.items():
+        if missing_tools(name):
+            continue
+        path = directory / f"{name}.eml"
+        path.write_bytes(build())
+        made[name] = path
+    return made
