@@ -52,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="list, show or release quarantined mail")
     configuration.add_flags(quarantine, only=["quarantine_dir"])
     qsub = quarantine.add_subparsers(dest="action", metavar="ACTION", required=True)
-    qsub.add_parser("list", help="one line per quarantined message")
+    listing = qsub.add_parser("list", help="one line per quarantined message")
+    listing.add_argument("--secrets", action="store_true",
+                         help="show each entry's secret_id (for amavisd-release ID SECRET)")
     show = qsub.add_parser("show", help="print a message and what was found")
     show.add_argument("id")
     show.add_argument("--headers-only", action="store_true")
-    release = qsub.add_parser("release", help="re-send to the original (or given) recipients")
+    release = qsub.add_parser("release", help="re-send to the original (or given) recipients "
+                                              "(local: no secret_id needed)")
     release.add_argument("id")
     release.add_argument("recipients", nargs="*", metavar="RCPT")
 
@@ -104,7 +107,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from amavisd import daemonize, logs, pidfile, privileges
+    from amavisd import daemonize, logs, pidfile, preload, privileges
     from amavisd.listeners import ListenerError, bind_all
     from amavisd.master import Arbiter
 
@@ -112,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(cfg)
     # Resolve now: after dropping root the resolver's lazy imports may be unreadable.
     cfg = cfg.replace(myhostname=cfg.hostname)
+    preload.preload()  # all a worker may import, before the drop and the first fork
     try:
         daemonize.prepare_dirs(cfg)
         listeners = bind_all(cfg)
@@ -222,7 +226,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if args.action == "list":
             for e in store.list():
                 found = ", ".join(e.viruses or e.banned or e.unchecked)
-                print(f"{e.kind}-{e.id}  {e.date}  {e.category}  {angled(e.sender)} -> "
+                secret = f"  {e.secret_id or '-'}" if args.secrets else ""
+                print(f"{e.kind}-{e.id}{secret}  {e.date}  {e.category}  {angled(e.sender)} -> "
                       f"{','.join(angled(r) for r in e.recipients)}  {e.size} B  {found}")
             return 0
         if args.action == "show":
@@ -234,7 +239,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             sys.stdout.buffer.write(data)
             return 0
-        outcome = release(cfg, args.id, args.recipients, log_id="cli")
+        # Local: whoever can read the 0700 quarantine (root, the daemon's user)
+        # may release, to anyone; the secret_id is for requests over AM.PDP.
+        outcome = release(cfg, args.id, args.recipients, log_id="cli", local=True)
         print(f"{outcome.smtp} {outcome.enhanced} {outcome.text}")
         return 0 if outcome.ok else sysexits.EX_TEMPFAIL if outcome.temporary else 1
     except QuarantineError as err:

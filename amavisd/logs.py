@@ -1,9 +1,16 @@
 """Logging set-up: syslog (facility mail) and/or stderr, plus an optional file.
 
-`reopen()` (SIGUSR1) closes and reopens the file and the syslog connection,
-for logrotate and a restarted syslogd. When the syslog socket
-(`syslog_socket`, /dev/log by default) is absent the syslog target is
-skipped with one warning rather than failing the daemon.
+`reopen()` (SIGUSR1) reopens the file and the syslog connection, for
+logrotate and a restarted syslogd. It never kills the caller: the new file
+is opened before the old one is closed, so when it cannot be (a directory
+made unwritable, a symlink planted at the path) logging goes on into the old
+file, and the failure is logged through whatever still works. When the
+syslog socket (`syslog_socket`, /dev/log by default) is absent the syslog
+target is skipped with one warning rather than failing the daemon.
+
+The log file is created 0640 (it names every quarantine id and address: not
+for other users), given to the daemon's user when we are root, and never
+opened through a symlink.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +26,9 @@ from typing import Any
 _OURS = "_amavisd_handler"
 FORMAT_STDERR = "%(asctime)s amavisd[%(process)d]: %(levelname)s %(message)s"
 FORMAT_SYSLOG = "%(ident)s[%(process)d]: %(message)s"
+LOG_FILE_MODE = 0o640
+
+log = logging.getLogger("amavisd.logs")
 
 
 class _IdentFilter(logging.Filter):
@@ -30,19 +41,70 @@ class _IdentFilter(logging.Filter):
         return True
 
 
+class LogFile(logging.FileHandler):
+    """A FileHandler that creates its file 0640, refuses a symlink at the path,
+    takes the world's bits off an existing file (ours, or any when root), and
+    reopens without ever being left without a stream."""
+
+    def __init__(self, path: str, owner: tuple[int, int] | None = None):
+        self.owner = owner  # (uid, gid) to give a file we create as root
+        super().__init__(path, mode="a", encoding="utf-8", errors="backslashreplace")
+
+    def _open(self):  # noqa: ANN202 (logging's own hook)
+        # O_NONBLOCK: a FIFO planted at the path must not hang the daemon here.
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+                 | os.O_NONBLOCK)
+        try:
+            fd = os.open(self.baseFilename, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+            created = True
+        except FileExistsError:
+            fd = os.open(self.baseFilename, flags)
+            created = False
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(f"{self.baseFilename} is not a regular file")
+            os.set_blocking(fd, True)
+            if created:
+                os.fchmod(fd, LOG_FILE_MODE)  # whatever the umask
+                if self.owner is not None and os.geteuid() == 0:
+                    os.fchown(fd, *self.owner)
+            elif info.st_mode & 0o007 and os.geteuid() in (0, info.st_uid):
+                os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o007)
+            return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def reopen(self) -> None:
+        """Open the path again (logrotate moved the file); on failure keep the old
+        stream and raise, so the caller can say so."""
+        fresh = self._open()  # raises OSError, with the old stream untouched
+        self.acquire()
+        try:
+            old, self.stream = self.stream, fresh
+        finally:
+            self.release()
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+
+
 def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
-    """(Re)build our handlers on the root logger; safe to call again on reload."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, _OURS, False):
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(config["log_level"].upper())
+    """(Re)build our handlers on the root logger; safe to call again on reload.
+    The new handlers are all made before the old ones go: if the log file
+    cannot be opened, OSError is raised and the running set is kept."""
     targets = list(config["log_to"])
     handlers: list[logging.Handler] = []
     missing_syslog = False
     if stderr if stderr is not None else "stderr" in targets:
         h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(FORMAT_STDERR))
+        handlers.append(h)
+    if config["log_file"]:
+        h = LogFile(config["log_file"], _owner(config))
         h.setFormatter(logging.Formatter(FORMAT_STDERR))
         handlers.append(h)
     if "syslog" in targets:
@@ -55,35 +117,55 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
             handlers.append(h)
         else:
             missing_syslog = True
-    if config["log_file"]:
-        h = logging.FileHandler(config["log_file"])
-        h.setFormatter(logging.Formatter(FORMAT_STDERR))
-        handlers.append(h)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _OURS, False):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(config["log_level"].upper())
     for h in handlers:
         setattr(h, _OURS, True)
         root.addHandler(h)
     if missing_syslog:
-        logging.getLogger("amavisd").warning("syslog requested but no %s; logging without it",
-                                             config["syslog_socket"])
+        log.warning("syslog requested but no %s; logging without it", config["syslog_socket"])
 
 
-def reopen() -> None:
+def _owner(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The daemon's uid and gid, for a log file created before dropping root."""
+    if not config["user"] or os.geteuid() != 0:
+        return None
+    from amavisd.privileges import PrivilegeError, resolve
+
+    try:
+        uid, gid, _ = resolve(config["user"], config["group"])
+    except PrivilegeError:
+        return None  # privileges.drop says so, and stops the start
+    return uid, gid
+
+
+def reopen() -> list[str]:
+    """Reopen our log file and syslog connection. Never raises: a target that
+    cannot be reopened keeps what it had, and the failure is logged (through
+    the targets that still work) and returned."""
+    failures = []
     for handler in logging.getLogger().handlers:
         if not getattr(handler, _OURS, False):
             continue
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
+        if isinstance(handler, LogFile):
             try:
-                handler.close()
-                handler.stream = handler._open()
-            finally:
-                handler.release()
+                handler.reopen()
+            except OSError as err:
+                failures.append(f"cannot reopen log file {handler.baseFilename}: {err}; "
+                                "still writing to the file it had open")
         elif isinstance(handler, logging.handlers.SysLogHandler):
             try:
                 handler.socket.close()
                 handler._connect_unixsocket(handler.address)
-            except OSError:
-                pass
+            except OSError as err:
+                failures.append(f"cannot reconnect to syslog at {handler.address}: {err}")
+    for failure in failures:
+        log.error("%s", failure)
+    return failures
 
 
 def preserved_fds() -> list[int]:

@@ -9,9 +9,16 @@ byte); the main loop drains the queue and calls `handle_<signal>()`.
 - HUP: re-read the config, start a new generation of workers, then retire
   the old one. The listening sockets stay open throughout, so a connection
   waits in the backlog instead of being refused.
-- USR1: reopen logs (and tell the workers to).
-A worker that exits with the boot-error code halts the master: respawning
-it would only fail again, as fast as the loop turns.
+- USR1: reopen logs (and tell the workers to); a log file that cannot be
+  reopened is logged and survived.
+A worker that exits with the boot-error code before any worker has booted
+halts the master (exit 78): what was wrong at start would only fail again,
+as fast as the loop turns. Once workers have booted and served, the same
+failure (the temp base removed at run time, say) is a fault of the moment:
+the master stays up and respawns with a doubling back-off, so there is no
+storm. Any other exception in the master is a bug: it is logged, the
+sockets are closed and the workers stopped, and the master exits 70
+(EX_SOFTWARE) instead of leaving orphans behind.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 from amavisd import config as configuration
-from amavisd import logs, sdnotify, wakeup
+from amavisd import logs, sdnotify, sysexits, wakeup
 from amavisd.config import Config, ConfigError
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import describe, unlink_if_ours
@@ -35,6 +42,9 @@ log = logging.getLogger("amavisd.master")
 
 ABORT_GRACE = 5.0  # seconds between ABRT and KILL for a stuck worker
 EXIT_HALTED = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it down
+EXIT_BUG = sysexits.EX_SOFTWARE  # an exception in the master itself
+RESPAWN_BACKOFF_FIRST = 1.0  # seconds before respawning after a run-time boot failure
+RESPAWN_BACKOFF_MAX = 30.0  # doubling up to this
 
 SIGNAL_NAMES = {
     signal.SIGHUP: "hup",
@@ -67,6 +77,8 @@ class WorkerProcess:
     age: int
     generation: int
     heartbeat: Heartbeat
+    born: float = 0.0  # the heartbeat's mtime at fork: the worker's first touch moves it
+    booted: bool = False
     aborted_at: float | None = None
     retiring_since: float | None = None
 
@@ -85,6 +97,9 @@ class Arbiter:
         self.worker_age = 0
         self.signal_queue: list[int] = []
         self.stopping = False
+        self.ever_booted = False  # a worker reached its accept loop: we have served
+        self.boot_failures = 0  # in a row, since the last worker that booted
+        self.spawn_after = 0.0  # monotonic time before which no worker is forked
         self._wakeup_r = self._wakeup_w = -1
 
     # -- main loop -----------------------------------------------------------
@@ -102,6 +117,7 @@ class Arbiter:
                     name = SIGNAL_NAMES[self.signal_queue.pop(0)]
                     getattr(self, f"handle_{name}")()
                 self.reap_workers()
+                self.watch_boots()
                 self.murder_workers()
                 self.manage_workers()
         except Halt as halt:
@@ -111,6 +127,13 @@ class Arbiter:
                 log.info("%s", halt.reason)
             self.stop(graceful=halt.code == 0)
             return halt.code
+        except Exception:
+            log.exception("master %d: internal error; stopping", os.getpid())
+            try:
+                self.stop(graceful=True)
+            except Exception:
+                log.exception("master %d: error while stopping", os.getpid())
+            return EXIT_BUG
 
     def install_signals(self) -> None:
         self._wakeup_r, self._wakeup_w = wakeup.open_pipe()
@@ -146,9 +169,12 @@ class Arbiter:
         pass  # reap_workers runs on every turn of the loop
 
     def handle_usr1(self) -> None:
-        logs.reopen()
+        failures = logs.reopen()  # never raises; failures are logged where it still can
         self.signal_workers(signal.SIGUSR1)
-        log.info("USR1: logs reopened")
+        if failures:
+            log.warning("USR1: logs reopened, %d target(s) kept their old file", len(failures))
+        else:
+            log.info("USR1: logs reopened")
 
     def handle_hup(self) -> None:
         try:
@@ -163,8 +189,11 @@ class Arbiter:
                         ", ".join(changed))
             new = new.replace(**{k: self.config[k] for k in changed})
         sdnotify.notify("RELOADING=1")
+        try:
+            logs.setup(new, stderr=self.log_to_stderr)
+        except OSError as err:
+            log.error("HUP: cannot open the new log targets (%s); keeping the old ones", err)
         self.config = new
-        logs.setup(new, stderr=self.log_to_stderr)
         self.generation += 1
         self.manage_workers()  # the new generation first: never a moment without workers
         now = time.monotonic()
@@ -183,7 +212,14 @@ class Arbiter:
         current = [w for w in self.workers.values()
                    if w.generation == self.generation and w.retiring_since is None]
         for _ in range(self.config.workers - len(current)):
-            self.spawn_worker()
+            if time.monotonic() < self.spawn_after:
+                break  # backing off after workers that failed to boot
+            try:
+                self.spawn_worker()
+            except OSError as err:  # fork or the heartbeat file: EAGAIN, ENOMEM, ENOSPC
+                log.error("cannot spawn a worker: %s", err)
+                self.back_off()
+                break
         surplus = len(current) - self.config.workers
         for worker in sorted(current, key=lambda w: w.age)[:max(0, surplus)]:
             worker.retiring_since = time.monotonic()
@@ -203,7 +239,8 @@ class Arbiter:
             raise
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
-            self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat)
+            self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat,
+                                              born=heartbeat.last_update())
             log.info("worker %d spawned (generation %d)", pid, self.generation)
             return pid
         # In the child: forget everything that belongs to the master.
@@ -232,14 +269,40 @@ class Arbiter:
             worker.heartbeat.close()
             code = os.waitstatus_to_exitcode(status)
             if code == EXIT_BOOT_ERROR:
-                raise Halt(EXIT_HALTED, f"worker {pid} failed to boot (see above); "
-                           "not respawning")
+                if not self.ever_booted:
+                    raise Halt(EXIT_HALTED, f"worker {pid} failed to boot (see above); "
+                               "not respawning")
+                delay = self.back_off()
+                log.error("worker %d failed to boot (see above); respawning in %gs",
+                          pid, delay)
+                continue
             if code < 0:
                 log.error("worker %d killed by %s", pid, signal.Signals(-code).name)
             elif code and worker.retiring_since is None:
                 log.warning("worker %d exited with status %d", pid, code)
             else:
                 log.info("worker %d exited", pid)
+
+    def watch_boots(self) -> None:
+        """A worker whose heartbeat moved since the fork has booted: from then
+        on a boot failure is respawned (with back-off), not a reason to halt."""
+        for worker in self.workers.values():
+            if worker.booted:
+                continue
+            try:
+                moved = worker.heartbeat.last_update() > worker.born
+            except OSError:
+                continue
+            if moved:
+                worker.booted = self.ever_booted = True
+                self.boot_failures, self.spawn_after = 0, 0.0
+
+    def back_off(self) -> float:
+        """Hold further spawns for a doubling delay; returns it."""
+        self.boot_failures += 1
+        delay = min(RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
+        self.spawn_after = time.monotonic() + delay
+        return delay
 
     def murder_workers(self) -> None:
         now = time.monotonic()

@@ -16,6 +16,12 @@ mode a delivery agent's own exit code is passed on.
 Start-up time is the point of this file: it imports only what Python has
 loaded anyway (`_socket`, not `socket`; no argparse, getopt, re or
 subprocess), and is installed to run with `python3 -I -S`.
+
+In mailer mode the message is spooled before connecting (the daemon hangs
+up connections idle for client_idle_timeout), and what is delivered is read
+back from the spooled file's descriptor after checking that the spool is
+still the one the daemon was told about (see spool.py): never bytes that
+someone else put at the path.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import sys
 
 from amavisd_client.ampdp import Block, Decoder, encode_block
+from amavisd_client.spool import Spool, SpoolError
 
 EX_OK = 0
 EX_USAGE = 64
@@ -233,57 +240,6 @@ def check(conn: Connection, mail_file: str, sender: str | None,
 # -- spooling -----------------------------------------------------------------------
 
 
-class Spool:
-    """A private dir under the daemon's temp base holding email.txt; removed on exit."""
-
-    def __init__(self, tempbase: str):
-        self.dir = os.path.join(tempbase, "client-" + os.urandom(8).hex())
-        try:
-            os.mkdir(self.dir, 0o750)
-        except OSError as err:
-            raise ClientError(f"cannot create a spool dir in {tempbase}: {err.strerror}") \
-                from None
-        self.path = os.path.join(self.dir, "email.txt")
-
-    def write_from(self, fd_in: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-        try:
-            while True:
-                chunk = os.read(fd_in, 1 << 20)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-
-    def remove(self) -> None:
-        """Remove the whole dir: with tempdir_removed_by=client the server may have
-        left its own work files in it (amavisd-new does)."""
-        remove_tree(self.dir)
-
-
-def remove_tree(path: str) -> None:
-    """rm -r without following symlinks (and without importing shutil)."""
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                remove_tree(entry.path)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            pass
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
-
-
 def inside(path: str, base: str) -> bool:
     real, base = os.path.realpath(path), os.path.realpath(base)
     parent = os.path.dirname(real)
@@ -332,7 +288,7 @@ def check_file(conn: Connection, opts: Options, path: str) -> int:
         else:
             mail_file = os.path.realpath(path)
         reply = check(conn, mail_file, *FILE_CHECK_ENVELOPE)
-    except ClientError as err:
+    except (ClientError, SpoolError) as err:
         say(f"{path}: tempfail: {err}", stream=sys.stderr)
         return EX_TEMPFAIL
     finally:
@@ -354,13 +310,15 @@ def mailer_mode(opts: Options) -> int:
     spool = None
     conn = Connection(opts.socket, opts.timeout)
     try:
-        conn.open()
         spool = Spool(opts.tempbase)
-        spool.write_from(0)
+        spool.write_from(0)  # first: a slow stdin must not idle our connection away
+        spool.verify()
+        conn.open()
         reply = check(conn, spool.path, opts.sender, opts.args)
         outcome = reply.get("return_value")
         if outcome in ("continue", "accept"):
-            return deliver(opts, spool.path, header_edits(reply))
+            spool.verify()  # the verdict was on our file, not on one swapped in
+            return deliver(opts, spool.read(), header_edits(reply))
         if outcome == "discard":
             return EX_OK
         fields = (reply.fields("setreply", 3) or [[]])[0]
@@ -370,7 +328,7 @@ def mailer_mode(opts: Options) -> int:
             return EX_UNAVAILABLE
         say(f"{xcode or '4.5.0'} {text or 'amavisd could not check the message'}")
         return EX_TEMPFAIL
-    except ClientError as err:
+    except (ClientError, SpoolError) as err:
         say(f"4.5.0 amavisd-client: {err}")
         return EX_TEMPFAIL
     except OSError as err:
@@ -465,9 +423,8 @@ def delivery_argvs(template: str, sender: str, recipients: list[str]) -> list[li
     return [argv]
 
 
-def deliver(opts: Options, mail_file: str, edits: list[tuple[str, list[str]]]) -> int:
-    with open(mail_file, "rb") as fh:
-        data = fh.read()
+def deliver(opts: Options, data: bytes, edits: list[tuple[str, list[str]]]) -> int:
+    """Hand `data` (as spooled and scanned), with the header edits, to the agent."""
     split = _header_end(data)
     message = apply_edits(data[:split], edits) + data[split:] if edits else data
     sender = opts.sender or ""

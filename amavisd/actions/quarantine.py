@@ -12,6 +12,13 @@ size) and is what goes into `X-Quarantine-ID:` and what `release` takes.
 The sidecar is written last, so an entry without one is incomplete and is
 never listed.
 
+The id is no secret: it is in the log line, the alert and the header. A
+release over AM.PDP must also name the entry's `secret_id` (amavisd-new's
+name: 96 random bits, base64url), which lives only in the 0600 sidecar and
+is shown to the admin by `amavisd quarantine show` and `list --secrets`;
+the check itself is in `actions.release`. Entries stored before secrets
+existed have none and can only be released locally.
+
 An id comes from people and CLIs: it is checked against a strict pattern
 before any path is built from it, so it can never name a file outside the
 quarantine. Files are opened without following symlinks. A release re-sends
@@ -76,6 +83,7 @@ class QuarantineEntry:
     viruses: list[str] = field(default_factory=list)
     banned: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    secret_id: str = ""  # empty in entries stored before release authorisation
 
     @classmethod
     def from_json(cls, data: dict) -> QuarantineEntry:
@@ -96,6 +104,15 @@ def new_id() -> str:
     digit: Debian's amavisd-release only accepts mail ids of that shape."""
     while True:
         candidate = secrets.token_urlsafe(9)  # 9 bytes -> 12 characters
+        if candidate[0].isalnum() and candidate[-1].isalnum():
+            return candidate
+
+
+def new_secret() -> str:
+    """16 base64url characters (96 bits) that start and end with a letter or
+    digit, so that no command line takes one for an option."""
+    while True:
+        candidate = secrets.token_urlsafe(12)  # 12 bytes -> 16 characters
         if candidate[0].isalnum() and candidate[-1].isalnum():
             return candidate
 
@@ -168,7 +185,7 @@ class Quarantine:
                 recipients=list(envelope.recipients), queue_id=envelope.queue_id,
                 client_address=envelope.client_address, viruses=result.viruses,
                 banned=[str(b) for b in result.banned],
-                unchecked=[str(u) for u in result.unchecked])
+                unchecked=[str(u) for u in result.unchecked], secret_id=new_secret())
             side = self._create(f"{kind}-{qid}.json")
             sidecar = f"{kind}-{qid}.json"
             with side:

@@ -322,6 +322,8 @@ def test_release_with_the_cli_delivers_with_the_original_envelope(quarantined):
 
 
 def test_debians_amavisd_release_works_against_our_daemon(quarantined, short_tmp):
+    """`amavisd-release ID SECRET [RCPT...]`, the secret from `quarantine show`
+    (what it refuses: tests/integration/test_release_auth.py)."""
     if not os.path.exists(AMAVISD_RELEASE):
         pytest.skip("amavisd-release not installed (Debian package amavisd-new)")
     daemon, sink, qid = quarantined
@@ -331,14 +333,18 @@ def test_debians_amavisd_release_works_against_our_daemon(quarantined, short_tmp
     assert n == 1, "amavisd-release's layout changed"
     script = short_tmp / "amavisd-release"
     script.write_text(text)
-    proc = subprocess.run(["perl", "-T", str(script), qid], capture_output=True, text=True,
-                          timeout=60)
+    shown = subprocess.run([sys.executable, "-m", "amavisd", "quarantine", "-c",
+                            str(daemon.config_path), "show", "--headers-only", qid],
+                           capture_output=True, text=True, timeout=30).stdout
+    secret = re.search(r"^# secret_id: (\S+)$", shown, flags=re.M).group(1)
+    proc = subprocess.run(["perl", "-T", str(script), qid, secret], capture_output=True,
+                          text=True, timeout=60)
     assert "250 2.0.0" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     got = sink.wait(1)[0]
     assert got.mail_from == "alice@example.test"
     assert sorted(got.rcpt_tos) == ["bob@example.test", "carol@example.test"]
-    # to another recipient, as amavisd-release allows
-    proc = subprocess.run(["perl", "-T", str(script), qid, "", "dave@example.test"],
+    # to one of the original recipients, as amavisd-release allows
+    proc = subprocess.run(["perl", "-T", str(script), qid, secret, "carol@example.test"],
                           capture_output=True, text=True, timeout=60)
     assert "250 2.0.0" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    assert sink.wait(2)[1].rcpt_tos == ["dave@example.test"]
+    assert sink.wait(2)[1].rcpt_tos == ["carol@example.test"]

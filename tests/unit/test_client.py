@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from amavisd_client.ampdp import Decoder, encode_block
@@ -73,3 +76,67 @@ def test_inside_requires_a_subdirectory(tmp_path):
     assert inside(str(tmp_path / "d" / "email.txt"), str(tmp_path))
     assert not inside(str(tmp_path / "email.txt"), str(tmp_path))
     assert not inside("/etc/passwd", str(tmp_path))
+
+
+# -- the spool: what is delivered is what was written -------------------------------------
+
+
+def spooled(tmp_path, data: bytes):
+    from amavisd_client.spool import Spool
+
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, data)
+    os.close(write_fd)
+    spool = Spool(str(tmp_path))
+    try:
+        spool.write_from(read_fd)
+    finally:
+        os.close(read_fd)
+    return spool
+
+
+def test_spool_modes_and_read_back(tmp_path):
+    old = os.umask(0o077)
+    try:
+        spool = spooled(tmp_path, b"Subject: ours\n\nbody\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(spool.dir).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(spool.path).st_mode) == 0o640
+    spool.verify()
+    assert spool.read() == b"Subject: ours\n\nbody\n"
+    spool.remove()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("swap", ["dir", "file"])
+def test_a_swapped_spool_is_detected_and_its_bytes_never_read(tmp_path, swap):
+    from amavisd_client.spool import SpoolError
+
+    spool = spooled(tmp_path, b"Subject: ours\n\nclean\n")
+    if swap == "dir":
+        os.rename(spool.dir, str(tmp_path / "moved"))
+        os.mkdir(spool.dir)
+        planted = os.path.join(spool.dir, "email.txt")
+    else:
+        planted = spool.path
+        os.unlink(planted)
+    with open(planted, "wb") as fh:
+        fh.write(b"Subject: theirs\n\nEICAR\n")
+    with pytest.raises(SpoolError, match="replaced"):
+        spool.verify()
+    assert spool.read() == b"Subject: ours\n\nclean\n"  # from our descriptor, not the path
+    spool.remove()
+    if swap == "dir":  # someone else's dir at our name is left alone
+        assert open(planted, "rb").read() == b"Subject: theirs\n\nEICAR\n"
+
+
+def test_a_spool_file_changed_in_place_is_detected(tmp_path):
+    from amavisd_client.spool import SpoolError
+
+    spool = spooled(tmp_path, b"Subject: ours\n\nclean\n")
+    with open(spool.path, "ab") as fh:
+        fh.write(b"appended\n")
+    with pytest.raises(SpoolError, match="changed size"):
+        spool.verify()
+    spool.remove()

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -213,8 +214,133 @@ def test_a_release_request_cannot_forge_log_lines(tmp_path: Path, sink: SMTPSink
                                        "release_method": f"smtp:[{host}]:{port}"})
     qid = Quarantine(str(tmp_path)).store(RAW, envelope(), infected())
     caplog.set_level("INFO", logger="amavisd.release")
-    outcome = release(config, qid, ["<admin@example.org>\r\namavisd[1]: Passed CLEAN"])
+    outcome = release(config, qid, ["<admin@example.org>\r\namavisd[1]: Passed CLEAN"],
+                      local=True)
     assert outcome.ok, outcome
     assert len(sink.wait(1)) == 1
     [line] = [r.getMessage() for r in caplog.records if "released" in r.getMessage()]
     assert "\n" not in line and "\r" not in line and "??amavisd[1]" in line
+
+
+# -- release authorisation (secret_id, release_to_others) ---------------------------------
+
+
+@pytest.fixture
+def releasing(tmp_path: Path, sink: SMTPSink):
+    """A quarantine with one entry, and `release` bound to a config that sends to the sink."""
+    from amavisd import config as configuration
+    from amavisd.actions import release as release_module
+
+    host, port = sink.address
+
+    def config(**values):
+        return configuration.load(None, {"quarantine_dir": str(tmp_path / "q"),
+                                         "release_method": f"smtp:[{host}]:{port}"} | values)
+
+    store = Quarantine(str(tmp_path / "q"))
+    qid = store.store(RAW, envelope(), infected())
+    return store, qid, config, release_module
+
+
+def test_each_entry_has_its_own_secret_in_the_0600_sidecar(tmp_path: Path, open_umask):
+    store = Quarantine(str(tmp_path))
+    first = store.load(store.store(RAW, envelope(), infected()))
+    second = store.load(store.store(RAW, envelope(), infected()))
+    assert first.secret_id != second.secret_id
+    for entry in (first, second):
+        assert len(entry.secret_id) == 16 and entry.secret_id[0].isalnum()
+        assert set(entry.secret_id) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                           "0123456789-_")
+        sidecar = tmp_path / f"virus-{entry.id}.json"
+        assert json.loads(sidecar.read_bytes())["secret_id"] == entry.secret_id
+        assert mode(sidecar) == 0o600
+        assert entry.secret_id not in (tmp_path / entry.file).read_bytes().decode()
+
+
+def test_a_remote_release_needs_the_right_secret(releasing, sink: SMTPSink, caplog):
+    store, qid, config, rel = releasing
+    secret = store.load(qid).secret_id
+    caplog.set_level("INFO", logger="amavisd.release")
+    missing = rel.release(config(), qid, [], "r-1")
+    wrong = rel.release(config(), qid, [], "r-2", secret=secret[:-1] + "x")
+    as_request = rel.release(config(), rel.ReleaseRequest(f"virus-{qid}", "nope"), [], "r-3")
+    for outcome in (missing, wrong, as_request):
+        assert (outcome.ok, outcome.smtp, outcome.enhanced, outcome.temporary) == (
+            False, "550", "5.7.1", False)
+    assert sink.wait(0, timeout=0.3) == []
+    logged = " | ".join(r.getMessage() for r in caplog.records)
+    assert "(r-1) release of" in logged and "no secret_id in the request" in logged
+    assert "(r-2) release of" in logged and "wrong secret_id" in logged
+    assert secret not in logged  # the secret is never logged
+    ok = rel.release(config(), rel.ReleaseRequest(f"virus-{qid}", secret), [], "r-4")
+    assert ok.ok, ok
+    assert sink.wait(1)[0].rcpt_tos == ["bob@example.org", "carol@example.org"]
+
+
+def test_unknown_ids_and_bad_secrets_look_the_same(releasing):
+    """No oracle: same reply, and no quicker, whether the id exists or not."""
+    store, qid, config, rel = releasing
+    other = "AAAAAAAAAAAA"  # unknown (one chance in 2^72 to be qid)
+    replies = set()
+    for name in (qid, other, f"virus-{other}", "../../etc/passwd"):
+        started = time.monotonic()
+        outcome = rel.release(config(), name, [], "r", secret="x" * 16)
+        elapsed = time.monotonic() - started
+        assert not outcome.ok and elapsed >= rel.REFUSAL_FLOOR, (name, elapsed)
+        replies.add((outcome.smtp, outcome.enhanced, outcome.text))
+    assert len(replies) == 1, replies
+
+
+def test_entries_without_a_secret_are_released_locally_only(releasing, tmp_path, sink):
+    store, qid, config, rel = releasing
+    sidecar = tmp_path / "q" / f"virus-{qid}.json"
+    data = json.loads(sidecar.read_bytes())
+    del data["secret_id"]  # as written before release authorisation
+    sidecar.write_bytes(json.dumps(data).encode())
+    assert store.load(qid).secret_id == ""
+    for secret in (None, "", "x"):
+        assert not rel.release(config(), qid, [], "r", secret=secret).ok
+    assert rel.release(config(), qid, [], "cli", local=True).ok
+    assert len(sink.wait(1)) == 1
+
+
+def test_auth_required_release_off(releasing, sink):
+    """As amavisd-new: no secret needed, but one that is sent is still checked."""
+    store, qid, config, rel = releasing
+    lax = config(auth_required_release=False)
+    assert not rel.release(lax, qid, [], "r", secret="wrong").ok
+    assert not rel.release(lax, "AAAAAAAAAAAA", [], "r").ok  # unknown (2^-72 it is qid)
+    assert rel.release(lax, qid, [], "r").ok
+    assert rel.release(lax, qid, [], "r", secret=store.load(qid).secret_id).ok
+    assert len(sink.wait(2)) == 2
+
+
+def test_other_recipients_take_release_to_others(releasing, sink):
+    store, qid, config, rel = releasing
+    secret = store.load(qid).secret_id
+    outsider = rel.release(config(), qid, ["bob@example.org", "<mallory@evil.test>"], "r",
+                           secret=secret)
+    assert (outsider.ok, outsider.smtp, outsider.enhanced) == (False, "550", "5.7.1")
+    assert "release_to_others" in outsider.text and "mallory@evil.test" in outsider.text
+    # a subset of the original recipients is no privilege (the domain's case does not count)
+    subset = rel.release(config(), qid, ["<carol@EXAMPLE.org>"], "r", secret=secret)
+    assert subset.ok, subset
+    assert sink.wait(1)[0].rcpt_tos == ["carol@EXAMPLE.org"]
+    # local parts may be case-sensitive: Bob is someone else
+    assert not rel.release(config(), qid, ["Bob@example.org"], "r", secret=secret).ok
+    allowed = rel.release(config(release_to_others=True), qid, ["mallory@evil.test"], "r",
+                          secret=secret)
+    assert allowed.ok, allowed
+    assert rel.release(config(), qid, ["admin@example.org"], "cli", local=True).ok
+    assert [m.rcpt_tos for m in sink.wait(3)[1:]] == [["mallory@evil.test"],
+                                                      ["admin@example.org"]]
+
+
+def test_a_damaged_entry_is_refused_remotely_like_an_unknown_one(releasing, tmp_path):
+    store, qid, config, rel = releasing
+    (tmp_path / "q" / f"virus-{qid}.json").write_bytes(b"{damaged")
+    remote = rel.release(config(), qid, [], "r", secret="x" * 16)
+    unknown = rel.release(config(), "AAAAAAAAAAAA", [], "r", secret="x" * 16)
+    assert (remote.smtp, remote.text) == (unknown.smtp, unknown.text) == ("550", rel.REFUSED_TEXT)
+    local = rel.release(config(), qid, [], "cli", local=True)  # the admin is told why
+    assert local.temporary and "damaged sidecar" in local.text
