@@ -237,7 +237,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("graceful_timeout", "daemon", float, 30.0,
             "Seconds in-flight messages get to finish on TERM or reload.", positive),
     Setting("client_timeout", "daemon", float, 60.0,
-            "Seconds a worker waits for a client's next request line.", positive),
+            "Deprecated, ignored: see client_idle_timeout and request_timeout.", positive),
     Setting("client_idle_timeout", "daemon", float, 10.0,
             "Seconds a connection may sit idle (after connecting, or after a reply) before "
             "its next request starts; then the worker hangs up.", positive),
@@ -531,7 +531,19 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         flag = setting.flags[0] if setting.flags else key
         values[key] = coerce(setting, value, flag)
     check_scanner_names(values, source)
-    return Config(values, source)
+    config = Config(values, source)
+    check_work_base(config)
+    return config
+
+
+def check_work_base(config: Config) -> None:
+    """The workers' own dirs must be out of the clients' reach."""
+    work = os.path.normpath(config.work_base_path)
+    temp = os.path.normpath(config.tempbase_path)
+    if os.path.commonpath([work, temp]) in (work, temp):
+        where = f"{config.source}: " if getattr(config, "source", None) else ""
+        raise ConfigError(f"{where}daemon.work_base {work} must be neither inside nor above "
+                          f"the temp base {temp}, which clients may write")
 
 
 def check_scanner_names(values: dict[str, Any], source: str | None) -> None:

@@ -53,3 +53,7 @@ class Job:
     log_id: str
     mail_path: str
     envelope: Envelope = field(default_factory=Envelope)
+    # The message already opened by the ingress at its trust boundary (AM.PDP:
+    # beneath the temp base, checked); the pipeline then reads this descriptor
+    # and never looks the client's path up again. -1: open mail_path.
+    mail_fd: int = -1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.policy
 import logging
 import os
+import stat
 import time
 from collections.abc import Sequence
 from email.parser import BytesHeaderParser
@@ -24,6 +25,7 @@ from amavisd.actions.quarantine import KINDS, Quarantine, QuarantineError
 from amavisd.config import Config
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
+from amavisd.decode.registry import WorkDirFailed
 from amavisd.envelope import Job, angled
 from amavisd.policy.banned import BannedRules
 from amavisd.policy.destinies import destinies
@@ -36,6 +38,14 @@ log = logging.getLogger("amavisd.pipeline")
 
 class MessageUnreadable(Exception):
     """The message file cannot be read: tempfail, the MTA still has the mail."""
+
+
+class MessageTooLarge(Exception):
+    """Over max_message_size: not read at all, UNCHECKED (kind limit)."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"message larger than max_message_size ({limit} bytes)")
+        self.size = size
 
 
 class QuarantineFailed(Exception):
@@ -64,17 +74,25 @@ class Pipeline:
                                  forwarder(config.notify_method, config.smtp_timeout),
                                  Templates([config.template_dir] if config.template_dir else []))
         self.outbox: list[tuple[Result, Job, bytes]] = []  # notices to send after the reply
-        # Large parts spill under the temp base when it exists (the daemon makes
-        # sure it does), else in the system's temp dir (`amavisd scan`).
-        tempbase = config.tempbase_path
-        self.spill_base = tempbase if os.path.isdir(tempbase) else None
+        # Large parts spill to per-message dirs in the daemon's own work base
+        # (0700: clients, who may write in the temp base, cannot reach them)
+        # when it exists (the daemon makes sure it does), else in the system's
+        # temp dir (`amavisd scan`). Never in the temp base.
+        work_base = config.work_base_path
+        self.spill_base = work_base if os.path.isdir(work_base) else None
 
     def process(self, job: Job) -> Result:
         started = time.monotonic()
         result = Result(log_id=job.log_id)
         decomposition = None
         try:
-            raw = self.spool(job)
+            try:
+                raw = self.spool(job)
+            except MessageTooLarge as err:
+                result.size = err.size
+                result.unchecked.append(Unchecked(str(err), "limit"))
+                self.decide(result)
+                raise _Decided from None
             result.size = len(raw)
             result.headers = top_headers(raw)
             decomposition = decompose(raw, self.limits, self.spill_base,
@@ -87,10 +105,13 @@ class Pipeline:
             self.scan(result)
             self.decide(result)
             self.keep(job, result, raw)
-        except (MessageUnreadable, ScannerError, QuarantineFailed, OSError) as err:
+        except _Decided:
+            pass
+        except (MessageUnreadable, ScannerError, QuarantineFailed, WorkDirFailed, OSError,
+                MemoryError) as err:
             result.category = None
             result.destiny = Destiny.TEMPFAIL
-            result.tempfail_reason = str(err)
+            result.tempfail_reason = str(err) or type(err).__name__
         finally:
             if decomposition is not None:
                 decomposition.cleanup()
@@ -102,16 +123,27 @@ class Pipeline:
     # -- stages ------------------------------------------------------------
 
     def spool(self, job: Job) -> bytes:
-        """Read the message; never follow a symlink planted in place of the file."""
+        """Read the message, at most max_message_size bytes of a regular file.
+
+        An AM.PDP job arrives already opened beneath the temp base
+        (`mail_fd`, see protocol.ampdp): read through that descriptor, never
+        by the path again. Otherwise the path is opened without following a
+        symlink planted in its place, without blocking on a FIFO and without
+        taking a terminal."""
+        fd = job.mail_fd
+        owned = fd < 0
+        if owned:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            try:
+                fd = os.open(job.mail_path, flags)
+            except OSError as err:
+                raise MessageUnreadable(f"cannot open {job.mail_path}: {err.strerror}") \
+                    from None
         try:
-            fd = os.open(job.mail_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as err:
-            raise MessageUnreadable(f"cannot open {job.mail_path}: {err.strerror}") from None
-        try:
-            with os.fdopen(fd, "rb") as fh:
-                return fh.read()
-        except OSError as err:
-            raise MessageUnreadable(f"cannot read {job.mail_path}: {err.strerror}") from None
+            return read_message(fd, job.mail_path, self.config.max_message_size)
+        finally:
+            if owned:
+                os.close(fd)
 
     def scan(self, result: Result) -> None:
         """The scanner set looks at every part; parts no scanner could take
@@ -164,6 +196,30 @@ class Pipeline:
         result.category = category
         result.destiny = result.force_destiny or self.destinies.destiny(category,
                                                                         result.unchecked)
+
+
+class _Decided(Exception):
+    """The verdict is in before decoding (a message too large to read)."""
+
+
+def read_message(fd: int, name: str, limit: int) -> bytes:
+    """The whole regular file behind `fd`, from its start. A file larger than
+    `limit` is not read (MessageTooLarge: UNCHECKED); one that changes size
+    while read is a tempfail: never a partial message scanned as the whole."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MessageUnreadable(f"{name} is not a regular file")
+        if st.st_size > limit:
+            raise MessageTooLarge(st.st_size, limit)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            fh.seek(0)
+            raw = fh.read(st.st_size + 1)
+    except OSError as err:
+        raise MessageUnreadable(f"cannot read {name}: {err.strerror}") from None
+    if len(raw) != st.st_size:
+        raise MessageUnreadable(f"{name} changed size while being read")
+    return raw
 
 
 def top_headers(raw: bytes) -> dict[str, str]:

@@ -6,6 +6,12 @@ master kills it if a request outlives `child_timeout`. Asked to abort
 (SIGABRT), it first answers the request in flight with a tempfail, so the
 client never sees a silent drop. It leaves with `os._exit()`: the master's
 atexit hooks (python-daemon's among them) must not run in a child.
+
+The temp base (clients spool there) and the work base (our own per-message
+dirs) are re-created when they vanish under a running daemon: a worker
+refuses to boot (and so halts the master) only for what was wrong at start;
+later, while they cannot be made, requests are tempfailed and the master
+stays up.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import random
 import select
 import signal
 import socket
+import stat
 
 from amavisd import logs, wakeup
 from amavisd.actions.release import ReleaseOutcome
@@ -25,7 +32,7 @@ from amavisd.config import Config
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
 from amavisd.pipeline import Pipeline
-from amavisd.protocol.ampdp import Session
+from amavisd.protocol.ampdp import Session, SessionLimits
 from amavisd.verdict import Destiny, Result
 
 log = logging.getLogger("amavisd.worker")
@@ -35,6 +42,9 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_BOOT_ERROR = 3  # the master halts instead of respawning forever
 EXIT_ABORTED = 4
+
+TEMPBASE_MODE = 0o1770  # clients of the group spool here; sticky: none removes another's
+WORK_BASE_MODE = 0o700  # ours alone
 
 
 class BootError(Exception):
@@ -61,6 +71,9 @@ class Worker:
         self.max_requests = config.max_requests + jitter if config.max_requests else 0
         self.pipeline: Pipeline | None = None
         self._wakeup_r = -1
+        # The master's first workers: what is wrong for them was wrong at start.
+        self.at_start = generation == 0 and age <= config.workers
+        self.dirs_problem: str | None = None  # why requests are tempfailed, if they are
 
     # -- life cycle --------------------------------------------------------
 
@@ -94,17 +107,32 @@ class Worker:
             # Signals the master sent since fork() were held back: they reach
             # the handlers above now (see Master.spawn_worker).
             signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
-        tempbase = self.config.tempbase_path
-        if not os.path.isdir(tempbase):
-            raise BootError(f"temp base {tempbase} is not a directory")
-        if not os.access(tempbase, os.R_OK | os.W_OK | os.X_OK):
-            raise BootError(f"temp base {tempbase} is not readable and writable by uid "
-                            f"{os.geteuid()}")
+        self.ensure_dirs()
+        if self.dirs_problem is not None and self.at_start:
+            raise BootError(self.dirs_problem)
+        self.at_start = False  # from now on, trouble with the dirs is not a boot error
         self.pipeline = Pipeline(self.config)
+        # Our per-message dirs go to the work base even if it was missing just
+        # now: ensure_dirs() re-creates it before every request.
+        self.pipeline.spill_base = self.config.work_base_path
+
+    def ensure_dirs(self) -> None:
+        """Re-create a missing temp base or work base (we own the workdir) and
+        check both; `dirs_problem` says what is wrong, None when all is well."""
+        problem = (ensure_dir(self.config.tempbase_path, TEMPBASE_MODE, "temp base")
+                   or ensure_dir(self.config.work_base_path, WORK_BASE_MODE, "work base",
+                                 private=True))
+        if problem is None and self.dirs_problem is not None:
+            log.info("worker %d: temp base and work base usable again", os.getpid())
+        elif problem is not None and problem != self.dirs_problem and not self.at_start:
+            log.error("worker %d: %s; tempfailing requests until it is fixed",
+                      os.getpid(), problem)
+        self.dirs_problem = problem
 
     def loop(self) -> None:
         while self.alive:
             self.heartbeat.notify()
+            self.ensure_dirs()
             if self.reopen_logs:
                 self.reopen_logs = False
                 logs.reopen()
@@ -127,13 +155,17 @@ class Worker:
                     conn, _ = listener.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue  # another worker won the race
-                self.handle(conn)
+                try:
+                    self.handle(conn)
+                except Exception:  # one connection's trouble must not cost the worker
+                    log.exception("worker %d: error serving a connection", os.getpid())
 
     def handle(self, conn: socket.socket) -> None:
         conn.setblocking(True)
         self.heartbeat.notify()
         self.session = Session(conn, self.config.tempbase_path, self.process,
-                               self.next_log_id, self.keep_going, self.config.client_timeout,
+                               self.next_log_id, self.keep_going,
+                               SessionLimits.from_config(self.config),
                                release=self.release, after_reply=self.after_reply)
         try:
             self.session.serve()
@@ -151,6 +183,10 @@ class Worker:
         self.heartbeat.notify()  # child_timeout counts from the start of the request
         self.requests += 1
         assert self.pipeline is not None
+        self.ensure_dirs()
+        if self.dirs_problem is not None:
+            return Result(log_id=job.log_id, destiny=Destiny.TEMPFAIL,
+                          tempfail_reason=self.dirs_problem)
         try:
             return self.pipeline.process(job)
         except Exception as err:  # a bug must tempfail the message, not lose it
@@ -192,3 +228,29 @@ class Worker:
         if self.session is not None:
             self.session.emergency_tempfail("processing exceeded child_timeout")
         os._exit(EXIT_ABORTED)
+
+
+def ensure_dir(path: str, mode: int, what: str, private: bool = False) -> str | None:
+    """Make `path` (with `mode`) if it is missing; what is wrong with it, or None.
+    `private`: it must be ours alone (the work base), never open to clients."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        return f"{what} {path} is missing and cannot be created: {err.strerror}"
+    else:
+        os.chmod(path, mode)  # mkdir's mode went through the umask
+        log.warning("worker %d: %s %s was missing: re-created", os.getpid(), what, path)
+    try:
+        st = os.stat(path)  # an admin's symlink to the real dir is fine
+    except OSError as err:
+        return f"{what} {path}: {err.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{what} {path} is not a directory"
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        return f"{what} {path} is not readable and writable by uid {os.geteuid()}"
+    if private and (st.st_uid != os.geteuid() or st.st_mode & 0o077):
+        return (f"{what} {path} must be ours alone (uid {os.geteuid()}, mode 0700), "
+                f"not uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):04o}")
+    return None

@@ -18,6 +18,7 @@ from _collections_abc import Iterable, Sequence  # frozen, already loaded: no st
 CRLF = b"\r\n"
 MAX_LINE = 64 * 1024  # longer lines are dropped and reported (README.protocol allows it)
 MAX_ATTRIBUTES = 20_000  # recipients included; far above any MTA's recipient limit
+MAX_ERRORS = 8  # error texts kept a block; the rest are only counted (bounded memory)
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # Bytes a value field may carry unencoded: printable ASCII except space and %.
@@ -57,14 +58,29 @@ def decode(raw: bytes) -> str:
 
 
 class Block:
-    """One request or reply: ordered (name, raw value) pairs plus framing errors."""
+    """One request or reply: ordered (name, raw value) pairs plus framing errors.
 
-    __slots__ = ("pairs", "errors")
+    Only the first MAX_ERRORS error texts are kept, the rest counted in
+    `more_errors`: a client sending megabytes of bad lines must not make the
+    daemon hold one string per line."""
+
+    __slots__ = ("pairs", "errors", "more_errors")
 
     def __init__(self, pairs: list[tuple[str, bytes]] | None = None,
                  errors: list[str] | None = None):
         self.pairs = pairs if pairs is not None else []
         self.errors = errors if errors is not None else []
+        self.more_errors = 0
+
+    def add_error(self, text: str) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(text)
+        else:
+            self.more_errors += 1
+
+    @property
+    def error_count(self) -> int:
+        return len(self.errors) + self.more_errors
 
     @property
     def first_name(self) -> str | None:
@@ -138,7 +154,7 @@ class Decoder:
             if end < 0:
                 if len(self._buffer) > self.max_line:
                     if not self._skipping:
-                        self._block.errors.append(f"line longer than {self.max_line} bytes")
+                        self._block.add_error(f"line longer than {self.max_line} bytes")
                     self._skipping = True
                     del self._buffer[:]
                 return blocks
@@ -150,7 +166,7 @@ class Decoder:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > self.max_line:
-                self._block.errors.append(f"line longer than {self.max_line} bytes")
+                self._block.add_error(f"line longer than {self.max_line} bytes")
                 continue
             if not line:
                 if self._block.pairs or self._block.errors:
@@ -163,15 +179,15 @@ class Decoder:
         block = self._block
         name_raw, sep, value_raw = line.partition(b"=")
         if not sep:
-            block.errors.append(f"malformed line (no '='): {line[:60]!r}")
+            block.add_error(f"malformed line (no '='): {line[:60]!r}")
             return
         name = decode(name_raw)
         if not name:  # encoded specials are legal in names; only we never look them up
-            block.errors.append("empty attribute name")
+            block.add_error("empty attribute name")
             return
         if len(block.pairs) >= self.max_attributes:
-            if len(block.errors) == 0 or "too many" not in block.errors[-1]:
-                block.errors.append(f"too many attributes (> {self.max_attributes})")
+            if not any(text.startswith("too many attributes") for text in block.errors):
+                block.add_error(f"too many attributes (> {self.max_attributes})")
             return
         block.pairs.append((name, value_raw))
 

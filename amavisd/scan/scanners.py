@@ -125,7 +125,9 @@ def _clamd(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> Sca
 
 
 def _command(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> Scanner:
-    return CommandScanner(name, command_definition(spec), tempbase=config.get("tempbase_path"))
+    # Parts are written in the daemon's own work base (0700), never in the
+    # temp base, where clients could reach them.
+    return CommandScanner(name, command_definition(spec), tempbase=config.get("work_base_path"))
 
 
 SCANNER_TYPES: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], Scanner]] = {
@@ -184,7 +186,7 @@ def check_definitions(definitions: Mapping[str, Any]) -> dict[str, dict[str, Any
 
 def build_scanner_set(config: Mapping[str, Any]) -> ScannerSet:
     definitions = BUILTIN | config.get("scanners", {})
-    env = dict(config) | {"tempbase_path": getattr(config, "tempbase_path", None)}
+    env = dict(config) | {"work_base_path": getattr(config, "work_base_path", None)}
 
     def make(name: str) -> Scanner:
         spec = definitions[name]

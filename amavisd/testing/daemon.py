@@ -4,11 +4,14 @@ The daemon is started exactly as a postmaster would (`amavisd run -c FILE`,
 foreground) and is considered up when it sends READY=1 on a NOTIFY_SOCKET we
 own, so the systemd readiness path is exercised on every test. Helpers list
 the worker processes (children of the master) and run the real client.
+Started as root with `user=`/`group=`, the daemon drops privileges exactly
+as in production; its log file is made beforehand for that user.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -42,10 +45,12 @@ def children(pid: int) -> set[int]:
 
 class DaemonInstance:
     def __init__(self, workdir: Path, clamd_address: str, workers: int = 2,
-                 python_args: list[str] | None = None, **settings: Any):
+                 python_args: list[str] | None = None, python: str | None = None,
+                 **settings: Any):
         self.workdir = Path(workdir)
         # what follows the interpreter: `-m amavisd`, or a fault's launcher
         self.python_args = python_args or ["-m", "amavisd"]
+        self.python = python or sys.executable  # e.g. a sealed one (testing/sealed.py)
         self.settings: dict[str, Any] = {
             "workdir": str(self.workdir / "home"),
             "clamd": clamd_address,
@@ -114,10 +119,11 @@ class DaemonInstance:
             self.notify_path.unlink()
         self._notify.bind(str(self.notify_path))
         self.notify_path.chmod(0o666)  # like systemd's: the master may have dropped root
+        self._prepare_log_for_user()
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONPATH=ROOT)
         self._stderr = open(self.workdir / "stderr.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, *self.python_args, "run", "-c", str(self.config_path)],
+            [self.python, *self.python_args, "run", "-c", str(self.config_path)],
             env=env, stdout=self._stderr, stderr=self._stderr, cwd=ROOT,
         )
         try:
@@ -126,6 +132,16 @@ class DaemonInstance:
             self.stop()  # never leave a half-started daemon behind
             raise
         return self
+
+    def _prepare_log_for_user(self) -> None:
+        """A daemon that drops root still writes (and on USR1 reopens) its log file."""
+        user, log_file = self.settings.get("user"), self.settings.get("log_file")
+        if not user or not log_file or os.geteuid() != 0:
+            return
+        path = Path(log_file)
+        path.touch(exist_ok=True)
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def wait_notify(self, state: str, timeout: float = 20.0) -> None:
         assert self._notify is not None and self.proc is not None

@@ -120,3 +120,15 @@ def test_arbitrary_bytes_never_raise(data, chunk):
             for name, _ in block.pairs:
                 assert name
         assert len(decoder._buffer) <= 512 + chunk
+
+
+def test_megabytes_of_bad_lines_keep_a_bounded_error_list():
+    """4 MB of lines without '=' once made 2 million error strings (+180 MB)."""
+    decoder = Decoder()
+    blocks = []
+    for _ in range(64):
+        blocks.extend(decoder.feed(b"x\n" * 32768))
+    blocks.extend(decoder.feed(b"\n"))
+    (block,) = blocks
+    assert len(block.errors) <= 32
+    assert block.error_count == 64 * 32768

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
 from amavisd.protocol.ampdp import (
     RequestError,
     Session,
-    confine,
+    SessionLimits,
     encode_reply,
     parse_message_request,
+    within,
 )
 from amavisd.verdict import Category, Destiny, HeaderEdit, Result
 from amavisd_client.ampdp import Decoder, encode_block
@@ -32,15 +34,33 @@ def block(*attrs):
     return b
 
 
-def test_confine_accepts_inside_and_refuses_everything_else(tempbase, tmp_path):
-    assert confine(str(tempbase / "job"), str(tempbase), "tempdir") == str(tempbase / "job")
+def test_paths_must_be_spelled_strictly_below_the_temp_base(tempbase, tmp_path):
+    """Lexical only (no system call): what a path leads to is checked when it
+    is opened, component by component (test_beneath, and the symlink test below)."""
+    assert within(str(tempbase / "job"), str(tempbase), "tempdir") == str(tempbase / "job")
+    assert within(str(tempbase / "job") + "/", str(tempbase), "tempdir") == str(tempbase / "job")
     outside = tmp_path / "secret"
-    outside.write_text("x")
-    (tempbase / "job" / "link").symlink_to(outside)
     for path in (str(outside), "/etc/shadow", str(tempbase), str(tempbase / ".." / "secret"),
-                 str(tempbase / "job" / "link"), "relative/path", ""):
+                 f"{tempbase}/job/./email.txt", f"{tempbase}//job", "relative/path", "",
+                 f"{tempbase}/job\0/email.txt"):
         with pytest.raises(RequestError):
-            confine(path, str(tempbase), "mail_file")
+            within(path, str(tempbase), "mail_file")
+
+
+def test_a_symlink_in_the_path_is_refused_when_opened(tempbase, tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "email.txt").write_bytes(b"Subject: secret\n\n")
+    (tempbase / "link").symlink_to(outside)
+    (tempbase / "job" / "file-link").symlink_to(outside / "email.txt")
+    requests = [[("request", "AM.PDP"), ("mail_file", str(tempbase / "link" / "email.txt"))],
+                [("request", "AM.PDP"), ("mail_file", str(tempbase / "job" / "file-link"))],
+                [("request", "AM.PDP"), ("tempdir", str(tempbase / "link")),
+                 ("tempdir_removed_by", "server")]]
+    replies, calls = run_session(tempbase, b"".join(encode_block(r) for r in requests))
+    assert [r.get("return_value") for r in replies] == ["tempfail"] * 3
+    assert all("symlink" in r.get("setreply") for r in replies)
+    assert calls == [] and (outside / "email.txt").exists()
 
 
 def test_request_defaults_follow_the_protocol(tempbase):
@@ -82,7 +102,7 @@ def test_each_destiny_maps_to_ampdp(destiny, value, code, rcode):
     assert reply.get("setreply").split()[0] == rcode
 
 
-def run_session(tempbase, wire: bytes, process=None) -> list:
+def run_session(tempbase, wire: bytes, process=None, limits=None) -> list:
     server, client = socket.socketpair()
     ids = iter(range(1, 100))
     calls = []
@@ -92,7 +112,8 @@ def run_session(tempbase, wire: bytes, process=None) -> list:
         return Result(log_id=job.log_id, category=Category.CLEAN, destiny=Destiny.PASS)
 
     session = Session(server, str(tempbase), process or fake_process,
-                      lambda: f"7-{next(ids):02d}", lambda: True, timeout=5)
+                      lambda: f"7-{next(ids):02d}", lambda: True,
+                      limits or SessionLimits(idle_timeout=5, request_timeout=5))
     def serve_then_close():  # as the worker does: close once the client is done
         session.serve()
         server.close()
@@ -148,3 +169,78 @@ def test_control_characters_in_the_envelope_are_neutralised(tempbase):
     assert env.sender == "<a@x.test>??RCPT TO:<evil@x.test>"
     assert env.recipients == ["<b@x.test>?2026 amavisd[1]: Passed CLEAN", "<c@x.test>"]
     assert env.queue_id == "Q1??[2J" and env.helo_name == "h?ost"
+
+
+def test_an_exception_while_answering_is_a_tempfail_not_a_dead_session(tempbase):
+    def broken_process(job):
+        raise RuntimeError("a bug")
+
+    wire = encode_block([("request", "AM.PDP"), ("tempdir", str(tempbase / "job")),
+                         ("tempdir_removed_by", "client")])
+    replies, _ = run_session(tempbase, wire + wire, process=broken_process)
+    assert [r.get("return_value") for r in replies] == ["tempfail", "tempfail"]
+    assert "internal error: RuntimeError" in replies[0].get("setreply")
+
+
+def test_a_connection_ends_after_max_connection_requests(tempbase):
+    wire = encode_block([("request", "AM.CL")]) * 10
+    replies, _ = run_session(tempbase, wire, limits=SessionLimits(5, 5, max_requests=3))
+    assert len(replies) == 3
+
+
+def test_bad_requests_cost_one_log_line_a_connection(tempbase, caplog):
+    wire = b"garbage\r\n\r\n" * 50
+    with caplog.at_level("INFO", logger="amavisd.ampdp"):
+        replies, _ = run_session(tempbase, wire, limits=SessionLimits(5, 5, max_requests=100))
+    assert len(replies) == 50
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "49 more AM.PDP requests refused" in lines[1]
+
+
+def hold(limits: SessionLimits, client_behaviour) -> float:
+    """Seconds the session held the connection while the client did `client_behaviour`."""
+    server, client = socket.socketpair()
+    session = Session(server, "/nonexistent", lambda job: None, lambda: "7-01",
+                      lambda: True, limits)
+    stop = threading.Event()
+    thread = threading.Thread(target=client_behaviour, args=(client, stop), daemon=True)
+    thread.start()
+    started = time.monotonic()
+    session.serve()
+    held = time.monotonic() - started
+    stop.set()
+    server.close()
+    thread.join(5)
+    client.close()
+    return held
+
+
+def test_an_idle_client_is_hung_up_on_after_client_idle_timeout():
+    def silent(sock, stop):
+        stop.wait(10)
+
+    assert 0.4 <= hold(SessionLimits(idle_timeout=0.5, request_timeout=5), silent) < 2
+
+
+def test_a_trickling_request_ends_at_request_timeout_whatever_the_pace():
+    def trickle(sock, stop):
+        while not stop.wait(0.1):
+            try:
+                sock.send(b"x")
+            except OSError:
+                return
+
+    assert 0.9 <= hold(SessionLimits(idle_timeout=0.5, request_timeout=1), trickle) < 2.5
+
+
+def test_a_client_that_does_not_read_its_replies_is_hung_up_on():
+    def flood(sock, stop):  # never reads; its own send blocks once both buffers are full
+        try:
+            sock.sendall(b"request=AM.CL\r\n\r\n" * 20_000)
+        except OSError:
+            return  # the server hung up: what we want
+        stop.wait(10)
+
+    held = hold(SessionLimits(idle_timeout=0.5, request_timeout=5, max_requests=10**6), flood)
+    assert held < 3

@@ -104,3 +104,11 @@ def test_flags_come_from_the_table():
     for flag in ("--socket", "--workers", "--clamd", "--workdir", "--quarantine-dir",
                  "--pidfile", "--foreground", "--daemon", "--config"):
         assert flag in run_help
+
+
+@pytest.mark.parametrize("work_base", ["/srv/amavis/tmp/work", "/srv/amavis/tmp", "/srv"])
+def test_the_work_base_is_kept_out_of_the_clients_temp_base(work_base):
+    with pytest.raises(ConfigError, match="work_base"):
+        configuration.load(None, {"workdir": "/srv/amavis", "work_base": work_base})
+    cfg = configuration.load(None, {"workdir": "/srv/amavis"})
+    assert cfg.work_base_path == "/srv/amavis/work"
