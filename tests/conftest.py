@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -53,3 +54,19 @@ def sink():
     """A real SMTP sink standing in for the MTA's re-injection port."""
     with SMTPSink() as server:
         yield server
+
+
+@pytest.fixture
+def small_tmpfs():
+    """A real 1 MiB tmpfs: the disk really fills up (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tempfile.mkdtemp(prefix="amdfull", dir="/tmp")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
+                          capture_output=True)
+    if done.returncode:
+        os.rmdir(path)
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", "-l", path], check=False)
+    os.rmdir(path)

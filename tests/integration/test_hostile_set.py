@@ -5,15 +5,22 @@ CLEAN; and the real-mail corpus keeps its verdicts (no false UNCHECKED)."""
 from __future__ import annotations
 
 import collections
+import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from amavisd import config as configuration
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
+from amavisd.envelope import Job
+from amavisd.pipeline import Pipeline
+from amavisd.testing.eicar import EICAR
+from amavisd.verdict import Destiny
 from tests import hostile_mail
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,3 +73,23 @@ def test_the_real_mail_corpus_gets_no_new_unchecked_verdicts(corpus):
         kinds.update({r.kind for r in dec.unchecked})
         dec.cleanup()
     assert dict(kinds) == CORPUS_UNCHECKED
+
+
+def test_a_full_work_base_is_a_tempfail_and_with_room_the_virus_is_found(
+        clamd_nodecomp, small_tmpfs, tmp_path):
+    """Item 4: a large part spilled to a full disk used to end CLEAN."""
+    big = os.urandom(3 * 1024 * 1024) + EICAR
+    raw = hostile_mail.attach(gzip.compress(big, 1), "big.gz")
+    path = tmp_path / "big.eml"
+    path.write_bytes(raw)
+    values = {"clamd": clamd_nodecomp.address, "backup_scanners": [],
+              "quarantine_dir": str(tmp_path / "q"), "max_memory": 64 * 1024,
+              "workdir": str(tmp_path / "home")}
+    job = Job(log_id="t-1", mail_path=str(path))
+    full = Pipeline(configuration.load(None, values | {"work_base": small_tmpfs}))
+    result = full.process(job)
+    assert result.destiny is Destiny.TEMPFAIL and "No space left" in result.tempfail_reason
+    roomy = tmp_path / "work"
+    roomy.mkdir(mode=0o700)
+    assert Pipeline(configuration.load(None, values | {"work_base": str(roomy)})) \
+        .process(job).verdict == "INFECTED"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import subprocess
 import tempfile
 
 import pytest
@@ -77,22 +76,6 @@ def test_resource_errors_in_a_decoder_are_ours_not_the_message_s(broken_decoder,
     broken_decoder(OSError(errno_, os.strerror(errno_)))
     with pytest.raises(WorkDirFailed):
         decompose(attach(gzip.compress(EICAR), "application/gzip", "a.gz"))
-
-
-@pytest.fixture
-def small_tmpfs():
-    """A real 1 MiB tmpfs: the disk really fills up (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = tempfile.mkdtemp(prefix="amdfull", dir="/tmp")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
-                          capture_output=True)
-    if done.returncode:
-        os.rmdir(path)
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    yield path
-    subprocess.run(["umount", "-l", path], check=False)
-    os.rmdir(path)
 
 
 def test_a_full_work_dir_while_spilling_is_a_tempfail_not_clean(small_tmpfs):
