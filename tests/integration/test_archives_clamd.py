@@ -147,3 +147,61 @@ def test_encrypted_archive_is_unchecked(pipeline, tmp_path, fmt):
     assert result.verdict == "UNCHECKED", result.summary()
     assert any("encrypted" in reason for reason in result.unchecked), result.unchecked
     assert any("encrypted" in p.flags for p in attachment(result, filename).walk())
+
+
+# -- issue 10: EICAR hidden by damage or by a reader's failure ----------------------------
+# A clamd that opens nothing must still see EICAR, or the message is UNCHECKED; never CLEAN.
+
+def _bad_check(fmt: str, tmp_path: Path) -> bytes:
+    need(fmt)
+    return archivers.with_bad_check(fmt, archivers.build(fmt, {"invoice.txt": EICAR}, tmp_path))
+
+
+def _zip(members: dict[str, bytes], method: int = 0) -> bytes:
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def _shadowed_7z(tmp_path: Path) -> bytes:
+    need("7z")
+    return archivers.build_7z_shadowed({}, {"docs/invoice.txt": EICAR}, tmp_path,
+                                       links={"docs": "/etc"}, method="PPMd")
+
+
+# name -> (fixture maker, what the verdict must be): INFECTED where the bytes can be
+# produced (a failed check, a second reading gives them), else UNCHECKED
+HIDDEN = {
+    **{f"{fmt} with a bad check": (lambda tmp, fmt=fmt: _bad_check(fmt, tmp), "INFECTED")
+       for fmt in sorted(archivers.CHECK_BYTE)},
+    "7z link shadowing docs/": (_shadowed_7z, "INFECTED"),
+    # deflated bytes under another method number: no EICAR in the zip's own bytes
+    "zip member of method 97": (
+        lambda tmp: archivers.zip_with_method(_zip({"a.txt": README, "e.txt": EICAR}, 8), 1,
+                                              97), "UNCHECKED"),
+    "zip member of an unknown method": (
+        lambda tmp: archivers.zip_with_method(_zip({"e.com": EICAR}, 8), 0, 200), "UNCHECKED"),
+    "zip local header says deflate": (
+        lambda tmp: archivers.zip_with_method(_zip({"e.com": EICAR}, 8), 0, 0, local=False),
+        "INFECTED"),
+    "zip member with a local header only": (
+        lambda tmp: archivers.zip_without_entry(_zip({"a.txt": README, "e.com": EICAR}, 8), 1),
+        "INFECTED"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HIDDEN))
+def test_eicar_hidden_by_damage_is_never_clean(pipeline, tmp_path, case):
+    make, verdict = HIDDEN[case]
+    result = scan(pipeline, archivers.as_attachment(make(tmp_path), "files.bin"), tmp_path)
+    assert result.verdict == verdict, result.summary()
+    if verdict == "UNCHECKED":
+        assert [reason.kind for reason in result.unchecked] == ["undecipherable"]
+    else:  # found in a part our decoding produced, not in the attachment's own bytes
+        attached = next(p for p in result.tree.walk() if p.name == "files.bin")
+        assert eicar_parts_below(result, attached), result.summary()

@@ -159,8 +159,9 @@ def test_corpus_lha_samples_all_open(corpus, decode):
     for sample in sorted((corpus / "archives/lha-lzh").iterdir()):
         result = decode(sample.read_bytes())
         assert result.root.detected == "lha", sample.name
-        if sample.name in LHA_UNREADABLE:
-            assert "decode-error" in result.root.flags, sample.name
+        if sample.name in LHA_UNREADABLE:  # content nothing here produces: UNCHECKED
+            assert "undecipherable" in result.root.flags, sample.name
+            assert [r.kind for r in result.unchecked] == ["undecipherable"], sample.name
             continue
         assert result.root.expanded, sample.name
         assert result.root.children or "symlink" in sample.name, sample.name
@@ -271,8 +272,9 @@ def test_terminal_escapes_in_lha_names_are_cleaned(corpus, decode):
 def test_truncated_lha_keeps_what_was_read(corpus, decode):
     needs("lhasa")
     result = decode((corpus / "archives/corrupt/lhasa__regression__truncated.lzh").read_bytes())
-    assert "decode-error" in result.root.flags
-    (child,) = result.root.children
+    # lhasa and unar both fail: what lhasa wrote is scanned, and the message is UNCHECKED
+    assert "undecipherable" in result.root.flags
+    child = result.root.children[0]
     assert 0 < child.size < 18092 and child.read().lstrip().startswith(b"GNU GENERAL")
 
 
@@ -289,12 +291,13 @@ def test_huge_lha_member_stops_within_seconds(corpus, decode):
     assert sum(p.stat().st_size for p in leftovers) <= 64 * 1024 * 1024
 
 
-def test_missing_tool_is_a_decode_error(monkeypatch, tmp_path, decode):
+def test_missing_tool_is_undecipherable(monkeypatch, tmp_path, decode):
     needs("arj")
     data = build("arj", {"eicar.com": EICAR}, tmp_path)
     monkeypatch.setattr(legacy.external, "available", lambda tool: False)
     result = decode(data)
-    assert result.root.flags == {"decode-error"} and result.scannable() == [result.root]
+    assert result.root.flags == {"undecipherable"} and result.scannable() == [result.root]
+    assert [reason.kind for reason in result.unchecked] == ["undecipherable"]
 
 
 def test_arj_falls_back_to_the_arj_tool(monkeypatch, tmp_path, decode):

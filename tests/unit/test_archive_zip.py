@@ -21,7 +21,7 @@ from amavisd.decode.archives.zip import decode_zip
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError
+from amavisd.decode.registry import Context, DecodeError, Undecipherable
 from amavisd.testing.eicar import CLAM_EXE_PATH
 
 MiB = 1024 * 1024
@@ -29,7 +29,8 @@ MiB = 1024 * 1024
 
 def decode(data: bytes, limits: Limits | None = None, spilled: bool = False
            ) -> tuple[Part, Context]:
-    """Run the zip decoder alone on `data`, as the engine would (DecodeError flags);
+    """Run the zip decoder alone on `data`, as the engine would (DecodeError flags,
+    Undecipherable also makes the message UNCHECKED);
     `spilled` puts the archive in a file first, as a big attachment would be."""
     ctx = Context(limits or Limits(), len(data))
     part = ctx.new_part(data, detected="zip")
@@ -37,6 +38,9 @@ def decode(data: bytes, limits: Limits | None = None, spilled: bool = False
         part.spill(ctx.workdir())
     try:
         decode_zip(part, ctx)
+    except Undecipherable as err:
+        part.flags.add("undecipherable")
+        ctx.note_unchecked(part, str(err), kind="undecipherable")
     except DecodeError:
         part.flags.add("decode-error")
     return part, ctx
@@ -134,9 +138,10 @@ def test_corpus_encrypted_zips_are_unchecked(corpus: Path):
 def test_corpus_corrupt_zips_give_what_they_can(corpus: Path):
     for path in sorted((corpus / "archives" / "corrupt").glob("*zip*")):
         decode(path.read_bytes())[1].cleanup()  # no exception but DecodeError
-    part, _ = decode((corpus / "archives/zip/libarchive__test_read_format_zip.zip").read_bytes())
+    part, ctx = decode((corpus / "archives/zip/libarchive__test_read_format_zip.zip").read_bytes())
     assert "decode-error" in part.flags  # file2's CRC is wrong ...
-    assert members(part)["file2"] and "truncated" in part.children[1].flags  # ... still kept
+    assert members(part)["file2"] and "corrupt" in part.children[1].flags  # ... still kept
+    assert not ctx.unchecked  # every byte unzip -p gives is scanned: nothing hidden
 
 
 def test_corpus_sfx_stub_before_the_zip(corpus: Path):
@@ -208,8 +213,10 @@ def test_forced_zip64(sources: Path, tmp_path: Path):
 def test_without_7zz_implode_is_unchecked(corpus: Path, monkeypatch):
     monkeypatch.setattr(external, "available", lambda tool: False)
     part, ctx = decode((corpus / "archives/zip/clamav__clam.impl.zip").read_bytes())
-    assert not part.children and "decode-error" in part.flags
-    assert ctx.unchecked == [f"zip member CLAM.EXE: method 6 unreadable ({part.path})"]
+    assert not part.children and "undecipherable" in part.flags
+    assert ctx.unchecked == ["zip member CLAM.EXE: method 6 needs 7zz, which is not installed "
+                             f"({part.path})"]
+    assert [reason.kind for reason in ctx.unchecked] == ["undecipherable"]
 
 
 def test_zipcrypto_member_is_unchecked_plain_one_read(sources: Path, tmp_path: Path):

@@ -143,10 +143,13 @@ def test_compress_corrupt_keeps_what_precedes_the_damage(tmp_path):
     original = os.urandom(50_000) + PAYLOAD * 4
     packed = bytearray(make(tmp_path, ["compress", "-c"], original))
     packed[len(packed) // 2:len(packed) // 2 + 40] = b"\xff" * 40  # codes not yet defined
-    _, root, child = only_child(bytes(packed))
-    assert "decode-error" in root.flags and "truncated" in child.flags
+    dec, root, child = only_child(bytes(packed))
+    assert "truncated" in child.flags
     assert 20_000 < child.size < len(original)
     assert original.startswith(child.read()[:20_000])
+    # what follows the damage nobody could read: fail closed (gzip -dc stops there too)
+    assert "undecipherable" in root.flags
+    assert [u.kind for u in dec.unchecked] == ["undecipherable"]
 
 
 def test_zstd_frames_and_skippable_frames(tmp_path):

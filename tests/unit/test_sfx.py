@@ -241,7 +241,9 @@ def test_installshield_member_that_does_not_inflate(decode):
     broken[start] ^= 0xFF  # the zlib header of the second member
     result = decode(b"MZ" + bytes(4094) + bytes(broken))
     (table,) = result.root.children
-    assert "decode-error" in table.flags and not table.expanded  # so it is scanned as it is
+    # scanned as it is, and the message UNCHECKED: the member's content is not produced
+    assert "undecipherable" in table.flags and not table.expanded
+    assert [reason.kind for reason in result.unchecked] == ["undecipherable"]
     assert table in result.scannable()
     assert [m.name for m in table.children] == ["a.txt", "eicar.com"]
     assert "truncated" in table.children[1].flags

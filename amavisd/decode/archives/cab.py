@@ -12,6 +12,14 @@ format rare in mail, does not pay for a second parser of hostile input whose
 slip would hide members (an expanded part is not scanned itself), so
 cabextract reads every cab.
 
+When cabextract fails (or is missing), 7zz (another decoder) reads the cab
+again into its own dir, and what it writes is scanned too. If 7zz reads it
+all, the cab is decode-error; if neither did, a member could not be produced:
+`Undecipherable`, UNCHECKED with all that was read scanned (a cab cut short
+too: the readers drop a whole folder, bytes that are there included). One
+cabinet of a set is only flagged truncated: its members go on in cabinets
+that are not here (as for rar volumes and split 7z/zip pieces).
+
 Never: let cabextract open another file than ours (`-s`: a cab names the next
 cabinet of its set, and that name is hostile), or use a member name as a path.
 """
@@ -22,7 +30,7 @@ import os
 
 from amavisd.decode.archives import external, members
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 FLAGS_OFFSET = 30  # CFHEADER.flags
 IN_A_SET = 0x0001 | 0x0002  # cfhdrPREV_CABINET, cfhdrNEXT_CABINET
@@ -30,19 +38,52 @@ IN_A_SET = 0x0001 | 0x0002  # cfhdrPREV_CABINET, cfhdrNEXT_CABINET
 
 @register("cab")
 def decode_cab(part: Part, ctx: Context) -> None:
-    if not external.available("cabextract"):
-        raise DecodeError("cab needs cabextract, which is not installed")
     head = part.head(FLAGS_OFFSET + 2)
     if int.from_bytes(head[FLAGS_OFFSET:FLAGS_OFFSET + 2], "little") & IN_A_SET:
         part.flags.add("truncated")  # one cabinet of a set; the others are not here
     work = ctx.scratch_dir(part)
     source = external.input_path(ctx, part, work, "input.cab")
+    problems = []
+    for reader in READERS:  # the next one reads only when the one before failed
+        problem = reader(part, ctx, work, source)
+        if not problem:
+            break
+        problems.append(problem)
+    else:
+        if "truncated" not in part.flags:
+            raise Undecipherable("; ".join(problems))
+    if problems:  # one reader failed, or both did on one cabinet of a set
+        raise DecodeError("; ".join(problems))
+    if "truncated" not in part.flags:
+        part.flags.add("expanded")
+
+
+def _with_cabextract(part: Part, ctx: Context, work: str, source: str) -> str:
+    """One reading; what went wrong ("" when all is well)."""
+    if not external.available("cabextract"):
+        return "cabextract is not installed"
     out = os.path.join(work, "out")
     os.mkdir(out, 0o700)
     result = external.run_tool(ctx, ["cabextract", "-q", "-s", "-d", out, source],
                                cwd=work, watch=out)
     members.harvest(ctx, part, out)
-    if result.returncode:
-        raise DecodeError(f"cabextract exit {result.returncode}: {' '.join(result.text.split())[:200]}")
-    if "truncated" not in part.flags:
-        part.flags.add("expanded")
+    return f"cabextract exit {result.returncode}: {result.said(work)}" if result.returncode \
+        else ""
+
+
+def _with_7zz(part: Part, ctx: Context, work: str, source: str) -> str:
+    """The second reading (another decoder); what went wrong ("" when all is well)."""
+    if not external.available("7zz"):
+        return "7zz is not installed"
+    out = os.path.join(work, "out-7zz")
+    os.mkdir(out, 0o700)
+    result = external.run_tool(ctx, ["7zz", "x", "-tcab", "-y", "-aou", "-bd", f"-o{out}",
+                                     "--", source], cwd=work, watch=out)
+    members.harvest(ctx, part, out)
+    report = external.SevenZipReport.read(result, work)
+    if report.failed or report.wrong_password:
+        return f"7zz exit {result.returncode}: {report.said()}"
+    return ""
+
+
+READERS = (_with_cabextract, _with_7zz)

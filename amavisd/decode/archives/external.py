@@ -10,7 +10,9 @@ old rar, cab's LZX); for them a real tool runs, and it runs boxed in:
   the bytes written there pass the budget's allowance the tool is killed;
 - output read back by `members.harvest`, which never follows a link.
 What the tool says on stdout/stderr is kept (bounded) for the log and for
-format modules that parse listings.
+format modules that parse listings. A tool that fails on a full disk (it
+says so, or the work dir has no room left) raises WorkDirFailed: our
+failure, a tempfail, never taken for a damaged archive.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import time
 from dataclasses import dataclass
 
 from amavisd.decode.limits import LimitExceeded
-from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context
+from amavisd.decode.parts import Part, create_private
+from amavisd.decode.registry import Context, WorkDirFailed
 
 OUTPUT_LIMIT = 1024 * 1024  # bytes of stdout/stderr kept
+DISK_FULL = ("No space left on device", "Disk quota exceeded")  # strerror(ENOSPC, EDQUOT)
+LOW_SPACE = 64 * 1024  # free bytes under which a tool's failure is taken for a full disk
 POLL = 0.02  # seconds between disk-use checks while a tool runs
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
 
@@ -43,6 +47,49 @@ class ToolResult:
     @property
     def text(self) -> str:
         return (self.stdout + self.stderr).decode("utf-8", "replace")
+
+    def said(self, work: str, limit: int = 200) -> str:
+        """What it said, on one line, our scratch paths left out (the text goes
+        into UNCHECKED reasons, headers and logs; member names stay, cleaned
+        by the reader of the reason)."""
+        text = " ".join(self.text.replace(work.rstrip("/") + "/", "").split())
+        return text[:limit]
+
+
+@dataclass
+class SevenZipReport:
+    """What 7-Zip says about an extraction: its ERROR lines sorted into
+    "CRC Failed" (the member was written whole, only its check failed) and
+    the others (a member not written, or not all of it: unsupported method,
+    data error, a path it refused), the encryption ones apart."""
+
+    crc_failed: list[str]
+    failed: list[str]
+    wrong_password: list[str]
+
+    @classmethod
+    def read(cls, result: ToolResult, work: str) -> SevenZipReport:
+        """`work`: the scratch dir, left out of the lines kept."""
+        report = cls([], [], [])
+        for line in result.text.splitlines():
+            if not line.startswith("ERROR:"):
+                continue
+            line = line.replace(work.rstrip("/") + "/", "")
+            if "Wrong password" in line or "Cannot open encrypted archive" in line:
+                report.wrong_password.append(line)
+            elif "CRC Failed" in line and "encrypted" not in line:
+                report.crc_failed.append(line)
+            else:
+                report.failed.append(line)
+        # exit 1 is a warning (data after the archive, say); 2 and up are errors
+        if result.returncode >= 2 and not (report.crc_failed or report.failed
+                                           or report.wrong_password):
+            report.failed.append(f"7zz exit {result.returncode}")
+        return report
+
+    def said(self, limit: int = 200) -> str:
+        """The failures on one line, else the CRC failures."""
+        return " ".join(self.failed + self.wrong_password or self.crc_failed)[:limit]
 
 
 def available(tool: str) -> bool:
@@ -61,9 +108,12 @@ def input_path(ctx: Context, part: Part, workdir: str, name: str = "input") -> s
 
 
 def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
-             timeout: float | None = None) -> ToolResult:
+             timeout: float | None = None, stdout: str | None = None) -> ToolResult:
     """Run `argv` in `cwd` under the limits; raise LimitExceeded when it
-    writes more than the allowance under `watch` or runs out of time."""
+    writes more than the allowance under `watch` or runs out of time.
+    `stdout`: a new file (put it under `watch`, so it is charged) that takes
+    what the tool writes there, for a decompressor writing its output to it;
+    the result's stdout is then empty."""
     allowance = max(ctx.budget.allowance(), 1)
     remaining = ctx.budget.remaining_time()
     limit = min(timeout or ctx.limits.tool_timeout, remaining)
@@ -81,10 +131,10 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
 
     # never in cwd: a tool writing members there must not meet its own logs
     logs = tempfile.mkdtemp(prefix="log-", dir=ctx.workdir())
-    out_path = os.path.join(logs, "stdout")
+    out_path = stdout or os.path.join(logs, "stdout")
     err_path = os.path.join(logs, "stderr")
     started = time.monotonic()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+    with create_private(out_path) as out, create_private(err_path) as err:
         proc = subprocess.Popen(argv, cwd=cwd, env=ENV | {"HOME": cwd}, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, close_fds=True, start_new_session=True,
                                 preexec_fn=confine)
@@ -106,8 +156,8 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    result = ToolResult(proc.returncode, _read_head(out_path), _read_head(err_path),
-                        time.monotonic() - started)
+    result = ToolResult(proc.returncode, b"" if stdout else _read_head(out_path),
+                        _read_head(err_path), time.monotonic() - started)
     shutil.rmtree(logs, ignore_errors=True)
     if over:
         raise LimitExceeded(over, scope="branch")
@@ -117,7 +167,21 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
     if proc.returncode == -signal.SIGXCPU:
         raise LimitExceeded(f"{os.path.basename(argv[0])} used over {cpu}s of CPU",
                             scope="branch")
+    if proc.returncode and _disk_full(cwd, result):  # ours, not the archive's: a tempfail
+        raise WorkDirFailed(f"{os.path.basename(argv[0])} ran out of space in the work dir")
     return result
+
+
+def _disk_full(path: str, result: ToolResult) -> bool:
+    """Whether a tool that failed met a full disk: it says so (it may have
+    removed its output since), or the work dir's file system has no room."""
+    if any(message in result.text for message in DISK_FULL):
+        return True
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return True
+    return fs.f_bavail * fs.f_frsize < LOW_SPACE
 
 
 def disk_use(top: str) -> int:

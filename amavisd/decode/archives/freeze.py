@@ -25,7 +25,9 @@ Archive Team's "Freeze/Melt" page; no code taken from them):
   codes that fill the 8-bit space.
 
 Output leaves through the sink in chunks, charged as it goes; a stream cut
-short or corrupt keeps (and flags) what came before the fault.
+short or corrupt keeps (and flags) what came before the fault, and a corrupt
+one makes the message UNCHECKED (`Undecipherable`): freeze has no check
+value, so a fault is always content that could not be produced.
 
 Never: hold more than a window plus about two chunks of output and a slice of
 the input, loop without a bound (each pass takes input bits or a piece of
@@ -43,7 +45,7 @@ from itertools import product
 from amavisd.decode.compressed import inner_name
 from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 CHUNK = 1024 * 1024  # output handed to the sink at a time
 # Input is decoded a piece at a time. A token takes at least 1 bit (a literal)
@@ -295,8 +297,9 @@ def pieces_of(chunks: Iterable[bytes], skip: int) -> Iterator[bytes]:
 @register("freeze")
 def decode_freeze(part: Part, ctx: Context) -> None:
     """One child, the melted stream. Cut short: the part and the child are
-    flagged truncated; corrupt (a bad 2.x header, bytes after the end
-    marker): DecodeError, with what was decoded kept."""
+    flagged truncated; bytes after the end marker: DecodeError; corrupt (a
+    bad 2.x header, a code that does not decode): Undecipherable, the rest
+    is content nobody here produces; what was decoded is kept, and scanned."""
     head = part.head(5)
     version = VERSIONS.get(head[:2])
     if version is None:
@@ -304,7 +307,10 @@ def decode_freeze(part: Part, ctx: Context) -> None:
     if len(head) < version.header:
         part.flags.add("truncated")
         return
-    lengths = V1_CODE_LENGTHS if version is V1 else v2_code_lengths(head)
+    try:
+        lengths = V1_CODE_LENGTHS if version is V1 else v2_code_lengths(head)
+    except DecodeError as err:
+        raise Undecipherable(str(err)) from None
     sink = ctx.sink(part, name=inner_name(part, (".f",)))
     part.flags.add("expanded")
     melter = Melter(version, lengths, sink.write, ctx.budget.check_time)
@@ -317,9 +323,9 @@ def decode_freeze(part: Part, ctx: Context) -> None:
         sink.finish(truncated=True)
         part.flags.add("truncated")
         return
-    except DecodeError:
+    except DecodeError as err:
         sink.finish(truncated=True)
-        raise
+        raise Undecipherable(str(err)) from None
     sink.finish()
     if melter.trailing:
         raise DecodeError(f"{version.name}: data after the end of the stream")

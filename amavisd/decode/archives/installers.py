@@ -17,10 +17,14 @@ first header, InstallShield's appended file table); detect.py names that child
   all say "not an archive"; the de-obfuscation is a table lookup and an XOR, and
   zlib inflates, so it is read in-process, every member streamed into the
   budget. Inside is usually an .msi (OLE2, office.py) whose cabinet stream
-  (cab.py) holds the installed files. A slip here hides nothing: the program
-  it came from is scanned whole, as every program is. Not read: the newer
+  (cab.py) holds the installed files. The program it came from is scanned
+  whole, as every program is, but a file that does not inflate is content
+  nobody here produces: `Undecipherable` (UNCHECKED). Not read: the newer
   "ISSetupStream" layout, and InstallShield's own cabinets ("ISc(": unshield
   reads them, it is not installed here).
+
+An NSIS file 7zz cannot give (an error other than a CRC failure) makes the
+block `Undecipherable` too, with what it did give scanned.
 
 Never: use a member name as a path, inflate without an output bound, or trust
 a size field before checking it against the file.
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 
 from amavisd.decode.archives import external, members
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 ReadAt = Callable[[int, int], bytes]  # (offset, size) -> at most size bytes
 
@@ -65,7 +69,7 @@ def nsis_length(read_at: ReadAt, pos: int, size: int) -> int | None:
 @register("nsis")
 def decode_nsis(part: Part, ctx: Context) -> None:
     if not external.available("7zz"):
-        raise DecodeError("NSIS needs 7zz, which is not installed")
+        raise Undecipherable("NSIS needs 7zz, which is not installed")
     work = ctx.scratch_dir(part)
     try:  # the scratch dir goes at once, even when a limit stops the tool
         source = external.input_path(ctx, part, work, "input.nsis")
@@ -74,11 +78,13 @@ def decode_nsis(part: Part, ctx: Context) -> None:
         result = external.run_tool(ctx, ["7zz", "x", "-tNsis", "-y", "-aou", "-bd",
                                           f"-o{out}", "--", source], cwd=work, watch=out)
         members.harvest(ctx, part, out)
+        report = external.SevenZipReport.read(result, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if result.returncode:
-        errors = [line for line in result.text.splitlines() if line.startswith("ERROR")]
-        raise DecodeError(f"7zz exit {result.returncode} on NSIS: {' '.join(errors)[:200]}")
+    if report.failed or report.wrong_password:  # a file 7zz could not give
+        raise Undecipherable(f"7zz exit {result.returncode} on NSIS: {report.said()}")
+    if report.crc_failed:
+        raise DecodeError(f"7zz on NSIS: {report.said()}")
 
 
 # -- InstallShield -------------------------------------------------------------------
@@ -143,8 +149,8 @@ def decode_ishield(part: Part, ctx: Context) -> None:
                 members.stream_member(ctx, part, item.name, _inflated(read_at, item, ctx))
             except DecodeError as err:  # this member is cut short; the next may be fine
                 problems.append(f"{members.clean_name(item.name)}: {err}")
-    if problems:
-        raise DecodeError("; ".join(problems[:3]))
+    if problems:  # its bytes are all there (the table was checked): they do not inflate
+        raise Undecipherable("; ".join(problems[:3]))
     part.flags.add("expanded")
 
 

@@ -25,8 +25,11 @@ are walked once each (loops cannot recur).
 Sectors that no descriptor, path table, directory, Rock Ridge area or file
 covers are checked: if they hold anything (boot images, data hidden between
 files, the banner sector most writers put after the descriptors), the image
-is left unexpanded, so it is scanned as itself too. Must never extract:
-member names are labels only.
+is left unexpanded, so it is scanned as itself too. A member cut short by
+the end of the image is flagged truncated (decode-error); a zisofs block that
+does not inflate leaves content nobody here produces: `Undecipherable`,
+UNCHECKED with what was read scanned. Must never extract: member names are
+labels only.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import BinaryIO
 
 from amavisd.decode.archives.members import stream_member
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 SECTOR = 2048
 FIRST_DESCRIPTOR = 16
@@ -100,13 +103,18 @@ def decode_iso(part: Part, ctx: Context) -> None:
             [v for v in others if not v.joliet]
         for tree, volume in enumerate(order):
             walker.walk(volume, rock_ridge and volume is primary, tree)
+        lost: list[str] = []
         for entry in walker.entries:
             chunks = _zisofs(image, entry, ctx) if entry.zisofs else _extents(image, entry, ctx)
             try:
                 stream_member(ctx, part, entry.name, chunks)
+            except ZisofsCorrupt as err:  # what it holds from there on cannot be produced
+                lost.append(str(err))
             except Truncated as err:  # the member is flagged; the others are still read
                 part.flags.add("truncated")
                 walker.problems.append(str(err))
+        if lost:
+            raise Undecipherable("; ".join((lost + walker.problems)[:5]))
         if walker.problems:
             raise DecodeError("; ".join(walker.problems[:5]))
         if not _uncovered_data(image, ctx):
@@ -298,6 +306,11 @@ def _extents(image: Image, entry: Entry, ctx: Context) -> Iterator[bytes]:
             ctx.budget.check_time()
 
 
+class ZisofsCorrupt(Truncated):
+    """A compressed block that does not decode: the member's content from
+    there on cannot be produced (not merely cut short by the image's end)."""
+
+
 def _zisofs(image: Image, entry: Entry, ctx: Context) -> Iterator[bytes]:
     """zisofs: a header, a table of block offsets, each block zlib-compressed
     (or absent: zeros). Inflated block by block, each bounded to its size."""
@@ -310,7 +323,7 @@ def _zisofs(image: Image, entry: Entry, ctx: Context) -> Iterator[bytes]:
     size = int.from_bytes(header[8:12], "little")
     header_size, block_log = header[12] * 4, header[13]
     if not 15 <= block_log <= 17:
-        raise Truncated(f"{entry.name}: zisofs block size 2^{block_log}")
+        raise ZisofsCorrupt(f"{entry.name}: zisofs block size 2^{block_log}")
     block = 1 << block_log
     count = -(-size // block)
     table = image.read(base + header_size, 4 * (count + 1))
@@ -324,13 +337,16 @@ def _zisofs(image: Image, entry: Entry, ctx: Context) -> Iterator[bytes]:
             yield bytes(want)
             continue
         if not start < end <= stored or end - start > 2 * block:
-            raise Truncated(f"{entry.name}: zisofs block {index} out of place")
+            raise ZisofsCorrupt(f"{entry.name}: zisofs block {index} out of place")
         inflater = zlib.decompressobj()
         try:
             data = inflater.decompress(image.read(base + start, end - start), want)
         except zlib.error as err:
-            raise Truncated(f"{entry.name}: zisofs block {index}: {err}") from None
+            raise ZisofsCorrupt(f"{entry.name}: zisofs block {index}: {err}") from None
         yield data
+        if len(data) < want:
+            raise ZisofsCorrupt(f"{entry.name}: zisofs block {index} gave {len(data)} of "
+                                f"{want} bytes")
         ctx.budget.check_time()
 
 

@@ -26,6 +26,12 @@ before the tool runs. ARC cannot say it: a garbled member only fails its CRC,
 so a bad CRC is reported as "encrypted or corrupt" and makes the message
 UNCHECKED, never CLEAN. LHA and ZOO have no encryption.
 
+Fail closed, and scan every reading: what a failing unpacker wrote is kept
+(and scanned) before the next one runs; when none exits 0, or none is
+installed, some content could not be produced: `Undecipherable`, UNCHECKED
+with all that was read scanned (unless encrypted members explain it, which
+are UNCHECKED already).
+
 Never: run a tool outside `ctx.scratch_dir`, trust its exit code alone for
 "everything was read" (a member written over by a later one of the same name is
 noticed by counting, from the ARJ headers or the tool's own report, and then the
@@ -46,7 +52,7 @@ from dataclasses import dataclass, field
 
 from amavisd.decode.archives import external, members
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 log = logging.getLogger("amavisd.decode.legacy")
 
@@ -59,11 +65,20 @@ class Unpacker:
     argv: Callable[[str, str], list[str]]  # (archive path, output dir) -> argv
     written: re.Pattern[bytes] | None = None  # one match in its output per member it wrote
     unverified: re.Pattern[bytes] | None = None  # group "name": data failed its CRC
+    # it wrote every member (at worst a CRC failed on data it kept): no next reader
+    read_all: Callable[[external.ToolResult], bool] = lambda result: result.returncode == 0
+
+
+def _7zz_read_all(result: external.ToolResult) -> bool:
+    """7-Zip keeps a member whose CRC failed (arj deletes it): only checks failed."""
+    report = external.SevenZipReport.read(result, "")
+    return result.returncode == 0 or not (report.failed or report.wrong_password)
 
 
 SEVEN_ZIP_ARJ = Unpacker(
     "7zz", lambda src, out: ["7zz", "x", "-tarj", "-y", "-aou", "-bd", "-bb1", "-o" + out,
-                             "--", src])  # members counted from the ARJ headers
+                             "--", src],  # members counted from the ARJ headers
+    read_all=_7zz_read_all)
 ARJ = Unpacker("arj", lambda src, out: ["arj", "x", "-y", src, out + "/"])
 LHASA = Unpacker(
     "lhasa", lambda src, out: ["lhasa", "xfw=" + out, src],
@@ -100,51 +115,67 @@ def decode_legacy(part: Part, ctx: Context) -> None:
     runnable = [u for u in unpackers if external.available(u.tool)]
     if not runnable:
         tried = ", ".join(u.tool for u in unpackers) or "none exists on this system"
-        raise DecodeError(f"no {part.detected} unpacker installed ({tried})")
+        raise Undecipherable(f"no {part.detected} unpacker installed ({tried})")
     work = ctx.scratch_dir(part)
     try:  # the scratch dir goes at once, even when a limit stops the tool
         source = external.input_path(ctx, part, work, "input." + suffix)
-        outdir, unpacker, result = _extract(ctx, work, source, runnable)
-        skipped = members.harvest(ctx, part, outdir)
+        readings = _extract(ctx, part, work, source, runnable)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if skipped:
-        log.debug("%s: links or devices not read: %s", part.path, ", ".join(skipped[:10]))
-    for name in _unverified(unpacker, result.stdout + result.stderr):
-        part.flags.add("encrypted")
-        ctx.note_unchecked(part, f"encrypted or corrupt {part.detected} member {name}",
-                           kind="encrypted")
-    if result.returncode != 0 and "encrypted" not in part.flags:
-        raise DecodeError(f"{unpacker.tool} exit {result.returncode}: {_last_line(result)}")
+    for reading in readings:
+        for name in _unverified(reading.unpacker, reading.result.stdout + reading.result.stderr):
+            part.flags.add("encrypted")
+            ctx.note_unchecked(part, f"encrypted or corrupt {part.detected} member {name}",
+                               kind="encrypted")
+    failures = [f"{r.unpacker.tool} exit {r.result.returncode}: {_last_line(r.result, work)}"
+                for r in readings if r.result.returncode]
+    good = readings[-1] if readings[-1].unpacker.read_all(readings[-1].result) else None
+    if good is None:
+        if "encrypted" in part.flags:  # the encrypted members explain it: UNCHECKED already
+            return
+        raise Undecipherable("; ".join(failures))
+    if len(readings) > 1:  # a reader that cannot do this (lhasa and -lh2-): the next one did
+        log.debug("%s: %s; %s read it", part.path, "; ".join(failures), good.unpacker.tool)
     expected = inventory.files
-    if expected is None and unpacker.written is not None:
-        expected = len(unpacker.written.findall(result.stdout + result.stderr))
-    if expected is not None and expected > len(part.children):
+    if expected is None and good.unpacker.written is not None:
+        expected = len(good.unpacker.written.findall(good.result.stdout + good.result.stderr))
+    if expected is not None and expected > good.parts:
         # a later member of the same name overwrote an earlier one: scan the archive too
-        log.info("%s: %d members, %d read by %s", part.path, expected, len(part.children),
-                 unpacker.tool)
-        return
-    if "encrypted" not in part.flags:
+        log.info("%s: %d members, %d read by %s", part.path, expected, good.parts,
+                 good.unpacker.tool)
+    elif "encrypted" not in part.flags:
         part.flags.add("expanded")
+    if good.result.returncode:  # it kept members whose CRC failed: scanned as they are
+        raise DecodeError(f"{good.unpacker.tool} exit {good.result.returncode}: "
+                          f"{_last_line(good.result, work)}")
 
 
-def _extract(ctx: Context, work: str, source: str, unpackers: list[Unpacker]
-             ) -> tuple[str, Unpacker, external.ToolResult]:
-    """Run the unpackers in turn until one exits 0; on failure, keep what the
-    first one (the most trusted) wrote."""
-    first = None
+@dataclass
+class Reading:
+    unpacker: Unpacker
+    result: external.ToolResult
+    parts: int  # the parts its harvest added
+
+
+def _extract(ctx: Context, part: Part, work: str, source: str, unpackers: list[Unpacker]
+             ) -> list[Reading]:
+    """Run the unpackers in turn until one exits 0, each into its own dir,
+    each harvested: what a failing one wrote is scanned too, since another
+    reader may not give it (a member it read before its failure)."""
+    readings = []
     for n, unpacker in enumerate(unpackers):
         outdir = os.path.join(work, f"out{n}")
         os.mkdir(outdir, 0o700)
         result = external.run_tool(ctx, unpacker.argv(source, outdir), cwd=work, watch=outdir)
-        if result.returncode == 0:
-            return outdir, unpacker, result
-        if first is None:
-            first = (outdir, unpacker, result)
-        else:
-            shutil.rmtree(outdir, ignore_errors=True)
-    assert first is not None
-    return first
+        before = len(part.children)
+        skipped = members.harvest(ctx, part, outdir)
+        if skipped:
+            log.debug("%s: links or devices not read: %s", part.path, ", ".join(skipped[:10]))
+        readings.append(Reading(unpacker, result, len(part.children) - before))
+        shutil.rmtree(outdir, ignore_errors=True)
+        if unpacker.read_all(result):
+            break
+    return readings
 
 
 def _unverified(unpacker: Unpacker, output: bytes) -> list[str]:
@@ -153,8 +184,9 @@ def _unverified(unpacker: Unpacker, output: bytes) -> list[str]:
     return [members.clean_name(m.group("name")) for m in unpacker.unverified.finditer(output)]
 
 
-def _last_line(result: external.ToolResult) -> str:
-    lines = [ln.strip() for ln in result.text.replace("\r", "\n").splitlines() if ln.strip()]
+def _last_line(result: external.ToolResult, work: str) -> str:
+    text = result.text.replace(work.rstrip("/") + "/", "").replace("\r", "\n")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:200] if lines else "no output"
 
 

@@ -13,12 +13,23 @@ import stat
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context
+from amavisd.decode.registry import Context, WorkDirFailed
 from amavisd.printable import printable
 
 MAX_NAME = 1024
 CHUNK = 1024 * 1024
+
+
+def is_ours(err: BaseException) -> bool:
+    """A failure of ours, not of the input: a limit, our work dir, memory, or
+    an OSError with an errno (a real read or write: a library reporting bad
+    data raises OSError without one, as bz2 and olefile do). A reader's broad
+    `except` for hostile input re-raises these: the engine makes them a
+    tempfail or a limit, never a decode error."""
+    return isinstance(err, (LimitExceeded, WorkDirFailed, MemoryError)) or (
+        isinstance(err, OSError) and err.errno is not None)
 
 
 def clean_name(raw: str | bytes) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import olefile
 
-from amavisd.decode.archives.members import add_member, clean_name, stream_member
+from amavisd.decode.archives.members import add_member, clean_name, is_ours, stream_member
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, register
 
@@ -43,6 +43,8 @@ def decode_ole2(part: Part, ctx: Context) -> None:
         try:
             ole = olefile.OleFileIO(source)
         except Exception as err:  # olefile raises many kinds on hostile input
+            if is_ours(err):
+                raise
             raise DecodeError(f"not a readable OLE2 file: {err}") from None
         with ole:
             OleDecoding(part, ctx, ole).run()
@@ -58,6 +60,8 @@ class OleDecoding:
         try:
             paths = self.ole.listdir(streams=True, storages=False)
         except Exception as err:  # a broken directory: olefile raises many kinds
+            if is_ours(err):
+                raise
             raise DecodeError(f"OLE2 directory unreadable: {err}") from None
         for path in paths:
             self.ctx.budget.check_time()
@@ -87,6 +91,8 @@ class OleDecoding:
                 raise DecodeError(f"declares {size} bytes, more than the file")
             return self.ole.openstream(path).read()
         except Exception as err:  # olefile's defects come as many kinds; no budget in here
+            if is_ours(err):
+                raise
             self.problems.append(f"stream {clean_name(name)}: {err}")
             return None
 

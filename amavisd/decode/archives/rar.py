@@ -16,6 +16,14 @@ Measured on the corpus (archives/rar, 37 samples, per archive):
 unar leaves an empty file for a member it could not decrypt; those become
 the encrypted members' named placeholders.
 
+When unar fails on a member that is not encrypted (a solid RAR5 it reads
+short, a member path through a link entry), bsdtar reads the archive again
+(libarchive, another decoder) into its own dir, flat: every "/" in a name
+made "_", so no path meets a link; what it writes is scanned too. If bsdtar reads it all, the archive is decode-error; if neither
+did, some member could not be produced: `Undecipherable`, UNCHECKED with
+all that was read scanned. A piece of a multi-volume set is only flagged
+truncated: its members continue in pieces that are not here.
+
 Never: follow or create-then-follow a link (harvest skips what unar made;
 the corpus' rar5-evil-symlink-traversal is in the tests), use a member name as
 a path, or wait for a password (unar gets a dummy one; stdin is /dev/null).
@@ -31,7 +39,7 @@ import rarfile
 
 from amavisd.decode.archives import external, members
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 DUMMY_PASSWORD = "amavisd-no-password"
 SPLIT = rarfile.RAR_FILE_SPLIT_BEFORE | rarfile.RAR_FILE_SPLIT_AFTER
@@ -60,8 +68,14 @@ def decode_rar(part: Part, ctx: Context) -> None:
         problem, refused = _extract(part, ctx, len(locked))
     if locked or refused:  # refused: unar met a password rarfile's listing did not show
         _mark_encrypted(part, ctx, locked, "encrypted rar member")
-    if listing is not None and (listing.split or listing.volume):
+    piece = listing is not None and bool(listing.split or listing.volume)
+    if piece:
         part.flags.add("truncated")  # the other volumes are not here
+    if problem and not piece:
+        second = _extract_with_bsdtar(part, ctx)
+        if second:
+            raise Undecipherable(f"{problem}; {second}")
+        problem = f"{problem}; bsdtar read it all"
     if problem:
         raise DecodeError(problem)
     if not (part.flags & {"encrypted", "truncated"}):
@@ -76,7 +90,9 @@ def read_listing(part: Part) -> Listing | None:
             infos = archive.infolist()
             listing = Listing(headers_encrypted=archive.needs_password() and not infos,
                               volume=is_volume(part.head(64)))
-    except Exception:  # rarfile.Error and whatever a hostile header provokes
+    except Exception as err:  # rarfile.Error and whatever a hostile header provokes
+        if members.is_ours(err):
+            raise
         return None
     for info in infos:
         if info.is_dir() or info.is_symlink() or info.file_redir:
@@ -142,8 +158,27 @@ def _extract(part: Part, ctx: Context, locked: int) -> tuple[str, bool]:
     failed = text.count("Failed!")
     refused = "wrong password" in text
     if "parsing failed" in text or failed > locked or (result.returncode and not failed):
-        return f"unar exit {result.returncode}: {' '.join(text.split())[:200]}", refused
+        return f"unar exit {result.returncode}: {result.said(work)}", refused
     return "", refused
+
+
+def _extract_with_bsdtar(part: Part, ctx: Context) -> str:
+    """The second reading, by libarchive; what went wrong ("" when all is well)."""
+    if not external.available("bsdtar"):
+        return "bsdtar, the second reader, is not installed"
+    work = ctx.scratch_dir(part)
+    source = external.input_path(ctx, part, work, "input.rar")
+    out = os.path.join(work, "out-bsdtar")
+    os.mkdir(out, 0o700)
+    # flat (every "/" made "_"): no member path can meet a link or a name
+    # another member made a file, the failures that stop unar on hostile names
+    argv = ["bsdtar", "-x", "--no-same-owner", "--no-same-permissions", "-s", ",/,_,g",
+            "-f", source, "-C", out]
+    result = external.run_tool(ctx, argv, cwd=work, watch=out)
+    members.harvest(ctx, part, out)
+    if result.returncode:
+        return f"bsdtar exit {result.returncode}: {result.said(work)}"
+    return ""
 
 
 def _mark_encrypted(part: Part, ctx: Context, names: list[str], what: str) -> None:

@@ -26,6 +26,14 @@ folder is decoded frame by frame under the bound and cut into its members by
 the sizes and CRCs of the header (a 120 MiB zstd bomb: stopped at the quota,
 42 MiB RSS).
 
+Fail closed, and scan every reading. When py7zr fails on a member, 7zz
+reads the archive too. When `7zz x` fails (a member it could not decode, or
+could not write: a link entry `docs` and a member `docs/invoice.txt` make it
+refuse the second), `7zz e` reads it again, flat, as 7-Zip's "extract
+without paths" does: every member it writes is scanned too. A member whose CRC
+alone failed is kept (decode-error); one that no reading produced makes the
+archive `Undecipherable`, UNCHECKED with all that was read scanned.
+
 Never: let py7zr write to disk (members go to a writer factory), follow or
 create a link (py7zr skips link entries, harvest skips what 7zz made), or wait
 for a password (7zz gets a dummy one; stdin is /dev/null anyway).
@@ -50,9 +58,8 @@ from py7zr.properties import COMPRESSION_METHOD as M
 from py7zr.properties import PROPERTY
 
 from amavisd.decode.archives import external, members
-from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, Sink, register
+from amavisd.decode.registry import Context, DecodeError, Sink, Undecipherable, register
 
 try:
     from compression import zstd  # Python 3.14
@@ -87,7 +94,9 @@ def decode_7z(part: Part, ctx: Context) -> None:
         except PasswordRequired:
             _mark_encrypted(part, ctx, [], "encrypted 7z headers")
             return
-        except Exception:  # whatever py7zr cannot parse, 7zz may
+        except Exception as err:  # whatever py7zr cannot parse, 7zz may
+            if members.is_ours(err):
+                raise
             archive = None
         if archive is None:
             _with_7zz(part, ctx, locked=None)
@@ -101,16 +110,18 @@ def decode_7z(part: Part, ctx: Context) -> None:
             by_py7zr = [f for f in wanted if f.folder is not None and not _streamed(f.folder)]
             in_process = all(_in_process(f, ctx) for f in readable) and _one_stream_each(archive)
             if not in_process or not _with_py7zr(part, ctx, archive, by_py7zr):
-                _with_7zz(part, ctx, locked)
+                _with_7zz(part, ctx, locked)  # another reading, which decides
                 return
-            _with_streams(part, ctx, archive, fh)
+            problem = _with_streams(part, ctx, archive, fh)
             for member in wanted:
                 if member.folder is None:  # an empty file: no data, but a name
                     members.add_member(ctx, part, member.filename, b"")
     if locked:
         _mark_encrypted(part, ctx, locked, "encrypted 7z member")
-    else:
+    elif not problem:
         part.flags.add("expanded")
+    if problem:
+        raise problem
 
 
 def _cut_short(fh: BinaryIO, size: int) -> bool:
@@ -230,33 +241,35 @@ class _MemberFactory(WriterFactory):
 
 
 def _with_py7zr(part: Part, ctx: Context, archive: py7zr.SevenZipFile, wanted: list) -> bool:
-    """False when py7zr gave up before its first member (it refuses a whole
-    archive for one name like '../x'): then 7zz gets its chance."""
+    """False when py7zr failed (it refuses a whole archive for one name like
+    '../x'; a member's data or CRC is bad): the members it gave are kept, and
+    7zz reads the archive too, as the reading that decides."""
     if not wanted:
         return True
     factory = _MemberFactory(part, ctx)
     try:
         archive.extract(targets={f.filename for f in wanted}, factory=factory)
-    except LimitExceeded:
-        factory.finish_unfinished(truncated=True)
-        raise
     except Exception as err:  # py7zr's own errors, and whatever corrupt input makes it raise
-        if not factory.writers:
-            return False
         factory.finish_unfinished(truncated=True)
-        raise DecodeError(f"7z member unreadable: {type(err).__name__}: {err}") from None
+        if members.is_ours(err):
+            raise
+        return False
     factory.finish_unfinished(truncated=False)
     return True
 
 
-def _with_streams(part: Part, ctx: Context, archive: py7zr.SevenZipFile, fh: BinaryIO) -> None:
+def _with_streams(part: Part, ctx: Context, archive: py7zr.SevenZipFile, fh: BinaryIO
+                  ) -> DecodeError | None:
     """The zstd and lz4 folders: their unpacked stream cut into the folder's
-    files by the sizes the header gives."""
+    files by the sizes the header gives. A folder that breaks does not stop
+    the next; returned: Undecipherable when a member could not be produced,
+    DecodeError when only CRCs failed (the members are kept), else None."""
     streams = archive.header.main_streams
     if streams is None:
-        return
+        return None
     start = archive.afterheader + streams.packinfo.packpos
     positions = streams.packinfo.packpositions
+    lost, crc_failed = [], []
     for index, folder in enumerate(streams.unpackinfo.folders):
         if not _streamed(folder):
             continue
@@ -264,13 +277,23 @@ def _with_streams(part: Part, ctx: Context, archive: py7zr.SevenZipFile, fh: Bin
         new_decoder = STREAMED[folder.coders[0]["method"]]
         stream = _FolderStream(_unpacked(fh, positions[index + 1] - positions[index],
                                          new_decoder), ctx)
-        for member in folder.files:
-            chunks = stream.take(member.uncompressed, member.filename, member.crc32)
-            if _wanted(member):
-                members.stream_member(ctx, part, member.filename, chunks)
-            else:
-                for _ in chunks:  # a link's target, a directory's data: skipped
-                    pass
+        try:
+            for member in folder.files:
+                chunks = stream.take(member.uncompressed, member.filename, member.crc32)
+                if _wanted(member):
+                    child = members.stream_member(ctx, part, member.filename, chunks)
+                    if stream.crc_failed:
+                        child.flags.add("corrupt")
+                else:
+                    for _ in chunks:  # a link's target, a directory's data: skipped
+                        pass
+                crc_failed += [f"7z member {member.filename!r}: CRC mismatch"] \
+                    if stream.crc_failed else []
+        except DecodeError as err:  # this folder's stream broke: its members from here on
+            lost.append(str(err))
+    if lost:
+        return Undecipherable("; ".join(lost[:3]))
+    return DecodeError("; ".join(crc_failed[:3])) if crc_failed else None
 
 
 def _unpacked(fh: BinaryIO, packed: int, new_decoder) -> Iterator[bytes]:
@@ -304,10 +327,12 @@ class _FolderStream:
         self.chunks = chunks
         self.ctx = ctx
         self.rest = b""
+        self.crc_failed = False  # the last member taken came out whole, its CRC did not match
 
     def take(self, size: int, name: str, crc: int | None) -> Iterator[bytes]:
-        """`size` bytes; a short stream or a CRC that does not match raises
-        DecodeError once the bytes are handed out (the member is kept, truncated)."""
+        """`size` bytes; a short stream raises DecodeError (the member is kept,
+        truncated); a CRC that does not match sets `crc_failed`."""
+        self.crc_failed = False
         seen = 0
         while size > 0:
             chunk, self.rest = self.rest or next(self.chunks, b""), b""
@@ -318,24 +343,18 @@ class _FolderStream:
             seen = zlib.crc32(chunk, seen)
             self.ctx.budget.check_time()
             yield chunk
-        if crc is not None and seen != crc:
-            raise DecodeError(f"7z member {name!r}: CRC mismatch")
+        self.crc_failed = crc is not None and seen != crc
 
 
 def _with_7zz(part: Part, ctx: Context, locked: list[str] | None) -> None:
     """Extract with 7zz into a watched scratch dir. `locked`: the encrypted
-    members py7zr saw, or None when py7zr could not read the listing."""
+    members py7zr saw, or None when py7zr could not read the listing. When
+    `7zz x` fails on a member, `7zz e` reads the archive again."""
     if not external.available("7zz"):
-        raise DecodeError("7z needs 7zz, which is not installed")
+        raise Undecipherable("7z needs 7zz, which is not installed")
     work = ctx.scratch_dir(part)
     source = external.input_path(ctx, part, work, "input.7z")
-    out = os.path.join(work, "out")
-    os.mkdir(out, 0o700)
-    # -mmt=1: multithreaded LZMA2 took 517 MiB on the 10 GB bomb, one thread 70 MiB.
-    argv = ["7zz", "x", "-t7z", "-mmt=1", "-y", "-aou", "-bd", DUMMY_PASSWORD, f"-o{out}",
-            "--", source]
-    result = external.run_tool(ctx, argv, cwd=work, watch=out)
-    members.harvest(ctx, part, out)
+    report, result = _7zz_reading(part, ctx, work, source, "x")
     text = result.text
     if "Cannot open encrypted archive" in text:
         _mark_encrypted(part, ctx, [], "encrypted 7z headers")
@@ -345,12 +364,28 @@ def _with_7zz(part: Part, ctx: Context, locked: list[str] | None) -> None:
         locked = refused
     if locked:
         _mark_encrypted(part, ctx, locked, "encrypted 7z member")
-    errors = [line for line in text.splitlines()
-              if line.startswith("ERROR:") and "Wrong password" not in line]
-    if result.returncode and (errors or not refused):
-        raise DecodeError(f"7zz exit {result.returncode}: {' '.join(errors)[:200]}")
+    if report.failed:  # a member not written, or not whole: read again, flat
+        flat, _ = _7zz_reading(part, ctx, work, source, "e")
+        if flat.failed:
+            raise Undecipherable(f"7zz x and 7zz e failed: {flat.said()}")
+        raise DecodeError(f"7zz x failed, 7zz e read it: {report.said()}")
+    if report.crc_failed:  # written whole, only the check failed: scanned as it is
+        raise DecodeError(f"7zz: {report.said()}")
     if not locked:
         part.flags.add("expanded")
+
+
+def _7zz_reading(part: Part, ctx: Context, work: str, source: str, command: str
+                 ) -> tuple[external.SevenZipReport, external.ToolResult]:
+    """One 7zz extraction (`x` with paths, `e` without) into its own dir, harvested."""
+    out = os.path.join(work, f"out-{command}")
+    os.mkdir(out, 0o700)
+    # -mmt=1: multithreaded LZMA2 took 517 MiB on the 10 GB bomb, one thread 70 MiB.
+    argv = ["7zz", command, "-t7z", "-mmt=1", "-y", "-aou", "-bd", DUMMY_PASSWORD, f"-o{out}",
+            "--", source]
+    result = external.run_tool(ctx, argv, cwd=work, watch=out)
+    members.harvest(ctx, part, out)
+    return external.SevenZipReport.read(result, work), result
 
 
 def _mark_encrypted(part: Part, ctx: Context, names: list[str], what: str) -> None:

@@ -26,7 +26,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from amavisd.decode.archives.members import stream_member
+from amavisd.decode.archives.members import is_ours, stream_member
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, register
 
@@ -78,6 +78,8 @@ def _read_run(raw: BinaryIO, part: Part, ctx: Context, problems: list[str],
     try:
         archive = tarfile.open(fileobj=raw, mode="r|", tarinfo=_BoundedTarInfo)
     except TAR_ERRORS as err:
+        if is_ours(err):
+            raise
         if first:
             raise DecodeError(f"not a readable tar: {err}") from None
         problems.append(f"unreadable data at offset {base}")
@@ -91,6 +93,8 @@ def _read_run(raw: BinaryIO, part: Part, ctx: Context, problems: list[str],
                 return base + archive.offset
             _add_member(archive, info, part, ctx, part.size - base)
     except TAR_ERRORS as err:
+        if is_ours(err):
+            raise
         part.flags.add("truncated")
         problems.append(f"member data cut short or corrupt: {err}")
         return None

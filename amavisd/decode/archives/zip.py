@@ -21,6 +21,20 @@ whole read's input with no output bound (a 3.5 KB zip of bzip2 zeros took
 differs from the central one (Info-ZIP Unicode-path zips), and a CRC failure
 loses the last chunk read, which we keep for the scanners.
 
+Fail closed, and scan every reading:
+- a member whose data decoded to its end but fails its CRC is kept (flagged
+  `corrupt`, the archive decode-error): we scan what unzip -p gives;
+- a member we could not produce (a method nothing here reads, 7zz failing on
+  one it should read, corrupt compressed data, a stream that stops short of
+  its end while the archive goes on, no local header where the directory
+  points) makes the archive `Undecipherable`: UNCHECKED, after every
+  member that could be read was added;
+- the central directory and the local headers are two readings (unzip and
+  7-Zip use the first, streaming readers the second): a member whose local
+  header gives another method or stored size is read both ways, and a local
+  header no directory entry points at (outside every member's data) is read
+  as a member too; the archive is then scanned whole as well.
+
 Never: `read()` or `extract()` a member, use a member name as a path, open an
 encrypted member, or follow central-directory entries that overlap (the
 zbsm-style bomb: many entries sharing one deflate stream).
@@ -28,9 +42,11 @@ zbsm-style bomb: many entries sharing one deflate stream).
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import contextlib
 import io
+import itertools
 import logging
 import lzma
 import mmap
@@ -45,10 +61,10 @@ from dataclasses import dataclass
 import inflate64
 
 from amavisd.decode.archives import external
-from amavisd.decode.archives.members import clean_name, harvest, stream_member
+from amavisd.decode.archives.members import clean_name, harvest, is_ours, stream_member
 from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part, create_private
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 log = logging.getLogger("amavisd.decode")
 
@@ -69,8 +85,10 @@ UTF8_BIT = 0x0800
 MARKER_PREFIX = 8  # "PK\x07\x08" / "PK00" spanning markers are not foreign data
 ENTRIES_PER_PART = 10  # more entries than 10 x max_parts: not even listed (memory)
 MAX_NOTES = 20
+# What decompressors raise on corrupt data (bz2 says OSError; no file is read there).
 MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, zstd.ZstdError, EOFError,
                  OSError, ValueError, NotImplementedError, struct.error, DecodeError)
+MAX_LOST = 5  # members named in the UNCHECKED reason
 
 
 @dataclass
@@ -120,7 +138,8 @@ def _archive_bytes(part: Part) -> Iterator[tuple[io.BufferedIOBase, bytes | mmap
 class ZipDecoding:
     def __init__(self, part: Part, ctx: Context, fh: io.BufferedIOBase, buf: bytes | mmap.mmap):
         self.part, self.ctx, self.fh, self.buf = part, ctx, fh, buf
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # decode-error: the archive is flagged, not UNCHECKED
+        self.lost: list[str] = []  # content that could not be produced: UNCHECKED
         self.complete = True  # every member became a part, nothing foreign around them
         self.notes = 0
         self.note_kinds: set[str] = set()  # of the notes over MAX_NOTES
@@ -136,14 +155,23 @@ class ZipDecoding:
                 self.extract(entry)
             elif entry.method in TOOL_METHODS:
                 by_tool.append(entry)
-            else:  # no reader knows it, so no recipient can open it either
-                self.fail(entry, f"unknown compression method {entry.method}")
+            else:  # nothing here reads it: what it holds cannot be scanned
+                self.lose(entry, f"unknown compression method {entry.method}")
+            for other in _local_readings(self.buf, entry):
+                self.complete = False
+                self.problems.append(f"member {clean_name(entry.name)}: its local header "
+                                     "disagrees with the central directory, read both ways")
+                self.extract(other)
         if by_tool:
             self.extract_with_7zz(by_tool)
+        self.read_hidden(entries)
         if self.notes > MAX_NOTES:
             kind = self.note_kinds.pop() if len(self.note_kinds) == 1 else "limit"
             self.ctx.note_unchecked(self.part, f"{self.notes - MAX_NOTES} more zip members "
                                                "encrypted or unreadable", kind=kind)
+        if self.lost:
+            more = f" and {len(self.lost) - MAX_LOST} more" if len(self.lost) > MAX_LOST else ""
+            raise Undecipherable("; ".join(self.lost[:MAX_LOST]) + more)
         if self.problems:
             raise DecodeError("; ".join(self.problems[:3]))
         if self.complete and entries:
@@ -160,6 +188,8 @@ class ZipDecoding:
             with zipfile.ZipFile(self.fh) as listing:
                 entries = [Entry.from_info(info) for info in listing.infolist()]
         except Exception as err:  # zipfile raises many kinds on hostile input; no budget here
+            if is_ours(err):
+                raise
             self.problems.append(f"central directory unusable: {err}")
         for entry in entries:
             if entry.volume not in (disk, 0xFFFF):  # in another piece of a split archive
@@ -195,7 +225,7 @@ class ZipDecoding:
                 self.part.flags.add("encrypted")
                 self.note(f"encrypted zip member {clean_name(entry.name)}", "encrypted")
             elif entry.data is None:
-                self.fail(entry, "no local header where the central directory points")
+                self.lose(entry, "no local header where the central directory points")
             else:
                 readable.append(entry)
         return readable
@@ -210,18 +240,41 @@ class ZipDecoding:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def extract(self, entry: Entry) -> None:
+    def extract(self, entry: Entry, hidden: bool = False) -> None:
+        """One member into a part. `hidden`: found by its local header only, so
+        maybe no member at all (a signature inside a stub): its failures are
+        noted, never counted as content lost."""
+        ends: list[str] = []
         try:
-            stream_member(self.ctx, self.part, entry.name, self.decoded_chunks(entry))
+            child = stream_member(self.ctx, self.part, entry.name,
+                                  self.decoded_chunks(entry, ends))
         except MEMBER_ERRORS as err:
-            self.fail(entry, str(err) or type(err).__name__)
+            why = f"corrupt data: {str(err) or type(err).__name__}"
+            self.fail(entry, why) if hidden else self.lose(entry, why)
+            return
+        if "crc" in ends:  # decoded to its end: what unzip -p gives, nothing hidden
+            child.flags.add("corrupt")
+            self.fail(entry, "CRC mismatch (the data is kept and scanned)")
+        if "short" in ends:  # the archive ends inside it: there is no more
+            child.flags.add("truncated")
+            self.fail(entry, "cut short by the end of the archive")
+        if "stopped" in ends:  # the archive goes on, the member's stream did not
+            child.flags.add("truncated")
+            why = "compressed data stops before its stream ends"
+            self.fail(entry, why) if hidden else self.lose(entry, why)
 
     def fail(self, entry: Entry, why: str) -> None:
         self.complete = False
         self.problems.append(f"member {clean_name(entry.name)}: {why}")
 
-    def decoded_chunks(self, entry: Entry) -> Iterator[bytes]:
-        """Bounded decompression of the raw data, with the CRC checked when known."""
+    def lose(self, entry: Entry, why: str) -> None:
+        """A member whose content could not be produced."""
+        self.complete = False
+        self.lost.append(f"zip member {clean_name(entry.name)}: {why}")
+
+    def decoded_chunks(self, entry: Entry, ends: list[str]) -> Iterator[bytes]:
+        """Bounded decompression of the raw data, with the CRC checked when
+        known; how the data ended is put in `ends` (crc, short, stopped)."""
         new_decompressor, feed = DECOMPRESSORS.get(entry.method, (None, CHUNK))
         raw = self.raw_chunks(entry, feed)
         crc = 0
@@ -229,15 +282,20 @@ class ZipDecoding:
             for chunk in raw:
                 crc = zlib.crc32(chunk, crc)
                 yield chunk
+            ended = True
         else:
             decompressor = new_decompressor()
             for out in _bounded(decompressor, raw):
                 crc = zlib.crc32(out, crc)
                 yield out
-            if entry.crc is None and entry.method in ENDS_ITSELF and not decompressor.eof:
-                raise DecodeError("compressed data ends early")
-        if entry.crc is not None and crc != entry.crc:
-            raise DecodeError("CRC mismatch")
+            ended = decompressor.eof or entry.method not in ENDS_ITSELF
+        end = entry.data + entry.csize
+        if end > len(self.buf) or (not ended and end == len(self.buf)):
+            ends.append("short")  # the data runs to the end of the archive: there is no more
+        elif not ended:
+            ends.append("stopped")
+        elif entry.crc is not None and crc != entry.crc:
+            ends.append("crc")
 
     def raw_chunks(self, entry: Entry, size: int) -> Iterator[bytes]:
         end = min(entry.data + entry.csize, len(self.buf))
@@ -250,8 +308,7 @@ class ZipDecoding:
         zip of their own, named by index, so 7zz sees only those members."""
         if not external.available("7zz"):
             for entry in entries:
-                self.note(f"zip member {clean_name(entry.name)}: method {entry.method} unreadable")
-            self.problems.append("7zz not installed")
+                self.lose(entry, f"method {entry.method} needs 7zz, which is not installed")
             return
         workdir = self.ctx.scratch_dir(self.part)
         outdir = os.path.join(workdir, "out")
@@ -269,9 +326,34 @@ class ZipDecoding:
             found.add(child.name)
             child.name = clean_name(labels.get(child.name, child.name))
         missing = [labels[k] for k in labels if k not in found]
-        if result.returncode or missing:
+        report = external.SevenZipReport.read(result, workdir)
+        said = report.said(1000)
+        for label, name in labels.items():  # its messages name our labels
+            said = said.replace(label, clean_name(name))
+        if missing or report.failed or report.wrong_password:
             self.complete = False
-            self.problems.append(f"7zz exit {result.returncode}, {len(missing)} members unread")
+            self.lost.append(f"7zz exit {result.returncode} on {len(labels)} zip members, "
+                             f"{len(missing)} not written: {said[:200]}")
+        elif report.crc_failed:  # each member written whole, its CRC failed: kept, scanned
+            self.fail(entries[0], f"7zz: {said[:200]}")
+
+    def read_hidden(self, entries: list[Entry]) -> None:
+        """Members only a local-header reader sees: a local header that no
+        directory entry points at and that lies outside every member's data
+        (a stored zip inside holds local headers of its own)."""
+        if not entries or not any(e.data is not None for e in entries):
+            return
+        known = {e.header for e in entries}
+        inside = _Spans((e.header, e.data + e.csize) for e in entries if e.data is not None)
+        limit = ENTRIES_PER_PART * self.ctx.limits.max_parts
+        for local in _scan_local_headers(self.buf, limit):
+            if local.header in known or inside(local.header) or local.skip \
+                    or local.encrypted or local.method not in DECOMPRESSORS:
+                continue
+            self.complete = False
+            self.problems.append(f"member {clean_name(local.name)} has a local header only")
+            self.ctx.budget.check_time()
+            self.extract(local, hidden=True)
 
 
 # -- decompressors ---------------------------------------------------------------------------
@@ -339,6 +421,39 @@ DECOMPRESSORS: dict[int, tuple[Callable[[], object] | None, int]] = {
 # shrink, reduce, implode, WavPack, PPMd: 7zz reads them, nothing in-process does
 TOOL_METHODS = frozenset({1, 2, 3, 4, 5, 6, 97, 98})
 ENDS_ITSELF = frozenset({zipfile.ZIP_DEFLATED, 9, zipfile.ZIP_BZIP2, 93, 95})
+
+
+def _local_readings(buf: bytes | mmap.mmap, entry: Entry) -> list[Entry]:
+    """The member as its local header describes it, where that differs from
+    the directory in what changes the bytes: the method, or a stored size
+    (a streaming reader trusts the local header). Empty when they agree."""
+    if entry.data is None or entry.encrypted:
+        return []
+    flags, method, _, _, crc, csize, usize = struct.unpack_from("<HHHHIII", buf, entry.header + 6)
+    if flags & ENCRYPTED_BITS or method not in DECOMPRESSORS:
+        return []
+    sizes_known = not flags & DATA_DESCRIPTOR_BIT and 0xFFFFFFFF not in (csize, usize)
+    if method == entry.method and not (method == zipfile.ZIP_STORED and sizes_known
+                                       and csize != entry.csize):
+        return []
+    if not sizes_known or method != zipfile.ZIP_STORED:  # self-ending: to the end at most
+        csize = max(entry.csize, 0) if method == zipfile.ZIP_STORED else len(buf) - entry.data
+    crc = None if flags & DATA_DESCRIPTOR_BIT else crc
+    return [Entry(entry.name, method, flags, csize, usize, crc, entry.header, data=entry.data)]
+
+
+class _Spans:
+    """Whether an offset falls in a member's [local header, end of data): a
+    binary search, for a zip of many members with many local headers inside."""
+
+    def __init__(self, spans: Iterator[tuple[int, int]]):
+        ordered = sorted(spans)
+        self.starts = [start for start, _ in ordered]
+        self.reach = list(itertools.accumulate((end for _, end in ordered), max))
+
+    def __call__(self, offset: int) -> bool:
+        index = bisect.bisect_right(self.starts, offset) - 1
+        return index >= 0 and self.reach[index] > offset
 
 
 def _bounded(decompressor, raw: Iterator[bytes]) -> Iterator[bytes]:
