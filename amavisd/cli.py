@@ -108,6 +108,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from amavisd import daemonize, logs, pidfile, preload, privileges
+    from amavisd.actions.notify import load_templates
     from amavisd.listeners import ListenerError, bind_all
     from amavisd.master import Arbiter
 
@@ -116,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Resolve now: after dropping root the resolver's lazy imports may be unreadable.
     cfg = cfg.replace(myhostname=cfg.hostname)
     preload.preload()  # all a worker may import, before the drop and the first fork
+    load_templates(cfg.template_dir)  # and the notice templates it may read
     try:
         daemonize.prepare_dirs(cfg)
         listeners = bind_all(cfg)

@@ -490,6 +490,10 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: permission denied") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror or err}") from None
     flat: dict[str, Any] = {}
     for section, table in doc.items():
         if section in TABLE_SECTIONS and isinstance(table, dict):

@@ -69,8 +69,12 @@ class LogFile(logging.FileHandler):
                 os.fchmod(fd, LOG_FILE_MODE)  # whatever the umask
                 if self.owner is not None and os.geteuid() == 0:
                     os.fchown(fd, *self.owner)
-            elif info.st_mode & 0o007 and os.geteuid() in (0, info.st_uid):
-                os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o007)
+            elif info.st_mode & 0o037 and os.geteuid() in (0, info.st_uid):
+                # nobody but us writes our log (the socket's group could forge lines)
+                os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o037)
+            if info.st_nlink > 1:
+                raise OSError(f"{self.baseFilename} has {info.st_nlink} hard links; "
+                              "refusing to append to a file that is also elsewhere")
             return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
         except BaseException:
             os.close(fd)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from amavisd import config as configuration
 from amavisd import logs, sdnotify, sysexits, wakeup
+from amavisd.actions.notify import load_templates
 from amavisd.config import Config, ConfigError
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import describe, unlink_if_ours
@@ -179,7 +180,7 @@ class Arbiter:
     def handle_hup(self) -> None:
         try:
             new = configuration.load(self.config_path, self.overrides)
-        except ConfigError as err:
+        except (ConfigError, OSError, ValueError) as err:  # a typo must not stop the mail
             log.error("HUP: reload failed, keeping the running configuration: %s", err)
             return
         new = new.replace(myhostname=new.hostname)
@@ -189,6 +190,7 @@ class Arbiter:
                         ", ".join(changed))
             new = new.replace(**{k: self.config[k] for k in changed})
         sdnotify.notify("RELOADING=1")
+        load_templates(new.template_dir)  # the new workers inherit what was read
         try:
             logs.setup(new, stderr=self.log_to_stderr)
         except OSError as err:

@@ -6,10 +6,11 @@ can only name a path. So the dir (0750) and the file (0640) are made through
 a descriptor of the dir, and both descriptors stay open until the end: what
 the client delivers is read back from the file it wrote (`read()`), never
 through the path, which a group member could swap by renaming our dir (on a
-temp base without the sticky bit). `verify()` checks that the path still
-leads to the dir and the file we made, before the request and after the
-verdict, so that the verdict we act on was given on our bytes; a mismatch
-is a tempfail. Removal goes through the dir's descriptor too, so a swap
+temp base without the sticky bit). A temp base that others may write
+without the sticky bit is refused outright: there a swap and a swap back
+between the daemon's read and our check cannot be seen. `verify()` checks
+that the path still leads to the dir and the file we made, before the
+request and after the verdict; a mismatch is a tempfail. Removal goes through the dir's descriptor too, so a swap
 cannot make us delete someone else's files.
 
 Like client.py, stdlib modules Python has loaded anyway, nothing more.
@@ -39,6 +40,15 @@ class Spool:
         self.dir_id: tuple[int, int] | None = None  # set once the dir is known to be ours
         self.file_id = (0, 0)
         self.size = 0
+        try:
+            base = os.stat(tempbase)
+        except OSError as err:
+            raise SpoolError(f"temp base {tempbase}: {err.strerror}") from None
+        if base.st_mode & 0o022 and not base.st_mode & 0o1000:
+            # Without the sticky bit a group member can rename our dir away and
+            # back (a swap the daemon scans, and verify() cannot see afterwards).
+            raise SpoolError(f"temp base {tempbase} is writable by others and not sticky "
+                             "(chmod +t it)")
         try:
             os.mkdir(self.dir, DIR_MODE)
         except OSError as err:

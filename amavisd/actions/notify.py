@@ -131,6 +131,29 @@ def check_fields(name: str, text: str) -> None:
                                 "conversion or format spec")
 
 
+# Template texts read by the master before it drops root (`load_templates`),
+# path -> text: workers inherit them, so a template dir only root can read
+# still works after the drop. HUP reads them again.
+_LOADED: dict[str, str] = {}
+
+
+def load_templates(template_dir: str = "") -> int:
+    """Read every template now, into the cache workers inherit; returns how
+    many were read. A missing one is left for `Templates.get` to report."""
+    templates = Templates([template_dir])
+    _LOADED.clear()
+    for filename in set(TEMPLATES.values()) | set(ROLE_TEMPLATES.values()):
+        for directory in templates.directories:
+            path = os.path.join(directory, filename)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    _LOADED[path] = fh.read()
+                break
+            except OSError:
+                continue
+    return len(_LOADED)
+
+
 class Templates:
     """Template files looked up in order: the configured directory first,
     then the ones shipped with amavisd (so a site overrides only some)."""
@@ -144,6 +167,9 @@ class Templates:
         if filename not in self._cache:
             for directory in self.directories:
                 path = os.path.join(directory, filename)
+                if path in _LOADED:
+                    self._cache[filename] = Template.parse(filename, _LOADED[path])
+                    break
                 if os.path.isfile(path):
                     with open(path, encoding="utf-8") as fh:
                         self._cache[filename] = Template.parse(filename, fh.read())

@@ -43,7 +43,7 @@ log = logging.getLogger("amavisd.release")
 
 # Every refused remote request is answered no sooner than this after it
 # started, so the time taken does not say whether the id exists.
-REFUSAL_FLOOR = 0.1
+REFUSAL_FLOOR = 0.025
 REFUSED_TEXT = "release refused: no such quarantine entry, or a missing or wrong secret_id"
 # Stands in for the secret of an entry that does not exist (same work, never equal).
 _NO_SECRET = secrets.token_urlsafe(12)

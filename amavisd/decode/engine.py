@@ -68,17 +68,21 @@ def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = N
     ctx.budget.charge_part()
     result = Decomposition(root, ctx.unchecked, ctx)
     stack = [root]
-    while stack:
-        part = stack.pop()
-        try:
-            ctx.budget.check_time()
-            decode_one(part, ctx, use_magic)
-        except LimitExceeded as err:
-            part.flags.add("limit")
-            ctx.note_unchecked(part, err.reason)
-            if err.scope == "message":
-                break
-        stack.extend(reversed(part.children))
+    try:
+        while stack:
+            part = stack.pop()
+            try:
+                ctx.budget.check_time()
+                decode_one(part, ctx, use_magic)
+            except LimitExceeded as err:
+                part.flags.add("limit")
+                ctx.note_unchecked(part, err.reason)
+                if err.scope == "message":
+                    break
+            stack.extend(reversed(part.children))
+    except BaseException:  # the caller gets no decomposition to clean up
+        ctx.cleanup()
+        raise
     return result
 
 

@@ -7,9 +7,11 @@ spool by path hands the attacker's bytes to the delivery agent, with
 `X-Virus-Scanned`. The attacker here is a separate uid (`amavisd-evil`) in
 the daemon's group, exchanging dirs with renameat2(RENAME_EXCHANGE); the
 client runs as the daemon's user (`amavisd-test`), as Sendmail's U= would
-run it. The temp base is made 0770 (without the sticky bit that the daemon
-now gives it) so that the client's own defence is what is tested: deliver
-from the descriptor it spooled to, after checking the spool is still its own.
+run it. Twice: on the daemon's temp base (01770: the sticky bit makes every
+swap fail), and on one made 0770, where a swap and a swap back between the
+daemon's read and the client's check could not be seen: there the client
+refuses to spool at all (tempfail). The client delivers from the descriptor
+it spooled to, after checking the spool is still its own.
 
 Bounded: AMAVISD_RACE_SECONDS (default 4) of attack.
 
@@ -120,8 +122,9 @@ def run_as(user: pwd.struct_passwd, gid: int, argv: list[str], **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
+@pytest.mark.parametrize("mode", [0o1770, 0o770])
 def test_the_delivery_agent_never_gets_the_attacker_s_bytes(short_tmp, clamd_nodecomp,
-                                                             accounts):
+                                                             accounts, mode):
     gid, daemon_user, attacker = accounts
     out = short_tmp / "out"
     out.mkdir()
@@ -134,7 +137,7 @@ def test_the_delivery_agent_never_gets_the_attacker_s_bytes(short_tmp, clamd_nod
                             user=DAEMON_USER, group=GROUP, virus_destiny="reject")
     with daemon:
         tempbase = daemon.tempbase
-        os.chmod(tempbase, 0o770)  # no sticky bit: the client must hold on its own
+        os.chmod(tempbase, mode)
         env = {"AMAVISD_SOCKET": daemon.socket_path, "PATH": os.environ["PATH"]}
         evil = run_as(attacker, gid, [SYSTEM_PYTHON, "-I", "-c", ATTACK, tempbase,
                                       str(RACE_SECONDS), str(payload)])
@@ -173,9 +176,14 @@ def test_the_delivery_agent_never_gets_the_attacker_s_bytes(short_tmp, clamd_nod
         swaps, attempts = map(int, stdout.split())
     print(f"race: {sum(outcomes.values())} mailer runs {outcomes}, attacker swapped "
           f"{swaps} of {attempts} spool dirs, attacker bytes delivered: {len(hits)}")
-    assert swaps > 0, (stderr, outcomes)  # the attack did happen
     assert hits == [], hits
-    assert outcomes.get("delivered", 0) > 0, outcomes  # and clean mail still goes through
+    if mode & 0o1000:
+        assert attempts > 0, (stderr, outcomes)  # the attack did happen
+        assert swaps == 0  # the sticky bit: no rename of another's dir
+        assert outcomes.get("delivered", 0) > 0, outcomes  # clean mail still goes through
+    else:
+        # no spool is ever made there, so there is nothing to swap
+        assert outcomes == {"tempfail": sum(outcomes.values())}, outcomes
 
 
 def test_stdin_is_spooled_before_connecting(short_tmp, clamd_nodecomp):

@@ -140,3 +140,14 @@ def test_a_spool_file_changed_in_place_is_detected(tmp_path):
     with pytest.raises(SpoolError, match="changed size"):
         spool.verify()
     spool.remove()
+
+
+def test_a_temp_base_others_may_write_without_the_sticky_bit_is_refused(tmp_path):
+    from amavisd_client.spool import Spool, SpoolError
+
+    tmp_path.chmod(0o770)
+    with pytest.raises(SpoolError, match="not sticky"):
+        Spool(str(tmp_path))
+    tmp_path.chmod(0o1770)
+    spool = Spool(str(tmp_path))
+    spool.remove()

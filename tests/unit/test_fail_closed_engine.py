@@ -97,3 +97,12 @@ def test_a_full_work_dir_for_mime_parts_is_a_tempfail(small_tmpfs):
     limits = Limits(spill_threshold=1024, max_memory=1024)
     with pytest.raises(WorkDirFailed):
         decompose(raw, limits, tempbase=small_tmpfs)
+
+
+def test_a_failed_decomposition_leaves_no_work_dir_behind(small_tmpfs):
+    big = os.urandom(3 * 1024 * 1024) + EICAR
+    raw = attach(gzip.compress(big, 1), "application/gzip", "big.gz")
+    with pytest.raises(WorkDirFailed):
+        decompose(raw, Limits(spill_threshold=64 * 1024, max_memory=64 * 1024),
+                  tempbase=small_tmpfs)
+    assert os.listdir(small_tmpfs) == []

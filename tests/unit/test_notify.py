@@ -273,3 +273,21 @@ def test_the_sink_speaks_enough_smtp(sink: SMTPSink):
         client.sendmail("a@b", ["c@d"], b"X: 1\r\n\r\n.\r\n..two\r\nend\r\n")
     [got] = sink.wait(1)
     assert (got.helo, got.data) == ("client.test", b"X: 1\r\n\r\n.\r\n..two\r\nend\r\n")
+
+
+def test_templates_read_before_the_drop_are_used_when_the_files_are_gone(tmp_path):
+    """The master reads the templates as root; a worker must not need to."""
+    from amavisd.actions import notify as notify_module
+
+    site = tmp_path / "templates"
+    site.mkdir()
+    (site / "admin.txt").write_text("Subject: site admin template\n\nfound\n")
+    try:
+        assert notify_module.load_templates(str(site)) >= 1
+        (site / "admin.txt").unlink()
+        site.chmod(0)
+        template = notify_module.Templates([str(site)]).get("admin.txt")
+        assert template.subject == "site admin template"
+    finally:
+        site.chmod(0o755)
+        notify_module.load_templates("")
