@@ -1,135 +1,200 @@
 """MIME: every entity of a message, transfer-decoded, text included.
 
-Built on the standard library's parser, which already survives most broken
-MIME (missing closing boundaries, bad base64, bare CR/LF, NULs, huge header
-lines) and records defects instead of failing. What it does not do we add:
+The structure comes from our own splitter (mimesplit.py), which reads it as
+the standard library does but iteratively and on offsets into the bytes, so
+neither nesting nor size can take the worker's stack or memory: this module
+turns its events into parts. What the stdlib would not do we add:
 
-- An attached message/rfc822 becomes a child part that is decomposed again
-  (one layer deeper): forwarded mail is opened, unlike in amavisd-new.
+- An attached message/rfc822 becomes a child part that the engine
+  decomposes again, one layer deeper, under its depth limit: forwarded mail
+  is opened, unlike in amavisd-new, and is never parsed inside its parent.
 - Ambiguity (CVE-2024-28054): when an entity carries conflicting
   Content-Type or Content-Transfer-Encoding headers, or several boundary
-  parameters, a mail client may read it another way than we do. The entity
-  is flagged `ambiguous` and every alternative reading is decoded as well.
-- message/partial cannot be reassembled safely: flagged, and UNCHECKED.
+  parameters, a mail client may read it another way than we do. The entity's
+  parent is flagged `ambiguous` and every alternative reading is decoded as
+  well; so is a multipart cut short by an outer boundary, read on past it.
+- Multiparts nested past MAX_NESTING inside one message (nesting that adds no
+  depth) are scanned raw and make the message UNCHECKED, as does a
+  message/partial fragment, which cannot be reassembled safely.
 
 Multipart nesting inside one message does not add depth; the message's
-entities are one layer below it.
+entities are one layer below it. Broken MIME (missing boundaries, bad
+base64, bare CR line ends, NULs, huge header lines) is read as the stdlib
+reads it, and bad transfer encodings are flagged, never fatal.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import email.utils
 import itertools
 import re
+from collections.abc import Callable
 from email.message import Message
 
+from amavisd.decode import mimesplit
+from amavisd.decode.mimesplit import Body, Close, Entity, Open, Reread, Text, TooDeep
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, register
+from amavisd.decode.transfer import decode_body
 
-_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 _BOUNDARY = re.compile(r"""boundary\s*=\s*(?:"([^"]*)"|([^;\s]+))""", re.I)
-MAX_READINGS = 8
+_TYPE_OR_ENCODING = re.compile(rb"(?i)content-(type|transfer-encoding)\s*:")
+MAX_READINGS = 8  # alternative readings of one entity, and rereads in one message
+_WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.strip() strips of ASCII
 
 
 @register("mail")
 def decode_mail(part: Part, ctx: Context) -> None:
-    message = _PARSER.parsebytes(part.read())
     if part.parent is None or part.mime_type.startswith("message/"):
         # A text part that merely looks like mail is also scanned as it is.
         part.flags.add("expanded")
-    _add_entity(part, message, ctx, layer=True)
+    MessageParts(part, part.read(), ctx).add_all()
 
 
-def _add_entity(parent: Part, entity: Message, ctx: Context, layer: bool) -> None:
-    readings = alternative_readings(entity)
-    if readings:
-        parent.flags.add("ambiguous")
-        for number, data in enumerate(readings, 1):
-            ctx.add(parent, data, layer=True, mime_type="message/rfc822",
-                    name=f"(alternative reading {number})", detected="mail")
-    content_type = entity.get_content_type()
-    if content_type == "message/partial":
-        # Scanned as it is, never re-parsed: a fragment of a message is not a message.
-        fragment = ctx.add(parent, _raw_payload(entity), layer=layer, mime_type=content_type,
-                           detected="partial")
-        fragment.flags.add("partial")
-        ctx.note_unchecked(fragment, "message/partial fragment", kind="partial")
-        return
-    if entity.is_multipart() and content_type.startswith("message/"):
-        # message/rfc822 (and message/global...): decompose it again, one layer down.
-        for sub in entity.get_payload():
-            if isinstance(sub, Message):
-                ctx.add(parent, _serialize(sub), layer=layer, mime_type=content_type,
-                        name=_filename(entity))
-        return
-    if entity.is_multipart():
-        container = ctx.add_container(parent, layer=layer, mime_type=content_type)
-        _add_text(container, entity.preamble, ctx, "(preamble)")
-        for sub in entity.get_payload():
-            if isinstance(sub, Message):
-                _add_entity(container, sub, ctx, layer=False)
-        _add_text(container, entity.epilogue, ctx, "(epilogue)")
-        return
-    cte = str(entity.get("content-transfer-encoding", "")).strip().lower()
-    try:
-        if cte in ("x-uuencode", "uuencode", "x-uue", "uue"):
-            data = _uudecode_body(entity, ctx)
+class MessageParts:
+    """The parts of one message, added as the splitter's events come."""
+
+    def __init__(self, mail: Part, data: bytes, ctx: Context) -> None:
+        self.mail = mail
+        self.data = data
+        self.ctx = ctx
+        self.splitter = mimesplit.Splitter(data, tick=ctx.budget.check_time)
+        self.containers: list[Part] = []
+        self.rereads = 0
+
+    def add_all(self) -> None:
+        for event in self.splitter.walk():
+            HANDLERS[type(event)](self, event)
+
+    def parent(self) -> tuple[Part, bool]:
+        """Where the next part goes, and whether it is one layer down."""
+        if self.containers:
+            return self.containers[-1], False
+        return self.mail, True
+
+    def on_open(self, event: Open) -> None:
+        parent, layer = self.parent()
+        self.add_readings(parent, event.entity, lambda: self.splitter.body_end(event.entity))
+        self.containers.append(self.ctx.add_container(parent, layer=layer,
+                                                      mime_type=event.entity.content_type))
+
+    def on_close(self, event: Close) -> None:
+        self.containers.pop()
+
+    def on_text(self, event: Text) -> None:
+        parent, layer = self.parent()
+        text = self.data[event.start:event.end]
+        if text.strip(_WHITESPACE):
+            self.ctx.add(parent, text, layer=layer,
+                         mime_type="text/plain", name=event.name)
+
+    def on_body(self, event: Body) -> None:
+        parent, layer = self.parent()
+        entity = event.entity
+        self.add_readings(parent, entity, lambda: event.end)
+        content_type = entity.content_type
+        if content_type == "message/partial":
+            # Scanned as it is, never re-parsed: a fragment of a message is not a message.
+            fragment = self.ctx.add(parent, self.data[entity.start:event.end], layer=layer,
+                                    mime_type=content_type, detected="partial")
+            fragment.flags.add("partial")
+            self.ctx.note_unchecked(fragment, "message/partial fragment", kind="partial")
+        elif entity.headers.get_content_maintype() == "message":
+            # message/rfc822 (and message/global...): decomposed again, one layer down.
+            self.ctx.add(parent, self.data[event.start:event.end], layer=layer,
+                         mime_type=content_type, name=filename(entity.headers))
         else:
-            data = entity.get_payload(decode=True)
-    except Exception:  # e.g. a body the stdlib cannot take
-        data = None
-    flags = {type(d).__name__ for d in entity.defects}
-    if data is None:
-        data = _raw_payload(entity)
-        flags.add("decode-error")
-    child = ctx.add(parent, data, layer=layer, mime_type=content_type, name=_filename(entity))
-    if flags & {"decode-error", "InvalidBase64CharactersDefect",
-                "InvalidBase64PaddingDefect", "InvalidBase64LengthDefect"}:
-        child.flags.add("decode-error")
+            encoding = str(entity.headers.get("content-transfer-encoding", "")).lower()
+            data, clean = decode_body(self.data, event.start, event.end, encoding,
+                                      self.ctx.budget.allowance())
+            child = self.ctx.add(parent, data, layer=layer, mime_type=content_type,
+                                 name=filename(entity.headers))
+            if not clean:
+                child.flags.add("decode-error")
+
+    def on_too_deep(self, event: TooDeep) -> None:
+        parent, layer = self.parent()
+        self.add_readings(parent, event.entity, lambda: event.end)
+        # Scanned raw, never decoded further (a type no decoder takes).
+        child = self.ctx.add(parent, self.data[event.start:event.end], layer=layer,
+                             mime_type=event.entity.content_type, detected="multipart")
+        child.flags.add("too-deep")
+        self.ctx.note_unchecked(
+            child, f"multiparts nested deeper than {self.splitter.max_nesting} levels")
+
+    def on_reread(self, event: Reread) -> None:
+        parent, _ = self.parent()
+        parent.flags.add("ambiguous")
+        self.rereads += 1
+        if self.rereads > MAX_READINGS:
+            if self.rereads == MAX_READINGS + 1:
+                self.ctx.note_unchecked(parent, f"more than {MAX_READINGS} multiparts "
+                                        "cut short by an outer boundary")
+            return
+        self.ctx.add(parent, self.data[event.start:event.end], layer=True,
+                     mime_type="message/rfc822", name="(read past an outer boundary)",
+                     detected="mail")
+
+    def add_readings(self, parent: Part, entity: Entity, body_end: Callable[[], int]) -> None:
+        """Other readings of an entity with conflicting headers (its body's end
+        is only looked for then: a multipart's is not known yet)."""
+        if entity.fields_dropped:
+            self.ctx.note_unchecked(parent, f"more than {mimesplit.MAX_FIELDS} "
+                                    "Content-* header fields in one entity")
+        if not conflicting(entity.headers):
+            return
+        readings = alternative_readings(entity.headers, self.data[entity.start:entity.header_end],
+                                        self.data[entity.body_start:body_end()])
+        if readings:
+            parent.flags.add("ambiguous")
+        for number, data in enumerate(readings, 1):
+            self.ctx.add(parent, data, layer=True, mime_type="message/rfc822",
+                         name=f"(alternative reading {number})", detected="mail")
 
 
-def _uudecode_body(entity: Message, ctx: Context) -> bytes:
-    """Our own uudecoder: the stdlib pads cut-off lines with zeros."""
-    from amavisd.decode.textual import find_uuencoded, uudecode_lines
+HANDLERS = {
+    Open: MessageParts.on_open,
+    Close: MessageParts.on_close,
+    Text: MessageParts.on_text,
+    Body: MessageParts.on_body,
+    TooDeep: MessageParts.on_too_deep,
+    Reread: MessageParts.on_reread,
+}
 
-    raw = _raw_payload(entity)
-    blocks = find_uuencoded(raw, ctx.budget.allowance())
-    if blocks:
-        return b"".join(payload for _, payload, _ in blocks)
-    return uudecode_lines(raw, ctx.budget.allowance())[0]
+
+def conflicting(headers: Message) -> bool:
+    """Whether an entity has more than one Content-Type, Content-Transfer-Encoding
+    or boundary: then other parsers may read it differently."""
+    fields = headers.get_all("content-type") or []
+    return (len(fields) > 1 or len(headers.get_all("content-transfer-encoding") or []) > 1
+            or any(len(_boundaries(value)) > 1 for value in fields))
 
 
-def alternative_readings(entity: Message) -> list[bytes]:
+def alternative_readings(headers: Message, head: bytes, body: bytes) -> list[bytes]:
     """The same entity as other parsers could read it: one variant per combination
-    of its conflicting Content-Type / Content-Transfer-Encoding / boundary."""
-    types = _distinct(entity.get_all("content-type") or [])
-    encodings = _distinct(entity.get_all("content-transfer-encoding") or [])
-    boundaries = _distinct(b for value in (entity.get_all("content-type") or [])
+    of its conflicting Content-Type / Content-Transfer-Encoding / boundary.
+    `headers` holds its Content-* fields; `head` is its raw header block."""
+    types = _distinct(headers.get_all("content-type") or [])
+    encodings = _distinct(headers.get_all("content-transfer-encoding") or [])
+    boundaries = _distinct(b for value in (headers.get_all("content-type") or [])
                            for b in _boundaries(value))
     if len(types) < 2 and len(encodings) < 2 and len(boundaries) < 2:
         return []
     base_type = types[0] if types else "text/plain"
-    variants = []
     type_values = types if len(boundaries) < 2 else [
         _BOUNDARY.sub(f'boundary="{b}"', _strip_extra_boundaries(base_type), count=1)
         for b in boundaries]
-    for ctype, cte in itertools.product(type_values or [base_type], encodings or [None]):
-        variants.append((ctype, cte))
-    default = (entity.get("content-type"), entity.get("content-transfer-encoding"))
+    variants = list(itertools.product(type_values or [base_type], encodings or [None]))
+    default = (headers.get("content-type"), headers.get("content-transfer-encoding"))
+    kept = [line for line in _unfold(head) if not _TYPE_OR_ENCODING.match(line)]
     readings = []
-    body = _serialize(entity).split(b"\n\n", 1)
-    head, rest = (body[0], body[1]) if len(body) == 2 else (body[0], b"")
-    kept = [line for line in _unfold(head) if not re.match(
-        rb"(?i)content-(type|transfer-encoding)\s*:", line)]
     for ctype, cte in variants:
         if (ctype, cte) == default:
             continue
         lines = kept + [f"Content-Type: {ctype}".encode("utf-8", "surrogateescape")]
         if cte:
             lines.append(f"Content-Transfer-Encoding: {cte}".encode("utf-8", "surrogateescape"))
-        readings.append(b"\n".join(lines) + b"\n\n" + rest)
+        readings.append(b"\n".join(lines) + b"\n\n" + body)
         if len(readings) >= MAX_READINGS:
             break
     return readings
@@ -157,40 +222,19 @@ def _strip_extra_boundaries(value: str) -> str:
 
 def _unfold(head: bytes) -> list[bytes]:
     lines: list[bytes] = []
-    for line in head.replace(b"\r\n", b"\n").split(b"\n"):
+    for line in re.split(rb"\r\n|\r|\n", head):
         if line[:1] in (b" ", b"\t") and lines:
             lines[-1] += b"\n" + line
-        else:
+        elif line:
             lines.append(line)
     return lines
 
 
-def _add_text(parent: Part, text: str | None, ctx: Context, name: str) -> None:
-    if text and text.strip():
-        ctx.add(parent, text.encode("utf-8", "surrogateescape"), layer=False,
-                mime_type="text/plain", name=name)
-
-
-def _serialize(entity: Message) -> bytes:
+def filename(headers: Message) -> str:
     try:
-        return entity.as_bytes(unixfrom=False, policy=email.policy.compat32)
-    except Exception:
-        return entity.as_string().encode("utf-8", "surrogateescape")
-
-
-def _raw_payload(entity: Message) -> bytes:
-    payload = entity.get_payload()
-    if isinstance(payload, str):
-        return payload.encode("utf-8", "surrogateescape")
-    return _serialize(entity)
-
-
-def _filename(entity: Message) -> str:
-    try:
-        name = entity.get_filename() or entity.get_param("name") or ""
+        name = headers.get_filename() or headers.get_param("name") or ""
     except Exception:
         return ""
     if isinstance(name, tuple):  # an RFC 2231 value the stdlib left undecoded
         name = email.utils.collapse_rfc2231_value(name)
     return str(name).translate({c: "?" for c in range(32)})[:255]
-
