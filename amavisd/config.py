@@ -345,6 +345,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quarantine_dir", "policy", str, "/var/virusmails",
             "Quarantine of infected and banned mail (directory 0700).",
             absolute_path_or_empty, ("--quarantine-dir",), metavar="DIR"),
+    Setting("quarantine_store", "policy", str, "",
+            "Where quarantined mail is kept, as a URL: file:/var/virusmails (one file per "
+            "message plus a JSON sidecar); empty means file:<quarantine_dir>."),
     Setting("quarantine", "policy", list, ["infected", "banned"],
             "Categories whose mail is kept in the quarantine (infected, banned, unchecked, "
             "clean); empty keeps none.", categories("infected", "banned", "unchecked", "clean")),
