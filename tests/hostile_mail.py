@@ -161,16 +161,26 @@ for _name, _make, _ext, _needs in (
         lambda m=_make, e=_ext: attach(m(), f"invoice.{e}"))
 
 
-@hostile("zip-bad-crc", "INFECTED")
-def zip_bad_crc() -> bytes:
+def _zip_patched(field: int, value: bytes | None) -> bytes:
+    """A one-member deflated zip with a field changed in both its local header
+    and its central directory entry (`field`: the offset in the local one;
+    the central one has it 2 bytes further); `value` None flips its first byte."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("invoice.txt", PAYLOAD)
     data = bytearray(buf.getvalue())
-    for signature, offset in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):
-        at = data.find(signature)
-        data[at + offset] ^= 0xFF  # the member's CRC-32, in both headers
-    return attach(bytes(data), "invoice.zip")
+    for signature, offset in ((b"PK\x03\x04", field), (b"PK\x01\x02", field + 2)):
+        at = data.find(signature) + offset
+        if value is None:
+            data[at] ^= 0xFF
+        else:
+            data[at:at + len(value)] = value
+    return bytes(data)
+
+
+@hostile("zip-bad-crc", "INFECTED")
+def zip_bad_crc() -> bytes:
+    return attach(_zip_patched(14, None), "invoice.zip")  # the member's CRC-32
 
 
 @hostile("gzip-bad-crc-in-zip", "INFECTED")
@@ -189,19 +199,9 @@ def gzip_truncated() -> bytes:
 # -- methods nobody here can read -----------------------------------------------------
 
 
-def _zip_with_method(method: int) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("invoice.txt", PAYLOAD)
-    data = bytearray(buf.getvalue())
-    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
-        at = data.find(signature)
-        data[at + offset:at + offset + 2] = struct.pack("<H", method)
-    return bytes(data)
-
-
 for _method in (97, 98, 19, 200):
-    hostile(f"zip-method-{_method}")(lambda m=_method: attach(_zip_with_method(m), "a.zip"))
+    hostile(f"zip-method-{_method}")(
+        lambda m=_method: attach(_zip_patched(8, struct.pack("<H", m)), "a.zip"))
 
 
 # -- tools that fail half-way, readers that disagree --------------------------------------

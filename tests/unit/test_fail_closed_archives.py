@@ -12,12 +12,10 @@ a method number changed, a member's directory entry removed.
 from __future__ import annotations
 
 import io
-import os
 import random
 import shutil
 import struct
 import subprocess
-import tempfile
 import zipfile
 import zlib
 
@@ -160,22 +158,6 @@ def test_trailing_bytes_that_start_no_member_are_not_corruption(tmp_path, fmt):
     dec = decode_bare(data + b"This is unrelated junk data at the end of the file\n")
     assert dec.root.children[0].read() == PAYLOAD
     assert "decode-error" in dec.root.flags and dec.unchecked == []
-
-
-@pytest.fixture
-def small_tmpfs():
-    """A real 1 MiB tmpfs: the disk really fills up (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = tempfile.mkdtemp(prefix="amdfull", dir="/tmp")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
-                          capture_output=True)
-    if done.returncode:
-        os.rmdir(path)
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    yield path
-    subprocess.run(["umount", "-l", path], check=False)
-    os.rmdir(path)
 
 
 def test_a_full_disk_under_a_second_reader_is_a_tempfail(tmp_path, small_tmpfs):
