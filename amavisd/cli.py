@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    return configuration.load(getattr(args, "config", None), configuration.overrides_from(args))
+    """The effective config, checked whole: also what only the layers above
+    the settings table know (a quarantine_store URL of a known store)."""
+    from amavisd.quarantine import open_store
+
+    cfg = configuration.load(getattr(args, "config", None), configuration.overrides_from(args))
+    open_store(cfg)  # ConfigError naming quarantine_store
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,13 +223,17 @@ def print_tree(node: dict[str, Any], result: Any, indent: int = 1) -> None:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    from amavisd.actions.quarantine import Quarantine, QuarantineError
-    from amavisd.actions.release import release
     from amavisd.envelope import angled
+    from amavisd.quarantine import QuarantineError, open_store
+    from amavisd.quarantine.release import release
 
     cfg = load_config(args)
     logging.basicConfig(level=logging.INFO, format="amavisd: %(message)s", stream=sys.stderr)
-    store = Quarantine(cfg.quarantine_dir, gzip=cfg.quarantine_gzip)
+    store = open_store(cfg)
+    if store is None:
+        print("amavisd: no quarantine is configured (quarantine_store, quarantine_dir)",
+              file=sys.stderr)
+        return 1
     try:
         if args.action == "list":
             for e in store.list():
@@ -233,7 +243,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                       f"{','.join(angled(r) for r in e.recipients)}  {e.size} B  {found}")
             return 0
         if args.action == "show":
-            entry, data = store.show(args.id)
+            entry = store.get(args.id)
+            data = store.message(entry)
             for key, value in vars(entry).items():
                 print(f"# {key}: {value}")
             if args.headers_only:

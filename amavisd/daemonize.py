@@ -16,6 +16,8 @@ import stat
 
 from amavisd.config import Config
 from amavisd.privileges import chown_to, resolve
+from amavisd.quarantine import open_store
+from amavisd.quarantine.file import FileStore
 
 WORKDIR_MODE = 0o750
 TEMPBASE_MODE = 0o1770
@@ -28,8 +30,9 @@ def prepare_dirs(config: Config) -> None:
     an existing temp base or work base of that user gets its safe mode."""
     dirs = [(config.workdir, WORKDIR_MODE), (config.tempbase_path, TEMPBASE_MODE),
             (config.work_base_path, WORK_BASE_MODE)]
-    if config.quarantine_dir:
-        dirs.append((config.quarantine_dir, QUARANTINE_MODE))
+    store = open_store(config)
+    if isinstance(store, FileStore):  # the dir the store names, not quarantine_dir alone
+        dirs.append((store.directory, QUARANTINE_MODE))
     for path, mode in dirs:
         if not os.path.isdir(path):
             os.makedirs(path, mode=mode, exist_ok=True)

@@ -19,6 +19,21 @@ the master stays up and respawns with a doubling back-off, so there is no
 storm. Any other exception in the master is a bug: it is logged, the
 sockets are closed and the workers stopped, and the master exits 70
 (EX_SOFTWARE) instead of leaving orphans behind.
+
+Each worker is in one explicit state (`WorkerState`, in supervisor's
+manner), and every change of state goes through `transition()`, which logs
+it at debug level:
+
+    BOOTING --heartbeat moved--> SERVING
+    BOOTING/SERVING --past child_timeout, ABRT--> ABORTING --ABORT_GRACE, KILL--> KILLED
+    BOOTING/SERVING/ABORTING --TERM (HUP, surplus)--> RETIRING --graceful_timeout--> KILLED
+    BOOTING/SERVING/ABORTING --TERM or QUIT (master stopping)--> STOPPING --grace--> KILLED
+    any --reaped--> EXITED (and forgotten)
+
+Workers the master counts towards `workers` are those of the current
+generation that are BOOTING, SERVING or ABORTING: a stuck worker is
+replaced once it is killed, a retiring one at once. A retiring worker that
+exits with an error is not worth a warning: it was asked to leave.
 """
 
 from __future__ import annotations
@@ -27,16 +42,17 @@ import logging
 import os
 import select
 import signal
-import socket
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 from amavisd import config as configuration
 from amavisd import logs, sdnotify, sysexits, wakeup
 from amavisd.actions.notify import load_templates
 from amavisd.config import Config, ConfigError
 from amavisd.heartbeat import Heartbeat
-from amavisd.listeners import describe, unlink_if_ours
+from amavisd.listeners import Listener, describe, unlink_if_ours
+from amavisd.quarantine import open_store
 from amavisd.worker import EXIT_BOOT_ERROR, Worker
 
 log = logging.getLogger("amavisd.master")
@@ -72,6 +88,20 @@ class Halt(Exception):
         self.reason = reason
 
 
+class WorkerState(Enum):
+    BOOTING = "booting"  # forked; its heartbeat has not moved yet
+    SERVING = "serving"  # booted: accepting connections
+    ABORTING = "aborting"  # stuck past child_timeout: sent ABRT, answering tempfail
+    RETIRING = "retiring"  # sent TERM: finishing its request, then leaving
+    STOPPING = "stopping"  # the master is stopping: sent TERM (graceful) or QUIT
+    KILLED = "killed"  # sent KILL: waiting to be reaped
+    EXITED = "exited"  # reaped: forgotten
+
+
+# What counts towards `workers` (see the module docstring).
+COUNTED = (WorkerState.BOOTING, WorkerState.SERVING, WorkerState.ABORTING)
+
+
 @dataclass
 class WorkerProcess:
     pid: int
@@ -79,13 +109,20 @@ class WorkerProcess:
     generation: int
     heartbeat: Heartbeat
     born: float = 0.0  # the heartbeat's mtime at fork: the worker's first touch moves it
-    booted: bool = False
-    aborted_at: float | None = None
-    retiring_since: float | None = None
+    booted: bool = False  # a fact, whatever the state: its heartbeat moved once
+    state: WorkerState = WorkerState.BOOTING
+    since: float = 0.0  # monotonic time of the last transition
+
+
+def transition(worker: WorkerProcess, state: WorkerState, why: str) -> None:
+    """The one place a worker changes state; logged, so a worker's life can be followed."""
+    log.debug("worker %d: %s -> %s (%s)", worker.pid, worker.state.value, state.value, why)
+    worker.state = state
+    worker.since = time.monotonic()
 
 
 class Arbiter:
-    def __init__(self, config: Config, listeners: list[socket.socket],
+    def __init__(self, config: Config, listeners: list[Listener],
                  config_path: str | None = None, overrides: dict | None = None,
                  log_to_stderr: bool | None = None):
         self.config = config
@@ -180,6 +217,7 @@ class Arbiter:
     def handle_hup(self) -> None:
         try:
             new = configuration.load(self.config_path, self.overrides)
+            open_store(new)  # a bad quarantine_store URL must not reach the workers
         except (ConfigError, OSError, ValueError) as err:  # a typo must not stop the mail
             log.error("HUP: reload failed, keeping the running configuration: %s", err)
             return
@@ -198,11 +236,9 @@ class Arbiter:
         self.config = new
         self.generation += 1
         self.manage_workers()  # the new generation first: never a moment without workers
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker.generation < self.generation and worker.retiring_since is None:
-                worker.retiring_since = now
-                self.kill_worker(worker.pid, signal.SIGTERM)
+        for worker in list(self.workers.values()):
+            if worker.generation < self.generation and worker.state in COUNTED:
+                self.retire_worker(worker, "HUP: old generation")
         sdnotify.notify("READY=1\nSTATUS=serving")
         log.info("HUP: configuration reloaded, worker generation %d", self.generation)
 
@@ -212,7 +248,7 @@ class Arbiter:
         if self.stopping:
             return
         current = [w for w in self.workers.values()
-                   if w.generation == self.generation and w.retiring_since is None]
+                   if w.generation == self.generation and w.state in COUNTED]
         for _ in range(self.config.workers - len(current)):
             if time.monotonic() < self.spawn_after:
                 break  # backing off after workers that failed to boot
@@ -224,8 +260,12 @@ class Arbiter:
                 break
         surplus = len(current) - self.config.workers
         for worker in sorted(current, key=lambda w: w.age)[:max(0, surplus)]:
-            worker.retiring_since = time.monotonic()
-            self.kill_worker(worker.pid, signal.SIGTERM)
+            self.retire_worker(worker, "more workers than configured")
+
+    def retire_worker(self, worker: WorkerProcess, why: str) -> None:
+        """Ask a worker to finish its request and leave (TERM)."""
+        transition(worker, WorkerState.RETIRING, why)
+        self.kill_worker(worker.pid, signal.SIGTERM)
 
     def spawn_worker(self) -> int:
         self.worker_age += 1
@@ -242,7 +282,8 @@ class Arbiter:
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat,
-                                              born=heartbeat.last_update())
+                                              born=heartbeat.last_update(),
+                                              since=time.monotonic())
             log.info("worker %d spawned (generation %d)", pid, self.generation)
             return pid
         # In the child: forget everything that belongs to the master.
@@ -270,6 +311,8 @@ class Arbiter:
                 continue
             worker.heartbeat.close()
             code = os.waitstatus_to_exitcode(status)
+            retiring = worker.state is WorkerState.RETIRING
+            transition(worker, WorkerState.EXITED, f"exit status {code}")
             if code == EXIT_BOOT_ERROR:
                 if not self.ever_booted:
                     raise Halt(EXIT_HALTED, f"worker {pid} failed to boot (see above); "
@@ -280,7 +323,7 @@ class Arbiter:
                 continue
             if code < 0:
                 log.error("worker %d killed by %s", pid, signal.Signals(-code).name)
-            elif code and worker.retiring_since is None:
+            elif code and not retiring:
                 log.warning("worker %d exited with status %d", pid, code)
             else:
                 log.info("worker %d exited", pid)
@@ -298,6 +341,8 @@ class Arbiter:
             if moved:
                 worker.booted = self.ever_booted = True
                 self.boot_failures, self.spawn_after = 0, 0.0
+                if worker.state is WorkerState.BOOTING:
+                    transition(worker, WorkerState.SERVING, "heartbeat moved")
 
     def back_off(self) -> float:
         """Hold further spawns for a doubling delay; returns it."""
@@ -309,22 +354,26 @@ class Arbiter:
     def murder_workers(self) -> None:
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.retiring_since is not None:
-                if now - worker.retiring_since > self.config.graceful_timeout:
+            state = worker.state
+            if state is WorkerState.RETIRING:
+                if now - worker.since > self.config.graceful_timeout:
                     log.error("worker %d did not finish within graceful_timeout; killing",
                               worker.pid)
-                    self.kill_worker(worker.pid, signal.SIGKILL)
-                continue
-            if worker.heartbeat.age() <= self.config.child_timeout:
-                continue
-            if worker.aborted_at is None:
-                log.error("worker %d stuck for more than child_timeout (%gs): aborting",
-                          worker.pid, self.config.child_timeout)
-                worker.aborted_at = now
-                self.kill_worker(worker.pid, signal.SIGABRT)
-            elif now - worker.aborted_at > ABORT_GRACE:
-                log.error("worker %d ignored SIGABRT: killing", worker.pid)
-                self.kill_worker(worker.pid, signal.SIGKILL)
+                    self.kill_hard(worker, "graceful_timeout")
+            elif state is WorkerState.ABORTING:
+                if now - worker.since > ABORT_GRACE:
+                    log.error("worker %d ignored SIGABRT: killing", worker.pid)
+                    self.kill_hard(worker, "ABRT ignored")
+            elif state in (WorkerState.BOOTING, WorkerState.SERVING):
+                if worker.heartbeat.age() > self.config.child_timeout:
+                    log.error("worker %d stuck for more than child_timeout (%gs): aborting",
+                              worker.pid, self.config.child_timeout)
+                    transition(worker, WorkerState.ABORTING, "past child_timeout")
+                    self.kill_worker(worker.pid, signal.SIGABRT)
+
+    def kill_hard(self, worker: WorkerProcess, why: str) -> None:
+        transition(worker, WorkerState.KILLED, why)
+        self.kill_worker(worker.pid, signal.SIGKILL)
 
     def kill_worker(self, pid: int, sig: int) -> None:
         try:
@@ -343,11 +392,14 @@ class Arbiter:
             return
         self.stopping = True
         sdnotify.notify("STOPPING=1")
-        unix_paths = [s.getsockname() for s in self.listeners if s.family == socket.AF_UNIX]
-        for sock in self.listeners:
-            sock.close()
+        unix_paths = [listener.unix_path for listener in self.listeners if listener.unix_path]
+        for listener in self.listeners:
+            listener.close()
         for path in unix_paths:  # new clients now fail fast and their MTA retries
             unlink_if_ours(path)
+        for worker in list(self.workers.values()):
+            if worker.state in COUNTED:
+                transition(worker, WorkerState.STOPPING, "master stopping")
         self.signal_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
         deadline = time.monotonic() + (self.config.graceful_timeout if graceful else 2.0)
         while self.workers and time.monotonic() < deadline:
@@ -356,15 +408,18 @@ class Arbiter:
             except Halt:
                 pass
             time.sleep(0.05)
-        for pid in list(self.workers):
-            log.error("worker %d still busy at the end of the grace period: killing", pid)
-            self.kill_worker(pid, signal.SIGKILL)
+        for worker in list(self.workers.values()):
+            log.error("worker %d still busy at the end of the grace period: killing",
+                      worker.pid)
+            self.kill_hard(worker, "end of the grace period")
         while self.workers:
             try:
-                pid, _ = os.waitpid(-1, 0)
+                pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
             worker = self.workers.pop(pid, None)
             if worker:
                 worker.heartbeat.close()
+                transition(worker, WorkerState.EXITED,
+                           f"exit status {os.waitstatus_to_exitcode(status)}")
 

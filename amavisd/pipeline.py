@@ -21,7 +21,6 @@ from email.parser import BytesHeaderParser
 from amavisd.actions.forward import forwarder
 from amavisd.actions.headers import header_edits
 from amavisd.actions.notify import Notifier, NotifySettings, Templates
-from amavisd.actions.quarantine import KINDS, Quarantine, QuarantineError
 from amavisd.config import Config
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
@@ -29,6 +28,7 @@ from amavisd.decode.registry import WorkDirFailed
 from amavisd.envelope import Job, angled
 from amavisd.policy.banned import BannedRules
 from amavisd.policy.destinies import destinies
+from amavisd.quarantine import KINDS, QuarantineError, QuarantineStore, open_store
 from amavisd.scan.base import Scanner, ScannerError
 from amavisd.scan.scanners import ScannerSet, build_scanner_set
 from amavisd.verdict import Category, Destiny, Result, Unchecked
@@ -54,7 +54,9 @@ class QuarantineFailed(Exception):
 
 class Pipeline:
     def __init__(self, config: Config, scanners: ScannerSet | Sequence[Scanner] | None = None,
-                 name_types: bool = False):
+                 name_types: bool = False, *, quarantine: QuarantineStore | None = None):
+        """`quarantine`: the store to keep mail in; None means the one the
+        config names (`quarantine_store`), or none at all."""
         self.config = config
         # libmagic names each part's type for people (--tree) and, later, banned-type
         # rules; nothing else needs it, and it costs 3x the decoding itself.
@@ -67,8 +69,7 @@ class Pipeline:
         self.destinies = destinies(config)
         self.banned_rules = BannedRules.parse(config.banned_rules)
         self.limits = Limits.from_config(config)
-        self.quarantine = Quarantine(config.quarantine_dir, gzip=config.quarantine_gzip) \
-            if config.quarantine_dir else None
+        self.quarantine = quarantine if quarantine is not None else open_store(config)
         self.quarantined = {c.upper() for c in config.quarantine}
         self.notifier = Notifier(NotifySettings.from_config(config),
                                  forwarder(config.notify_method, config.smtp_timeout),
@@ -173,7 +174,7 @@ class Pipeline:
                 qid = self.quarantine.store(raw, job.envelope, result)
                 result.quarantine_id = f"{KINDS[result.category]}-{qid}"
             except (OSError, QuarantineError) as err:
-                raise QuarantineFailed(f"quarantine {self.quarantine.directory}: "
+                raise QuarantineFailed(f"quarantine {self.quarantine.location}: "
                                        f"{getattr(err, 'strerror', None) or err}") from None
         if result.category is not Category.CLEAN:
             self.outbox.append((result, job, raw))

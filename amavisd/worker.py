@@ -1,4 +1,10 @@
-"""A pre-forked worker: accept a connection, serve its AM.PDP requests, repeat.
+"""A pre-forked worker: accept a connection, serve its requests, repeat.
+
+Each listener carries a protocol tag; the worker builds that protocol's
+session from `protocol.registry` with itself as the handler (the session
+calls `handle_message`, `handle_release`, ...) and drives it with the one
+blocking loop of `protocol.loop`. So the worker knows no protocol: a new
+ingress is a registry row, not an edit here.
 
 One request at a time, so one stuck message stalls one worker only. The
 worker touches its heartbeat while idle and when a request starts; the
@@ -26,13 +32,16 @@ import socket
 import stat
 
 from amavisd import logs, wakeup
-from amavisd.actions.release import ReleaseOutcome
-from amavisd.actions.release import release as release_quarantined
 from amavisd.config import Config
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
+from amavisd.listeners import Listener, describe
 from amavisd.pipeline import Pipeline
-from amavisd.protocol.ampdp import Session, SessionLimits
+from amavisd.protocol import registry
+from amavisd.protocol.loop import ConnectionLimits, send_last_words, serve
+from amavisd.protocol.session import Session
+from amavisd.quarantine.release import ReleaseOutcome, ReleaseRequest
+from amavisd.quarantine.release import release as release_quarantined
 from amavisd.verdict import Destiny, Result
 
 log = logging.getLogger("amavisd.worker")
@@ -53,7 +62,7 @@ class BootError(Exception):
 
 class Worker:
     def __init__(self, age: int, generation: int, ppid: int, config: Config,
-                 listeners: list[socket.socket], heartbeat: Heartbeat,
+                 listeners: list[Listener], heartbeat: Heartbeat,
                  signal_mask: set[signal.Signals] | None = None):
         self.age = age
         self.signal_mask = signal_mask  # restored once our handlers are in
@@ -65,7 +74,8 @@ class Worker:
         self.alive = True
         self.requests = 0
         self.log_ids = 0
-        self.session: Session | None = None
+        self.session: Session | None = None  # of the connection being served
+        self.connection_limits = ConnectionLimits.from_config(config)
         self.reopen_logs = False
         jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         self.max_requests = config.max_requests + jitter if config.max_requests else 0
@@ -107,6 +117,11 @@ class Worker:
             # Signals the master sent since fork() were held back: they reach
             # the handlers above now (see Master.spawn_worker).
             signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
+        for listener in self.listeners:  # a tag no protocol answers to is a config error
+            try:
+                registry.session_class(listener.protocol)
+            except registry.UnknownProtocol as err:
+                raise BootError(f"listener {describe(listener)}: {err}") from None
         self.ensure_dirs()
         if self.dirs_problem is not None and self.at_start:
             raise BootError(self.dirs_problem)
@@ -156,30 +171,28 @@ class Worker:
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue  # another worker won the race
                 try:
-                    self.handle(conn)
+                    self.handle(conn, listener.protocol)
                 except Exception:  # one connection's trouble must not cost the worker
                     log.exception("worker %d: error serving a connection", os.getpid())
 
-    def handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, protocol: str) -> None:
+        """Serve one accepted connection in the protocol its listener speaks."""
         conn.setblocking(True)
         self.heartbeat.notify()
-        self.session = Session(conn, self.config.tempbase_path, self.process,
-                               self.next_log_id, self.keep_going,
-                               SessionLimits.from_config(self.config),
-                               release=self.release, after_reply=self.after_reply)
         try:
-            self.session.serve()
+            self.session = registry.session_class(protocol)(conn, self)
+            serve(self.session, self.connection_limits)
         finally:
             self.session = None
             conn.close()
 
-    # -- callbacks from the session -----------------------------------------
+    # -- the handler: what sessions call (protocol.session.Handler) -------------
 
     def next_log_id(self) -> str:
         self.log_ids += 1
         return f"{os.getpid()}-{self.log_ids:02d}"
 
-    def process(self, job: Job) -> Result:
+    def handle_message(self, job: Job) -> Result:
         self.heartbeat.notify()  # child_timeout counts from the start of the request
         self.requests += 1
         assert self.pipeline is not None
@@ -194,11 +207,12 @@ class Worker:
             return Result(log_id=job.log_id, destiny=Destiny.TEMPFAIL,
                           tempfail_reason=f"internal error: {type(err).__name__}")
 
-    def release(self, name: str, recipients: list[str], log_id: str) -> ReleaseOutcome:
+    def handle_release(self, name: ReleaseRequest, recipients: list[str],
+                       log_id: str) -> ReleaseOutcome:
         self.heartbeat.notify()
         return release_quarantined(self.config, name, recipients, log_id)
 
-    def after_reply(self) -> None:
+    def handle_reply_sent(self) -> None:
         """Notifications for the message just answered; never fatal."""
         self.heartbeat.notify()
         assert self.pipeline is not None
@@ -226,7 +240,7 @@ class Worker:
         # Last words of a worker the master found stuck: the client must hear
         # "tempfail" rather than see the connection drop.
         if self.session is not None:
-            self.session.emergency_tempfail("processing exceeded child_timeout")
+            send_last_words(self.session, "processing exceeded child_timeout")
         os._exit(EXIT_ABORTED)
 
 

@@ -22,23 +22,25 @@ up connections idle for client_idle_timeout), and what is delivered is read
 back from the spooled file's descriptor after checking that the spool is
 still the one the daemon was told about (see spool.py): never bytes that
 someone else put at the path.
+
+This file is the command line only: arguments, file mode and mailer mode.
+What else needs a verdict (the milter shim, the SMTP forwarder) imports the
+pieces without it: connection.py (talking AM.PDP to the daemon), spool.py,
+edits.py (the daemon's header edits), delivery.py (the local agent).
 """
 
 from __future__ import annotations
 
-import _socket
 import os
 import sys
 
-from amavisd_client.ampdp import Block, Decoder, encode_block
-from amavisd_client.spool import Spool, SpoolError
-
-EX_OK = 0
-EX_USAGE = 64
-EX_NOINPUT = 66
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_DISCARD = 99
+from amavisd_client.connection import ClientError, Connection, check
+from amavisd_client.delivery import deliver
+from amavisd_client.edits import edit_message, header_edits
+from amavisd_client.spool import Spool, SpoolError, inside
+from amavisd_client.sysexits import EX_DISCARD, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
+from amavisd_client.wire.address import parse_or_path
+from amavisd_client.wire.ampdp import Block
 
 DEFAULT_SOCKET = "/var/lib/amavis/amavisd.sock"
 DEFAULT_TIMEOUT = 600.0
@@ -68,10 +70,6 @@ options:
   -f SENDER             envelope sender: selects mailer mode (stdin)
   -q, --quiet           print nothing in file mode
 """ % (DEFAULT_SOCKET, DEFAULT_TIMEOUT)  # noqa: UP031 (braces are literal here)
-
-
-class ClientError(Exception):
-    """Something kept us from getting a verdict: always a tempfail."""
 
 
 class Options:
@@ -125,125 +123,14 @@ def parse_args(argv: list[str]) -> Options:
         opts.timeout = float(opts.timeout)
     except ValueError:
         raise ValueError(f"bad --timeout {opts.timeout!r}") from None
-    if is_tcp(opts.socket):
+    address = parse_or_path(opts.socket)  # AddressError is a ValueError: a usage error
+    if address.is_tcp:
         if not opts.tempbase:
             raise ValueError("with a TCP socket, give --tempbase (the daemon's temp base)")
     else:
-        opts.socket = os.path.abspath(opts.socket)
+        opts.socket = os.path.abspath(address.path)
         opts.tempbase = opts.tempbase or os.path.join(os.path.dirname(opts.socket), "tmp")
     return opts
-
-
-def is_tcp(address: str) -> bool:
-    """host:port or [v6]:port; anything else is a Unix socket path."""
-    host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit() and "/" not in address)
-
-
-# -- talking to the daemon -------------------------------------------------------
-
-
-class Connection:
-    """One AM.PDP connection, reused for several requests while the daemon keeps it."""
-
-    def __init__(self, address: str, timeout: float):
-        self.address = address
-        self.timeout = timeout
-        self.sock = None
-        self.decoder = Decoder()
-
-    def _connect(self):
-        try:
-            if not is_tcp(self.address):
-                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-                target = self.address
-            else:
-                host, _, port = self.address.rpartition(":")
-                host = host.strip("[]")
-                family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-                sock = _socket.socket(family, _socket.SOCK_STREAM)
-                target = (host, int(port))
-            sock.settimeout(self.timeout)
-            sock.connect(target)
-        except (OSError, ValueError) as err:
-            raise ClientError(f"cannot connect to amavisd at {self.address}: {err}") from None
-        return sock
-
-    def open(self) -> None:
-        """Connect now, so "daemon down" is the error a postmaster sees first."""
-        if self.sock is None:
-            self.sock = self._connect()
-            self.decoder = Decoder()
-
-    def _still_open(self) -> bool:
-        """A retiring worker may have closed our idle connection; find out first."""
-        try:
-            self.sock.settimeout(0.0)
-            return self.sock.recv(1, _socket.MSG_PEEK) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            self.sock.settimeout(self.timeout)
-
-    def request(self, attrs: list[tuple[str, object]]) -> Block:
-        if self.sock is not None and not self._still_open():
-            self.close()
-        self.open()
-        try:
-            self.sock.sendall(encode_block(attrs))
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ClientError("amavisd closed the connection without a verdict")
-                blocks = self.decoder.feed(data)
-                if blocks:
-                    return blocks[0]
-        except TimeoutError:
-            self.close()
-            raise ClientError(f"no verdict from amavisd within {self.timeout:g}s") from None
-        except OSError as err:
-            self.close()
-            raise ClientError(f"amavisd connection failed: {err}") from None
-        except ClientError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-def angle(address: str) -> str:
-    address = address.strip()
-    return address if address.startswith("<") and address.endswith(">") else f"<{address}>"
-
-
-def check(conn: Connection, mail_file: str, sender: str | None,
-          recipients: list[str]) -> Block:
-    attrs: list[tuple[str, object]] = [
-        ("request", "AM.PDP"),
-        ("tempdir", os.path.dirname(mail_file)),
-        ("tempdir_removed_by", "client"),
-        ("mail_file", mail_file),
-        ("delivery_care_of", "client"),
-        ("protocol_name", "LOCAL"),
-    ]
-    if sender is not None:
-        attrs.append(("sender", angle(sender)))
-    attrs.extend(("recipient", angle(r)) for r in recipients)
-    return conn.request(attrs)
-
-
-# -- spooling -----------------------------------------------------------------------
-
-
-def inside(path: str, base: str) -> bool:
-    real, base = os.path.realpath(path), os.path.realpath(base)
-    parent = os.path.dirname(real)
-    return parent != base and parent.startswith(base + os.sep)
 
 
 # -- verdicts ----------------------------------------------------------------------------
@@ -318,7 +205,8 @@ def mailer_mode(opts: Options) -> int:
         outcome = reply.get("return_value")
         if outcome in ("continue", "accept"):
             spool.verify()  # the verdict was on our file, not on one swapped in
-            return deliver(opts, spool.read(), header_edits(reply))
+            message = edit_message(spool.read(), header_edits(reply))
+            return deliver(opts.deliver, opts.sender or "", opts.args, message)
         if outcome == "discard":
             return EX_OK
         fields = (reply.fields("setreply", 3) or [[]])[0]
@@ -338,140 +226,6 @@ def mailer_mode(opts: Options) -> int:
         conn.close()
         if spool is not None:
             spool.remove()
-
-
-# -- delivery --------------------------------------------------------------------------------
-
-
-def header_edits(reply: Block) -> list[tuple[str, list[str]]]:
-    """Header edits in the order a milter MTA applies them: delete, change, insert, add."""
-    field_counts = {"delheader": 2, "chgheader": 3, "insheader": 3, "addheader": 2}
-    return [(name, fields) for name, count in field_counts.items()
-            for fields in reply.fields(name, count)]
-
-
-def apply_edits(header: bytes, edits: list[tuple[str, list[str]]]) -> bytes:
-    """Apply AM.PDP header edits (milter semantics) to a raw header block."""
-    eol = b"\r\n" if header.find(b"\r\n") >= 0 else b"\n"
-    lines = header.split(eol)
-    if lines and lines[-1] == b"":
-        lines.pop()
-    mbox_from = lines.pop(0) if lines and lines[0].startswith(b"From ") else None
-    fields: list[list[bytes]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(line)
-        else:
-            fields.append([line])
-
-    def field_name(field: list[bytes]) -> bytes:
-        return field[0].split(b":", 1)[0].strip().lower()
-
-    def nth(name: str, index: int) -> int | None:
-        seen = 0
-        for pos, field in enumerate(fields):
-            if field_name(field) == name.lower().encode():
-                seen += 1
-                if seen == index:
-                    return pos
-        return None
-
-    def make(name: str, value: str) -> list[bytes]:
-        return [f"{name}: {value}".encode("utf-8", "surrogateescape")]
-
-    for op, args in edits:
-        try:
-            if op == "insheader" and len(args) == 3:
-                fields.insert(max(0, min(int(args[0]), len(fields))), make(args[1], args[2]))
-            elif op == "addheader" and len(args) == 2:
-                fields.append(make(args[0], args[1]))
-            elif op == "chgheader" and len(args) >= 2:
-                pos = nth(args[1], int(args[0]))
-                value = args[2] if len(args) == 3 else ""
-                if pos is not None:
-                    if value:
-                        fields[pos] = make(args[1], value)
-                    else:
-                        del fields[pos]
-                elif value:
-                    fields.append(make(args[1], value))
-            elif op == "delheader" and len(args) == 2:
-                pos = nth(args[1], int(args[0]))
-                if pos is not None:
-                    del fields[pos]
-        except ValueError:
-            continue  # a malformed index: ignore the edit, as the protocol asks
-    out = [mbox_from] if mbox_from is not None else []
-    for field in fields:
-        out.extend(field)
-    return eol.join(out) + eol
-
-
-def delivery_argvs(template: str, sender: str, recipients: list[str]) -> list[list[str]]:
-    # A Sendmail A= line cannot put spaces inside one argument: without
-    # white space, the template is split on commas instead.
-    words = template.split() if any(c.isspace() for c in template) else template.split(",")
-    if "{recipient}" in words:
-        return [[w.replace("{recipient}", r).replace("{sender}", sender) for w in words]
-                for r in recipients]
-    argv: list[str] = []
-    for word in words:
-        if word == "{recipients}":
-            argv.extend(recipients)
-        else:
-            argv.append(word.replace("{sender}", sender))
-    return [argv]
-
-
-def deliver(opts: Options, data: bytes, edits: list[tuple[str, list[str]]]) -> int:
-    """Hand `data` (as spooled and scanned), with the header edits, to the agent."""
-    split = _header_end(data)
-    message = apply_edits(data[:split], edits) + data[split:] if edits else data
-    sender = opts.sender or ""
-    worst = EX_OK
-    for argv in delivery_argvs(opts.deliver, sender, opts.args):
-        code = run_agent(argv, message)
-        if code != EX_OK:
-            worst = code
-    return worst
-
-
-def _header_end(data: bytes) -> int:
-    """Offset just past the header block (its lines, without the empty line)."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        pos = data.find(sep)
-        if pos >= 0:
-            return pos + len(sep) // 2
-    return len(data)
-
-
-def run_agent(argv: list[str], message: bytes) -> int:
-    """fork/exec the delivery agent with the message on its stdin; no shell."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.dup2(read_fd, 0)
-            os.close(read_fd)
-            os.close(write_fd)
-            os.dup2(2, 1)  # the agent's chatter must not mix with our verdict output
-            os.execvp(argv[0], argv)
-        except OSError as err:
-            os.write(2, f"4.3.0 cannot run {argv[0]}: {err.strerror}\n".encode())
-        os._exit(EX_TEMPFAIL)
-    os.close(read_fd)
-    try:
-        view = memoryview(message)
-        while view:
-            view = view[os.write(write_fd, view):]
-    except BrokenPipeError:
-        pass  # the agent stopped reading; its exit status says why
-    finally:
-        os.close(write_fd)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
-    return EX_TEMPFAIL  # killed by a signal: let the MTA retry
 
 
 def say(text: str, stream=None) -> None:

@@ -13,7 +13,7 @@ that the path still leads to the dir and the file we made, before the
 request and after the verdict; a mismatch is a tempfail. Removal goes through the dir's descriptor too, so a swap
 cannot make us delete someone else's files.
 
-Like client.py, stdlib modules Python has loaded anyway, nothing more.
+Like the rest of the client, stdlib modules Python has loaded anyway, nothing more.
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 MAIL_FILE = "email.txt"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def inside(path: str, base: str) -> bool:
+    """True if `path` is in a subdirectory of the temp base `base` (the layout
+    the daemon accepts), so the file can be named as it is, without a spool."""
+    real, base = os.path.realpath(path), os.path.realpath(base)
+    parent = os.path.dirname(real)
+    return parent != base and parent.startswith(base + os.sep)
 
 
 class SpoolError(Exception):

@@ -49,11 +49,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amavisd.testing import amavisd_new, archivers  # noqa: E402
+from amavisd.testing import archivers  # noqa: E402
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
-from amavisd.testing.daemon import ROOT, DaemonInstance  # noqa: E402
 from amavisd.testing.messages import clean_message, eicar_message  # noqa: E402
-from amavisd_client.ampdp import Decoder, encode_block  # noqa: E402
+from amavisd_client.wire.ampdp import Decoder, encode_block  # noqa: E402
+from tests.rigs import amavisd_new  # noqa: E402
+from tests.rigs.daemon import ROOT, DaemonInstance  # noqa: E402
 
 CORPUS = Path(os.environ.get("AMAVISD_CORPUS", Path(ROOT).parent / "shared" / "corpus"))
 CORPUS_SAMPLE = 200

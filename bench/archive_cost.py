@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from amavisd.decode.archives.external import input_path, run_tool
 from amavisd.decode.archives.members import harvest
 from amavisd.decode.engine import decompose
+from amavisd.decode.external import input_path, run_tool
 from amavisd.decode.limits import Limits
 from amavisd.decode.registry import Context
 from amavisd.testing import archivers

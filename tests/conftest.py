@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from amavisd.testing import clamd as clamd_testing
-from amavisd.testing.smtpsink import SMTPSink
+from tests.rigs.smtpsink import SMTPSink
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -247,6 +247,150 @@ def mime_two_encodings() -> bytes:
             + b"--q--\n")
 
 
+# -- review 2: readings a hostile review found CLEAN ------------------------------------------
+
+
+def _tool_output(argv: list[str], files: dict[str, bytes], out: str,
+                 links: dict[str, str] | None = None) -> bytes:
+    """Run an archiver in a throw-away dir holding `files` (and `links`,
+    name -> target); return the file `out` it made."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
+            Path(tmp, name).write_bytes(data)
+        for name, target in (links or {}).items():
+            os.symlink(target, Path(tmp, name))
+        subprocess.run(argv, cwd=tmp, capture_output=True, check=True)
+        return Path(tmp, out).read_bytes()
+
+
+def _zip(members: dict[str, bytes], info: zipfile.ZipInfo | None = None,
+         data: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+        if info is not None:
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+@hostile("zip-ppmd-zip-in-front", "INFECTED", ("7zz",))
+def zip_in_front() -> bytes:
+    """`cat a.zip b.zip`: 7-Zip reads the first (PPMd), zipfile the last."""
+    front = _tool_output(["7zz", "a", "-tzip", "-mm=PPMd", "-bd", "a.zip", "invoice.com"],
+                         {"invoice.com": PAYLOAD}, "a.zip")
+    return attach(front + _zip({"hi.txt": b"hello\n"}), "invoice.zip")
+
+
+@hostile("zip-symlink-entry-data", "INFECTED")
+def zip_symlink_data() -> bytes:
+    """Python's extractall writes a link entry's data as a regular file."""
+    info = zipfile.ZipInfo("invoice.com")
+    info.create_system, info.external_attr = 3, 0o120777 << 16
+    return attach(_zip({"readme.txt": b"hello\n"}, info, PAYLOAD), "invoice.zip")
+
+
+@hostile("zip-directory-centrally-file-locally", "INFECTED")
+def zip_directory_centrally() -> bytes:
+    """Central name "aaaaaaaaa/", local "aaaaaaaa.c": bsdtar writes the file."""
+    data = bytearray(_zip({"aaaaaaaa.c": PAYLOAD}))
+    at = data.find(b"PK\x01\x02") + 46
+    data[at:at + 10] = b"aaaaaaaaa/"
+    return attach(bytes(data), "a.zip")
+
+
+def _7z_with_attributes(attributes: Callable[[int], int]) -> bytes:
+    import py7zr
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "a.7z")
+        archive = py7zr.SevenZipFile(path, "w")
+        archive.writestr(b"hello\n", "readme.txt")
+        archive.writestr(PAYLOAD, "invoice.com")
+        for entry in archive.header.files_info.files:
+            if entry["filename"] == "invoice.com":
+                entry["attributes"] = attributes(entry["attributes"])
+        archive.close()
+        return path.read_bytes()
+
+
+@hostile("7z-directory-attribute-with-data", "INFECTED", ("7zz",))
+def sevenzip_directory_attribute() -> bytes:
+    """7zz x writes a "directory" that has a stream as a regular file."""
+    return attach(_7z_with_attributes(lambda a: a | 0x10), "a.7z")
+
+
+@hostile("7z-symlink-entry-data", "INFECTED")
+def sevenzip_symlink_data() -> bytes:
+    return attach(_7z_with_attributes(lambda a: 0x8000 | (0o120777 << 16) | (a & 0xFFFF)),
+                  "a.7z")
+
+
+@hostile("tgz-symlink-target", "INFECTED")
+def tar_symlink_target() -> bytes:
+    """7-Zip without -snl writes a link as a file holding its target."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        link = tarfile.TarInfo("invoice.com")
+        link.type, link.linkname = tarfile.SYMTYPE, EICAR.decode()
+        tf.addfile(link)
+    return attach(buf.getvalue(), "a.tgz")
+
+
+@hostile("tgz-pax-size-over-the-next-member", "INFECTED")
+def tar_pax_size() -> bytes:
+    """a.txt's pax size covers the next member (tarfile, GNU tar); its header
+    says 6 bytes: a reader ignoring pax headers then finds invoice.com.gz."""
+    import tarfile
+
+    packed = gzip.compress(PAYLOAD)
+    covered = 512 + 512 + (len(packed) + 511) // 512 * 512
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a.txt")
+        info.size, info.pax_headers = 6, {"size": str(covered)}
+        tf.addfile(info, io.BytesIO(b"hello\n"))
+        info = tarfile.TarInfo("invoice.com.gz")
+        info.size = len(packed)
+        tf.addfile(info, io.BytesIO(packed))
+    return attach(gzip.compress(buf.getvalue()), "a.tgz")
+
+
+@hostile("cab-two-members-of-one-name", "INFECTED", ("gcab", "cabextract", "7zz"))
+def cab_one_name() -> bytes:
+    """cabextract writes the second d1/ab.txt over the first, exit 0."""
+    data = _tool_output(["gcab", "-c", "-z", "out.cab", "d1/ab.txt", "d2/ab.txt"],
+                        {"d1/ab.txt": PAYLOAD, "d2/ab.txt": b"harmless\n"}, "out.cab")
+    return attach(data.replace(b"d2\\ab.txt", b"d1\\ab.txt").replace(b"d2/ab.txt", b"d1/ab.txt"),
+                  "a.cab")
+
+
+@hostile("arc-two-members-of-one-name", "INFECTED", ("arc", "nomarch"))
+def arc_one_name() -> bytes:
+    """nomarch keeps the last AB.TXT (ARC headers carry no checksum)."""
+    data = _tool_output(["arc", "anw", "out.arc", "AB.TXT", "BA.TXT"],
+                        {"AB.TXT": PAYLOAD, "BA.TXT": b"harmless\n"}, "out.arc")
+    return attach(data.replace(b"BA.TXT\0", b"AB.TXT\0"), "a.arc")
+
+
+def _member_after(fmt: str, separator: bytes) -> bytes:
+    """A harmless member, `separator`, then a member holding the payload."""
+    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[fmt]
+    return compress(b"hello\n") + separator + compress(PAYLOAD)
+
+
+for _fmt in ("gz", "bz2", "xz"):
+    # Python's gzip module reads on past zero padding (gzip(1) stops)
+    hostile(f"{_fmt}-member-after-zero-padding", "INFECTED")(
+        lambda f=_fmt: attach(_member_after(f, bytes(1024)), f"a.{f}"))
+    hostile(f"{_fmt}-member-after-garbage")(
+        lambda f=_fmt: attach(_member_after(f, b"JUNK"), f"a.{f}"))
+
+
 def build_all(directory: Path) -> dict[str, Path]:
     """Write every buildable hostile mail into `directory`; name -> path."""
     made = {}

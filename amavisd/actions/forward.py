@@ -1,7 +1,8 @@
 """Sending mail out: quarantine releases and notifications share this.
 
 Two methods, chosen by a spec string (amavisd-new's $notify_method and
-$forward_method vocabulary):
+$forward_method vocabulary), parsed in `methods.py` (the settings check it
+there without loading this module):
 
     smtp:[127.0.0.1]:10025   SMTP to host:port (the MTA's re-injection port)
     smtp:mail.example.com:25
@@ -16,13 +17,13 @@ as an option (the sender follows -f, recipients follow --).
 from __future__ import annotations
 
 import re
-import shlex
 import smtplib
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from amavisd.actions.methods import PipeMethod, SMTPMethod, parse_method
 from amavisd.envelope import bare_address
 
 DEFAULT_METHOD = "smtp:[127.0.0.1]:10025"
@@ -105,34 +106,14 @@ def _replies(refused: dict[str, tuple[int, bytes]]) -> str:
     return "; ".join(f"{rcpt}: {_reply(code, text)}" for rcpt, (code, text) in refused.items())
 
 
-def _smtp(rest: str, timeout: float) -> Forwarder:
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("smtp method must be smtp:HOST:PORT, e.g. smtp:[127.0.0.1]:10025")
-    return SMTPForwarder(host, int(port), timeout)
-
-
-def _pipe(rest: str, timeout: float) -> Forwarder:
-    argv = shlex.split(rest)
-    if not argv or not argv[0].startswith("/"):
-        raise ValueError("pipe method must be pipe:/absolute/path [args], "
-                         "e.g. pipe:/usr/sbin/sendmail")
-    return PipeForwarder(tuple(argv), timeout)
-
-
-METHODS: dict[str, Callable[[str, float], Forwarder]] = {"smtp": _smtp, "pipe": _pipe}
+# The registry: each parsed method (methods.py) -> the Forwarder that sends by it.
+FORWARDERS: dict[type, Callable[[Any, float], Forwarder]] = {
+    SMTPMethod: lambda method, timeout: SMTPForwarder(method.host, method.port, timeout),
+    PipeMethod: lambda method, timeout: PipeForwarder(method.argv, timeout),
+}
 
 
 def forwarder(spec: str, timeout: float = 30.0) -> Forwarder:
     """Build a Forwarder from a method spec; ValueError (one line) if bad."""
-    kind, _, rest = spec.partition(":")
-    if kind not in METHODS:
-        raise ValueError(f"unknown method {spec!r}; use smtp:HOST:PORT or pipe:/path/to/sendmail")
-    return METHODS[kind](rest, timeout)
-
-
-def method_spec(value: str) -> str:
-    """Config validator for *_method settings."""
-    forwarder(value)
-    return value
+    method = parse_method(spec)
+    return FORWARDERS[type(method)](method, timeout)

@@ -12,8 +12,10 @@ Who is told (amavisd-new's rules, backscatter first):
 - each local recipient, for the categories in `recipient_notify` (default
   none), when the mail was not delivered.
 
-The texts are plain-text templates (`etc/templates/*.txt`): optional
-`Subject:` line, blank line, body, with {placeholders} filled by
+The texts are plain-text templates, shipped as package data
+(`amavisd/templates/*.txt`, found with importlib.resources wherever amavisd
+is installed) and overridden file by file from `template_dir` or
+/etc/amavisd/templates: optional `Subject:` line, blank line, body, with {placeholders} filled by
 str.format_map. Templates are checked when loaded (only known placeholder
 names, no attribute/index access, no conversions or format specs), and the
 values are plain strings cleaned of control characters, so a hostile subject
@@ -27,7 +29,6 @@ into the pipeline, whose verdict stands whatever happens here.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +38,9 @@ from email import policy
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formatdate, make_msgid
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
 
 from amavisd.actions.forward import Forwarder
 from amavisd.envelope import Envelope, angled, bare_address
@@ -45,7 +49,9 @@ from amavisd.verdict import Category, Destiny, Result
 log = logging.getLogger("amavisd.notify")
 
 SYSTEM_TEMPLATE_DIR = "/etc/amavisd/templates"
-SOURCE_TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "templates")
+# The shipped set is package data, not a path relative to this file: it is
+# found the same way from a checkout, a venv or a distribution's package.
+SHIPPED_TEMPLATES: Traversable = resources.files("amavisd").joinpath("templates")
 
 # The placeholders a template may use; each filled with a cleaned string.
 PLACEHOLDERS: dict[str, str] = {
@@ -144,14 +150,21 @@ def load_templates(template_dir: str = "") -> int:
     _LOADED.clear()
     for filename in set(TEMPLATES.values()) | set(ROLE_TEMPLATES.values()):
         for directory in templates.directories:
-            path = os.path.join(directory, filename)
+            source = directory / filename
             try:
-                with open(path, encoding="utf-8") as fh:
-                    _LOADED[path] = fh.read()
+                _LOADED[str(source)] = source.read_text(encoding="utf-8")
                 break
             except OSError:
                 continue
     return len(_LOADED)
+
+
+def _is_file(source: Traversable) -> bool:
+    """Like os.path.isfile: a directory we may not search has no file."""
+    try:
+        return source.is_file()
+    except OSError:
+        return False
 
 
 class Templates:
@@ -159,24 +172,24 @@ class Templates:
     then the ones shipped with amavisd (so a site overrides only some)."""
 
     def __init__(self, directories: Iterable[str] = ()):
-        self.directories = [d for d in directories if d] + [SYSTEM_TEMPLATE_DIR,
-                                                              SOURCE_TEMPLATE_DIR]
+        self.directories: list[Traversable] = [
+            *(Path(d) for d in directories if d), Path(SYSTEM_TEMPLATE_DIR), SHIPPED_TEMPLATES]
         self._cache: dict[str, Template] = {}
 
     def get(self, filename: str) -> Template:
         if filename not in self._cache:
             for directory in self.directories:
-                path = os.path.join(directory, filename)
-                if path in _LOADED:
-                    self._cache[filename] = Template.parse(filename, _LOADED[path])
+                source = directory / filename
+                if str(source) in _LOADED:
+                    self._cache[filename] = Template.parse(filename, _LOADED[str(source)])
                     break
-                if os.path.isfile(path):
-                    with open(path, encoding="utf-8") as fh:
-                        self._cache[filename] = Template.parse(filename, fh.read())
+                if _is_file(source):
+                    text = source.read_text(encoding="utf-8")
+                    self._cache[filename] = Template.parse(filename, text)
                     break
             else:
                 raise TemplateError(f"template {filename}: not found in "
-                                    f"{', '.join(self.directories)}")
+                                    f"{', '.join(map(str, self.directories))}")
         return self._cache[filename]
 
     def for_role(self, category: Category, role: str) -> Template:

@@ -46,8 +46,13 @@ Damaged streams (fail closed, and scan all there is):
   by member (header, raw deflate/LZMA1, trailer) so the check comes after
   the output, never instead of it;
 - a stream cut short keeps what came before the cut (`truncated`);
+- zero bytes between members are padding, however many: Python's gzip
+  module reads on past them to a further member (gzip(1) stops), so we do
+  too, for every multi-member format;
 - bytes after the last member that do not start another member are
-  trailing data (decode-error; the part is scanned as it is too);
+  trailing data (decode-error; the part is scanned as it is too), unless a
+  member's signature (`SIGNATURES`) appears in them: a member a reader that
+  skips garbage would find, which we did not read, so `Undecipherable`;
 - any other error (corrupt data, or a check the library tests before it
   hands out the data: bzip2, xz, zstd, lz4 frames) loses what the library
   had decoded in that call, so the stream is read a second time by its own
@@ -66,10 +71,12 @@ from __future__ import annotations
 import bz2
 import lzma
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from amavisd.decode import external
 from amavisd.decode.decompressors import (  # noqa: F401  (LZ4_*: the tests' vocabulary)
     CHUNK,
     CORRUPT,
@@ -94,6 +101,18 @@ except ImportError:  # pragma: no cover - depends on the Python version
 LZMA_MEMLIMIT = 512 * 1024 * 1024  # .lzma headers may ask for any dictionary size
 LZW_TOOL_FROM = 64 * 1024  # compressed size from which gzip(1) beats our LZW (figures above)
 HEAD = 8  # bytes of a member kept to tell another member from trailing data
+# Where a member of each multi-member format starts: looked for in trailing
+# data, where it means a member some reader may find (one that skips garbage)
+# and we did not read.
+SIGNATURES: dict[str, re.Pattern[bytes]] = {
+    "gzip": re.compile(rb"\x1f\x8b\x08[\x00-\x1f]"),  # magic, deflate, no reserved flag
+    "bzip2": re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)"),  # a block, or the end
+    "xz": re.compile(rb"\xfd7zXZ\x00"),
+    "lzip": re.compile(rb"LZIP[\x00\x01]"),
+    "zstd": re.compile(rb"\x28\xb5\x2f\xfd"),
+    "lz4": re.compile(re.escape(LZ4_FRAME) + b"|" + re.escape(LZ4_LEGACY)),
+}
+SIGNATURE_MAX = 16  # no signature above is longer: chunks overlap by this much
 
 
 class StreamCorrupt(Exception):
@@ -104,8 +123,9 @@ def stream(part: Part, ctx: Context, new_decompressor: Callable[[], object], nam
            multi_member: bool = True, is_member: Callable[[bytes], bool] | None = None) -> None:
     """Decompress `part` into one child named `name`; with `multi_member`,
     concatenated members (gzip, lzip, zstd and lz4 frames) continue it.
-    Zero padding after the end is ignored; other bytes there are reported
-    (the part is flagged), as is a member cut short or corrupt. `is_member`
+    Zero padding between or after members is skipped; other bytes after
+    the end are reported (the part is flagged; Undecipherable when a member
+    signature is among them), as is a member cut short or corrupt. `is_member`
     says whether the bytes after a member start another one: if not, they
     are trailing data, not a corrupt member."""
     sink = ctx.sink(part, name=name)
@@ -130,8 +150,33 @@ def stream(part: Part, ctx: Context, new_decompressor: Callable[[], object], nam
         problems.append("; ".join(run.checks_failed[:3]) + " (the data is kept and scanned)")
     if run.trailing:
         problems.append("data after the end of the stream")
+        hidden = _signature_after(part, ctx, run.trailing_from)
+        if hidden >= 0:  # a member there that no reading here reaches
+            problems.append(f"a {part.detected} member starts in it at offset {hidden}, "
+                            "not read")
+            raise Undecipherable("; ".join(problems))  # the engine names the format
     if problems:
         raise DecodeError(f"{part.detected}: {'; '.join(problems)}")
+
+
+def _signature_after(part: Part, ctx: Context, start: int) -> int:
+    """The offset of the first member signature at or after `start` in the
+    part (SIGNATURES), or -1."""
+    signature = SIGNATURES.get(part.detected)
+    if signature is None or start < 0:
+        return -1
+    with part.open() as fh:
+        fh.seek(start)
+        pos, tail = start, b""
+        while chunk := fh.read(CHUNK):
+            window = tail + chunk
+            found = signature.search(window)
+            if found:
+                return pos - len(tail) + found.start()
+            tail = window[-SIGNATURE_MAX:]
+            pos += len(chunk)
+            ctx.budget.check_time()
+    return -1
 
 
 class _Run:
@@ -148,9 +193,13 @@ class _Run:
         self.member_output = 0  # bytes from the member under way
         self.member_fed = False  # the member under way has had input
         self.member_head = b""  # its first bytes
-        self.over = False  # the last member ended; the rest is padding or trailing data
+        self.over = False  # the stream ended; what follows is trailing data
         self.trailing = False
         self.cut_short = False
+        self.fed = 0  # input bytes so far
+        self.member_start = 0  # offset of the member under way (after zero padding)
+        self.between = False  # after a member: zero padding is skipped, then the next one
+        self.trailing_from = -1  # offset of the trailing data, once there is some
         self.checks_failed: list[str] = []  # members whose data decoded but failed the check
 
     @property
@@ -159,9 +208,16 @@ class _Run:
             self.over or (self.members > 0 and not self.member_fed))
 
     def feed(self, data: bytes) -> None:
+        self.fed += len(data)
         if self.over:
             self.trailing = self.trailing or bool(data.strip(b"\0"))
             return
+        if self.between:  # zero padding, however long: no member starts with a zero
+            stripped = data.lstrip(b"\0")
+            self.member_start += len(data) - len(stripped)
+            if not stripped:
+                return
+            self.between, data = False, stripped
         decompressor = self.decompressor
         while True:
             self.member_fed = self.member_fed or bool(data)
@@ -181,15 +237,21 @@ class _Run:
                 if failed:
                     self.checks_failed.append(f"member {self.members}: {failed}")
                 rest = decompressor.unused_data + data
-                if not self.multi_member or (rest and not rest.strip(b"\0")):
+                end = self.fed - len(rest)  # where this member ended
+                if not self.multi_member:
                     self.over = True
                     self.trailing = bool(rest.strip(b"\0"))
+                    self.trailing_from = end
                     return
+                # Zero padding, then another member: Python's gzip module reads on
+                # past the zeros (gzip(1) stops), so that is a reading too.
                 decompressor = self.decompressor = self.new_decompressor()  # the next member
                 self.member_output, self.member_fed, self.member_head = 0, False, b""
-                if not rest:
+                data = rest.lstrip(b"\0")
+                self.member_start = end + len(rest) - len(data)
+                if not data:
+                    self.between = True
                     return
-                data = rest
                 continue
             if data or not getattr(decompressor, "needs_input", True):  # zlib has none
                 continue
@@ -206,6 +268,7 @@ class _Run:
         except CORRUPT as err:
             if self.members and not self.member_output and not self.is_member(self.member_head):
                 self.over = self.trailing = True
+                self.trailing_from = self.member_start
                 return None
             raise StreamCorrupt(f"member {self.members + 1}: {err}") from None
 
@@ -263,8 +326,6 @@ def salvage(part: Part, ctx: Context, child: Part, why: str) -> None:
     output is a second child when it holds more than `child`. Raises
     DecodeError when the tool read to the end (only a check failed), else
     Undecipherable: content is left that nothing here could produce."""
-    from amavisd.decode.archives import external  # here: archives' modules may import us
-
     salvager = SALVAGERS.get(part.detected)
     if salvager is None or not external.available(salvager.tool):
         raise Undecipherable(f"{why}; what precedes the damage is scanned")
@@ -342,8 +403,6 @@ def decode_lz4(part: Part, ctx: Context) -> None:
 
 @register("compress")
 def decode_compress(part: Part, ctx: Context) -> None:
-    from amavisd.decode.archives import external  # here: archives' modules may import us
-
     name = inner_name(part, (".z",))
     if part.size >= LZW_TOOL_FROM and external.available("gzip") and \
             _uncompress_with_gzip(part, ctx, name):
@@ -356,8 +415,6 @@ def _uncompress_with_gzip(part: Part, ctx: Context, name: str) -> bool:
     place there (its output watched against the allowance), then read back.
     False when gzip finds the stream corrupt: it then deletes its output, so
     the caller decodes in-process, which keeps what precedes the damage."""
-    from amavisd.decode.archives import external
-
     work = ctx.scratch_dir(part)
     packed, unpacked = os.path.join(work, "x.Z"), os.path.join(work, "x")
     part.write_to(packed)

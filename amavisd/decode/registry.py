@@ -49,7 +49,16 @@ class Undecipherable(DecodeError):
 
 def register(*kinds: str, probe: Callable[[Part], bool] | None = None
              ) -> Callable[[Decoder], Decoder]:
+    """Register `fn` for each detected type. A type has one decoder: a second
+    one for it is refused at import (a silent overwrite would leave one of
+    them dead, and which one would depend on the order of imports)."""
+
     def wrap(fn: Decoder) -> Decoder:
+        for kind in kinds:
+            taken = REGISTRY.get(kind)
+            if taken is not None and taken is not fn:
+                raise ValueError(f"two decoders for type {kind!r}: {_name(taken)} and "
+                                 f"{_name(fn)}")
         for kind in kinds:
             REGISTRY[kind] = fn
             if probe is not None:
@@ -57,6 +66,10 @@ def register(*kinds: str, probe: Callable[[Part], bool] | None = None
         return fn
 
     return wrap
+
+
+def _name(fn: Decoder) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 class Context:

@@ -17,12 +17,17 @@ import struct
 import time
 from collections.abc import Sequence
 
-from amavisd.config import parse_address
 from amavisd.decode.parts import Part
 from amavisd.scan.base import Health, ScannerError, ScanReport
 from amavisd.verdict import Finding
+from amavisd_client.wire.address import Address, parse
 
 SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded"
+
+
+def address_of(text: str) -> Address:
+    """clamd's address as the settings spell it: unix:/path or tcp:host:port."""
+    return parse(text, accept=("unix", "tcp"))
 
 
 class StreamRefused(Exception):
@@ -34,7 +39,8 @@ class ClamdScanner:
                  name: str = "clamd"):
         self.name = name
         self.address = address
-        self.kind, self.target = parse_address(address)
+        where = address_of(address)
+        self.kind, self.target = where.kind, where.target
         self.timeout = timeout
         self.max_stream = max_stream
         self.connections = 0  # connects made, for tests and the benchmark

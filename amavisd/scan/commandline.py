@@ -1,10 +1,11 @@
 """Command-line scanners, the AMaViS tradition: one run over a dir of parts.
 
-A definition says how to run the product (an argv template, never a
-shell) and how to read it: which exit codes mean clean, infected or
-anything else (an error), and a regular expression that picks the virus
-names, and ideally the file, out of its output. `clamscan` is built in and
-tested; `etc/scanners-examples.toml` has untested definitions of others.
+A definition (`definitions.CommandDefinition`, checked with the config)
+says how to run the product (an argv template, never a shell) and how to
+read it: which exit codes mean clean, infected or anything else (an error),
+and a regular expression that picks the virus names, and ideally the file,
+out of its output. `clamscan` is built in and tested;
+`etc/scanners-examples.toml` has untested definitions of others.
 
 Parts are written to a private 0700 dir, one file per part named by its id,
 so the output maps back to the part tree. The scanner runs in its own
@@ -20,41 +21,15 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from amavisd.decode.parts import Part
 from amavisd.scan.base import Health, ScannerError, ScanReport
+from amavisd.scan.definitions import CommandDefinition
 from amavisd.verdict import Finding
 
 OUTPUT_LIMIT = 4 * 1024 * 1024
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
        "LC_ALL": "C.UTF-8"}
-
-
-@dataclass(frozen=True)
-class CommandDefinition:
-    argv: tuple[str, ...]  # "{dir}" is the dir of parts, "{files}" expands to one arg each
-    clean: frozenset[int] = frozenset({0})
-    infected: frozenset[int] = frozenset({1})
-    names: str = r"^(?P<path>.+?): (?P<name>\S+) FOUND$"  # groups: name, optional path
-    # names that mean "I gave up on this file" (a size limit), not a virus: missed
-    unchecked_names: str = r"^Heuristics\.Limits\.Exceeded"
-    version_argv: tuple[str, ...] = ()
-    timeout: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not self.argv:
-            raise ValueError("argv must not be empty")
-        if not any("{dir}" in a or a == "{files}" for a in self.argv):
-            raise ValueError('argv must contain "{dir}" or "{files}"')
-        if self.clean & self.infected:
-            raise ValueError("an exit code cannot mean both clean and infected")
-        try:
-            pattern = re.compile(self.names, re.M)
-        except re.error as err:
-            raise ValueError(f"names is not a valid regular expression: {err}") from None
-        if "name" not in pattern.groupindex:
-            raise ValueError("names must have a (?P<name>...) group")
 
 
 class CommandScanner:
@@ -141,16 +116,3 @@ class CommandScanner:
 
 def _part_named(path: str, by_file: dict[str, Part]) -> Part | None:
     return by_file.get(os.path.basename(path.strip()))
-
-
-# clamscan as a backup to clamd: the same engine, no daemon needed. It loads its
-# database on every run (seconds), which is fine for a backup. --alert-exceeds-max
-# makes a part over its size limits a finding instead of a silent "OK".
-CLAMSCAN = CommandDefinition(
-    argv=("clamscan", "--stdout", "--no-summary", "--infected", "--alert-exceeds-max=yes",
-          "{files}"),
-    clean=frozenset({0}),
-    infected=frozenset({1}),
-    names=r"^(?P<path>.+?): (?P<name>\S+) FOUND$",
-    version_argv=("clamscan", "--version"),
-)

@@ -8,6 +8,10 @@ machine would make them. `BUILDERS` maps a format name to
 list (never a shell). `available(fmt)` says why a format cannot be made here
 (a skip reason) or None. `chain()` nests formats, innermost first.
 
+Shipped with the package because `make check` (tools/check.py) nests EICAR
+in every format it can make here; what only the tests need (encrypted and
+shadowed archives, byte surgery) is in the checkout's tests/rigs/archivers.py.
+
 Never store the output in the repository: EICAR fixtures exist only at run time.
 """
 
@@ -16,7 +20,6 @@ from __future__ import annotations
 import base64
 import random
 import shutil
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -35,7 +38,6 @@ NO_CREATOR = {
     "rar": "rar is non-free, no creator on Debian 12 (the corpus covers rar)",
 }
 TIMEOUT = 60  # seconds; rpmbuild and the Java jlha are the slow ones
-PASSWORD = "infected"
 # Formats that hold one stream, not named members: give them exactly one file.
 SINGLE_STREAM = frozenset({"gz", "bz2", "xz", "lzma", "zst", "lz4", "lz", "Z"})
 
@@ -303,106 +305,6 @@ def make_iso(files: Files, workdir: Path) -> bytes:
     return out.read_bytes()
 
 
-# Encrypted variants: the decoder must say UNCHECKED, never CLEAN.
-ENCRYPTED: dict[str, Callable[..., bytes]] = {"zip": make_zip, "7z": make_7z}
-
-
-def build_encrypted(fmt: str, files: Files, workdir: Path | str | None = None,
-                    password: str = PASSWORD) -> bytes:
-    """`fmt` (zip: ZipCrypto; 7z: AES with encrypted headers) under `password`."""
-    reason = available(fmt)
-    if reason:
-        raise RuntimeError(reason)
-    with tempfile.TemporaryDirectory(prefix="amfix", dir=workdir) as tmp:
-        return ENCRYPTED[fmt](files, Path(tmp), password=password)
-
-
-def build_7z_shadowed(first: Files, then: Files, workdir: Path | str | None = None,
-                      links: dict[str, str] | None = None, method: str = "LZMA2") -> bytes:
-    """A 7z made by two runs of the real 7zz: `first` (plus `links`, name ->
-    target, stored as symlinks with -snl), then `then` added from another dir.
-    An entry of the first run may shadow a directory of the second (a link or
-    a file `docs`, then `docs/invoice.txt`): `7zz x` cannot write the second,
-    `7zz e` can. `method` other than LZMA/LZMA2 (PPMd, say) sends the archive
-    to 7zz instead of py7zr."""
-    if shutil.which("7zz") is None:
-        raise RuntimeError("7zz not installed")
-    with tempfile.TemporaryDirectory(prefix="amfix", dir=workdir) as tmp:
-        top = Path(tmp)
-        one, _ = _populate(first, top, "one")
-        for name, target in (links or {}).items():
-            (one / name).symlink_to(target)
-        two, second = _populate(then, top, "two")
-        out = top / "out.7z"
-        entries = sorted([*first, *(links or {})])
-        _run(["7zz", "a", "-snl", f"-m0={method}", "-bd", "-y", str(out), "--", *entries],
-             cwd=one)
-        _run(["7zz", "a", f"-m0={method}", "-bd", "-y", str(out), "--", *second], cwd=two)
-        return out.read_bytes()
-
-
-# -- byte surgery: damage a real archive in one known way ----------------------
-
-def _xz_block_check(data: bytes) -> int:
-    """The last byte of the (one) block's check, just before the index: the
-    footer's backward size says how long the index is."""
-    (backward,) = struct.unpack_from("<I", data, len(data) - 8)
-    return len(data) - 12 - (backward + 1) * 4 - 1
-
-
-# single-stream format -> where a byte of its integrity check sits, data untouched
-CHECK_BYTE: dict[str, Callable[[bytes], int]] = {
-    "gz": lambda data: len(data) - 8,  # the trailer's CRC-32
-    "bz2": lambda data: 10,  # the first block's CRC, after "BZh9" and the block magic
-    "xz": _xz_block_check,  # the block's CRC-64
-    "zst": lambda data: len(data) - 1,  # the frame's content checksum
-    "lz4": lambda data: len(data) - 1,  # the frame's content checksum
-    "lz": lambda data: len(data) - 20,  # the member trailer's CRC-32
-}
-
-
-def with_bad_check(fmt: str, data: bytes) -> bytes:
-    """`data` (one stream of `fmt`, as the builders make it) with a byte of its
-    check value changed: every byte of content still decodes."""
-    out = bytearray(data)
-    out[CHECK_BYTE[fmt](data)] ^= 0x5A
-    return bytes(out)
-
-
-def zip_records(data: bytes, signature: bytes) -> list[int]:
-    """Offsets of a zip's local headers (PK\3\4), directory entries (PK\1\2), ..."""
-    found, pos = [], data.find(signature)
-    while pos >= 0:
-        found.append(pos)
-        pos = data.find(signature, pos + 1)
-    return found
-
-
-def zip_with_method(data: bytes, index: int, method: int, local: bool = True,
-                    central: bool = True) -> bytes:
-    """Member `index`'s method number changed in its local header and/or its
-    directory entry (its bytes left as they are)."""
-    out = bytearray(data)
-    if local:
-        struct.pack_into("<H", out, zip_records(data, b"PK\x03\x04")[index] + 8, method)
-    if central:
-        struct.pack_into("<H", out, zip_records(data, b"PK\x01\x02")[index] + 10, method)
-    return bytes(out)
-
-
-def zip_without_entry(data: bytes, index: int) -> bytes:
-    """The zip with member `index`'s directory entry removed (its local header
-    and data stay): unzip no longer lists it, a streaming reader still does."""
-    central = zip_records(data, b"PK\x01\x02")
-    (end,) = zip_records(data, b"PK\x05\x06")[-1:]
-    bounds = central + [end]
-    kept = b"".join(data[bounds[i]:bounds[i + 1]] for i in range(len(central)) if i != index)
-    record = bytearray(data[end:])
-    struct.pack_into("<HHII", record, 8, len(central) - 1, len(central) - 1, len(kept),
-                     central[0])
-    return data[:central[0]] + kept + bytes(record)
-
-
 def mixed_files(count: int = 10, total: int = 1 << 20, seed: int = 1) -> Files:
     """`count` members, about `total` bytes: half text (compressible), half random."""
     rng = random.Random(seed)
@@ -416,7 +318,6 @@ def mixed_files(count: int = 10, total: int = 1 << 20, seed: int = 1) -> Files:
             text = b" ".join(rng.choice(words) for _ in range(size // 6))
             files[f"text{n}.txt"] = text[:size]
     return files
-
 
 
 def as_attachment(data: bytes, filename: str, subject: str = "archive") -> bytes:

@@ -5,8 +5,9 @@ by an empty line. Names and values are %XX-encoded; a value may hold several
 fields separated by one *unencoded* space, so the raw bytes are kept until a
 caller says how many fields it expects. Attributes may repeat (recipient).
 
-This module is shared by the daemon and by the stdlib-only client, so it
-imports nothing beyond the standard library (not even `re`: start-up time) and never touches a socket.
+This module is shared by the daemon and the stdlib-only client (and the
+milter shim), so it imports nothing beyond the standard library (not even
+`re`: start-up time) and never touches a socket.
 Hostile input (bad escapes, NULs, endless lines) must never raise: the
 decoder records an error on the block instead and keeps its framing.
 """

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from amavisd.protocol.ampdp import RequestError, parse_message_request
-from amavisd_client.ampdp import Decoder, decode_blocks, encode_block
+from amavisd_client.wire.ampdp import Decoder, decode_blocks, encode_block
 
 line = st.one_of(
     st.binary(max_size=200),

@@ -16,8 +16,8 @@ from amavisd import config as configuration
 from amavisd.decode.parts import Part
 from amavisd.envelope import Job
 from amavisd.pipeline import Pipeline
-from amavisd.testing import archivers
 from amavisd.testing.eicar import EICAR
+from tests.rigs import archivers
 
 pytestmark = pytest.mark.integration
 

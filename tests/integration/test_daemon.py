@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from amavisd.testing import clamd as clamd_testing
-from amavisd.testing.daemon import DaemonInstance
-from amavisd.testing.faults import StallingClamdProxy, slow_boot_argv
 from amavisd.testing.messages import clean_message, eicar_message, forwarded_eicar_message
-from amavisd_client.ampdp import Decoder, encode_block
+from amavisd_client.wire.ampdp import Decoder, encode_block
+from tests.rigs.daemon import DaemonInstance
+from tests.rigs.faults import StallingClamdProxy, slow_boot_argv
 
 pytestmark = pytest.mark.integration
 # These tests check the mechanics through the MTA-visible reject (exit 69);
@@ -143,7 +143,7 @@ def test_clamd_down_means_tempfail_and_nothing_lost(short_tmp):
 def test_daemon_down_means_tempfail(short_tmp):
     import subprocess
 
-    from amavisd.testing.daemon import client_argv
+    from tests.rigs.daemon import client_argv
 
     message = write(short_tmp / "msg.eml", clean_message())
     proc = subprocess.run(client_argv() + ["-s", str(short_tmp / "nobody-listens.sock"),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.testing import amavisd_new
-from amavisd.testing.daemon import ROOT, DaemonInstance
 from amavisd.testing.messages import clean_message, eicar_message, forwarded_eicar_message
+from tests.rigs import amavisd_new
+from tests.rigs.daemon import ROOT, DaemonInstance
 
 pytestmark = pytest.mark.integration
 # These tests check the mechanics through the MTA-visible reject (exit 69);

@@ -30,9 +30,9 @@ import time
 
 import pytest
 
-from amavisd.testing.daemon import CLIENT_LAUNCHER, DaemonInstance, client_argv
 from amavisd.testing.eicar import EICAR
 from amavisd.testing.messages import clean_message
+from tests.rigs.daemon import CLIENT_LAUNCHER, DaemonInstance, client_argv
 
 pytestmark = pytest.mark.integration
 

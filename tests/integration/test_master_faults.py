@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.testing.daemon import DaemonInstance
 from amavisd.testing.messages import clean_message, eicar_message
+from tests.rigs.daemon import DaemonInstance
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ import pytest
 from amavisd import config as configuration
 from amavisd.envelope import Envelope, Job
 from amavisd.pipeline import Pipeline
-from amavisd.testing.daemon import DaemonInstance
 from amavisd.testing.messages import eicar_message
-from amavisd.testing.smtpsink import SMTPSink
+from tests.rigs.daemon import DaemonInstance
+from tests.rigs.smtpsink import SMTPSink
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

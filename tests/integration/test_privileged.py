@@ -1,9 +1,9 @@
 """Started as root, dropped to `amavis`, on an interpreter only root can read.
 
-The real daemon runs from a sealed copy of this interpreter (amavisd/testing/
+The real daemon runs from a sealed copy of this interpreter (tests/rigs/
 sealed.py: a 0700 root-owned prefix of hard links), so once the master has
 dropped privileges any import fails as it would in production. Messages hide
-EICAR behind each lazily loaded codec (amavisd/testing/codec_messages.py: a
+EICAR behind each lazily loaded codec (tests/rigs/codec_messages.py: a
 deflated zip member named in cp437, a Joliet ISO, a TNEF winmail.dat); a
 private clamd that decodes nothing must be handed the member itself. Each
 must be INFECTED and the admin notice must reach the SMTP sink (smtplib asks
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.testing import archivers, codec_messages
-from amavisd.testing.daemon import DaemonInstance
-from amavisd.testing.sealed import seal
+from amavisd.testing import archivers
 from tests.integration.test_daemon import ampdp, spool
+from tests.rigs import codec_messages
+from tests.rigs.daemon import DaemonInstance
+from tests.rigs.sealed import seal
 
 pytestmark = [
     pytest.mark.integration,

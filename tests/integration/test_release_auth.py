@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.testing.daemon import DaemonInstance
 from amavisd.testing.messages import eicar_message
-from amavisd.testing.smtpsink import SMTPSink
+from tests.rigs.daemon import DaemonInstance
+from tests.rigs.smtpsink import SMTPSink
 
 pytestmark = pytest.mark.integration
 AMAVISD_RELEASE = "/usr/sbin/amavisd-release"

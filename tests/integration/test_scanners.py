@@ -19,10 +19,10 @@ from amavisd.envelope import Job
 from amavisd.pipeline import Pipeline
 from amavisd.scan.scanners import build_scanner_set, check_definitions
 from amavisd.testing import clamd as clamd_testing
-from amavisd.testing.daemon import DaemonInstance
 from amavisd.testing.eicar import EICAR
-from amavisd.testing.faults import StallingClamdProxy
 from amavisd.testing.messages import clean_message, eicar_message
+from tests.rigs.daemon import DaemonInstance
+from tests.rigs.faults import StallingClamdProxy
 
 pytestmark = pytest.mark.integration
 # These tests check the mechanics through the MTA-visible reject (exit 69);

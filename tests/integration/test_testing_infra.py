@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""Proves the test infrastructure in amavisd.testing against the real software.
+"""Proves the test infrastructure in amavisd.testing and tests.rigs against the real software.
 
 Every later integration test trusts these helpers: a private clamd that does
 (or, in "nodecomp" mode, deliberately does not) look inside containers, a
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.testing import amavisd_new, clamd
-from amavisd.testing.amavisd_new import AmavisdNewInstance
+from amavisd.testing import clamd
 from amavisd.testing.clamd import ClamdInstance
 from amavisd.testing.eicar import CLAM_EXE_PATH, EICAR
-from amavisd.testing.faults import StallingClamdProxy
+from tests.rigs import amavisd_new
+from tests.rigs.amavisd_new import AmavisdNewInstance
+from tests.rigs.faults import StallingClamdProxy
 
 pytestmark = pytest.mark.integration
 

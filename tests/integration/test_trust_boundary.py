@@ -34,11 +34,11 @@ from pathlib import Path
 import pytest
 
 from amavisd.testing import archivers
-from amavisd.testing.daemon import DaemonInstance
 from amavisd.testing.eicar import EICAR
 from amavisd.testing.messages import clean_message, eicar_message
 from amavisd_client import client as amavisd_client
-from amavisd_client.ampdp import Decoder, encode_block
+from amavisd_client.wire.ampdp import Decoder, encode_block
+from tests.rigs.daemon import DaemonInstance
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users")]

@@ -6,6 +6,10 @@ own, so the systemd readiness path is exercised on every test. Helpers list
 the worker processes (children of the master) and run the real client.
 Started as root with `user=`/`group=`, the daemon drops privileges exactly
 as in production; its log file is made beforehand for that user.
+
+It runs the daemon and the client from this checkout (PYTHONPATH and cwd
+are the repository, the client launcher puts it on sys.path as `make deps`
+does), which is why it lives under tests/ and is not installed.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class DaemonInstance:
         self.workdir = Path(workdir)
         # what follows the interpreter: `-m amavisd`, or a fault's launcher
         self.python_args = python_args or ["-m", "amavisd"]
-        self.python = python or sys.executable  # e.g. a sealed one (testing/sealed.py)
+        self.python = python or sys.executable  # e.g. a sealed one (rigs/sealed.py)
         self.settings: dict[str, Any] = {
             "workdir": str(self.workdir / "home"),
             "clamd": clamd_address,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amavisd_client.ampdp import MAX_LINE, Decoder, decode, encode_block, encode_field
+from amavisd_client.wire.ampdp import MAX_LINE, Decoder, decode, encode_block, encode_field
 
 
 def test_round_trip_of_every_byte_in_values():

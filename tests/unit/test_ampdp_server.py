@@ -9,16 +9,17 @@ import time
 
 import pytest
 
+from amavisd import config as configuration
 from amavisd.protocol.ampdp import (
     RequestError,
     Session,
-    SessionLimits,
     encode_reply,
     parse_message_request,
     within,
 )
+from amavisd.protocol.loop import ConnectionLimits, serve
 from amavisd.verdict import Category, Destiny, HeaderEdit, Result
-from amavisd_client.ampdp import Decoder, encode_block
+from amavisd_client.wire.ampdp import Decoder, encode_block
 
 
 @pytest.fixture
@@ -102,20 +103,46 @@ def test_each_destiny_maps_to_ampdp(destiny, value, code, rcode):
     assert reply.get("setreply").split()[0] == rcode
 
 
-def run_session(tempbase, wire: bytes, process=None, limits=None) -> list:
-    server, client = socket.socketpair()
-    ids = iter(range(1, 100))
-    calls = []
+class StandIn:
+    """The worker's side as a session sees it (protocol.session.Handler), with
+    a stand-in for the pipeline: these tests are about the protocol."""
 
-    def fake_process(job):  # a stand-in for the pipeline: this test is about the protocol
-        calls.append(job)
+    def __init__(self, tempbase, process=None):
+        self.config = configuration.load(None, {"tempbase": str(tempbase),
+                                                "work_base": str(tempbase) + "-work"})
+        self.ids = iter(range(1, 100))
+        self.calls = []
+        self.process = process or self.clean
+
+    def clean(self, job):
+        self.calls.append(job)
         return Result(log_id=job.log_id, category=Category.CLEAN, destiny=Destiny.PASS)
 
-    session = Session(server, str(tempbase), process or fake_process,
-                      lambda: f"7-{next(ids):02d}", lambda: True,
-                      limits or SessionLimits(idle_timeout=5, request_timeout=5))
+    def next_log_id(self):
+        return f"7-{next(self.ids):02d}"
+
+    def handle_message(self, job):
+        return self.process(job)
+
+    def handle_release(self, request, recipients, log_id):
+        raise AssertionError("no release in these tests")
+
+    def handle_reply_sent(self):
+        pass
+
+    def keep_going(self):
+        return True
+
+
+def run_session(tempbase, wire: bytes, process=None, limits=None) -> list:
+    server, client = socket.socketpair()
+    handler = StandIn(tempbase, process)
+    calls = handler.calls
+    session = Session(server, handler)
+    limits = limits or ConnectionLimits(idle_timeout=5, request_timeout=5)
+
     def serve_then_close():  # as the worker does: close once the client is done
-        session.serve()
+        serve(session, limits)
         server.close()
 
     thread = threading.Thread(target=serve_then_close)
@@ -184,30 +211,29 @@ def test_an_exception_while_answering_is_a_tempfail_not_a_dead_session(tempbase)
 
 def test_a_connection_ends_after_max_connection_requests(tempbase):
     wire = encode_block([("request", "AM.CL")]) * 10
-    replies, _ = run_session(tempbase, wire, limits=SessionLimits(5, 5, max_requests=3))
+    replies, _ = run_session(tempbase, wire, limits=ConnectionLimits(5, 5, max_requests=3))
     assert len(replies) == 3
 
 
 def test_bad_requests_cost_one_log_line_a_connection(tempbase, caplog):
     wire = b"garbage\r\n\r\n" * 50
     with caplog.at_level("INFO", logger="amavisd.ampdp"):
-        replies, _ = run_session(tempbase, wire, limits=SessionLimits(5, 5, max_requests=100))
+        replies, _ = run_session(tempbase, wire, limits=ConnectionLimits(5, 5, max_requests=100))
     assert len(replies) == 50
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert "49 more AM.PDP requests refused" in lines[1]
 
 
-def hold(limits: SessionLimits, client_behaviour) -> float:
+def hold(limits: ConnectionLimits, client_behaviour) -> float:
     """Seconds the session held the connection while the client did `client_behaviour`."""
     server, client = socket.socketpair()
-    session = Session(server, "/nonexistent", lambda job: None, lambda: "7-01",
-                      lambda: True, limits)
+    session = Session(server, StandIn("/nonexistent", lambda job: None))
     stop = threading.Event()
     thread = threading.Thread(target=client_behaviour, args=(client, stop), daemon=True)
     thread.start()
     started = time.monotonic()
-    session.serve()
+    serve(session, limits)
     held = time.monotonic() - started
     stop.set()
     server.close()
@@ -220,7 +246,7 @@ def test_an_idle_client_is_hung_up_on_after_client_idle_timeout():
     def silent(sock, stop):
         stop.wait(10)
 
-    assert 0.4 <= hold(SessionLimits(idle_timeout=0.5, request_timeout=5), silent) < 2
+    assert 0.4 <= hold(ConnectionLimits(idle_timeout=0.5, request_timeout=5), silent) < 2
 
 
 def test_a_trickling_request_ends_at_request_timeout_whatever_the_pace():
@@ -231,7 +257,7 @@ def test_a_trickling_request_ends_at_request_timeout_whatever_the_pace():
             except OSError:
                 return
 
-    assert 0.9 <= hold(SessionLimits(idle_timeout=0.5, request_timeout=1), trickle) < 2.5
+    assert 0.9 <= hold(ConnectionLimits(idle_timeout=0.5, request_timeout=1), trickle) < 2.5
 
 
 def test_a_client_that_does_not_read_its_replies_is_hung_up_on():
@@ -242,5 +268,24 @@ def test_a_client_that_does_not_read_its_replies_is_hung_up_on():
             return  # the server hung up: what we want
         stop.wait(10)
 
-    held = hold(SessionLimits(idle_timeout=0.5, request_timeout=5, max_requests=10**6), flood)
+    held = hold(ConnectionLimits(idle_timeout=0.5, request_timeout=5, max_requests=10**6), flood)
     assert held < 3
+
+
+def test_a_connection_ends_at_max_connection_time_however_polite_the_client():
+    """A request every 0.2 s, each answered, stays within every per-request
+    deadline: only the whole connection's deadline ends it."""
+    def polite(sock, stop):
+        sock.settimeout(0.1)
+        while not stop.wait(0.2):
+            try:
+                sock.sendall(b"request=AM.CL\r\n\r\n")
+                sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    limits = ConnectionLimits(idle_timeout=0.5, request_timeout=1, max_requests=10**6,
+                              max_time=1.5)
+    assert 1.4 <= hold(limits, polite) < 2.5

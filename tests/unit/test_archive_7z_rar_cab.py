@@ -423,17 +423,21 @@ def test_rar_symlink_traversal_writes_nothing_outside(corpus, tmp_path):
     spool, sentinel = spool_with_sentinel(tmp_path)
     dec = decompose(sample.read_bytes(), bare_file=True, tempbase=str(spool))
     assert_nothing_escaped(dec, spool, sentinel)
-    assert not any(c.name == "up" for c in dec.root.children)  # a link is never a member
+    # a link is never followed: its part holds the target, flagged
+    assert {c.read() for c in dec.root.children if c.name == "up"} == {b".."}
+    assert all("link" in c.flags for c in dec.root.children if c.name == "up")
     assert not dec.root.expanded  # pwned.txt could not be read: the rar is scanned as it is
     dec.cleanup()
 
 
-def test_rar_links_and_copies_are_not_members(corpus):
+def test_rar_links_give_their_target_copies_are_members(corpus):
     needs("unar")
     rar = corpus / "archives" / "rar"
     dec = decompose((rar / "libarchive__test_read_format_rar5_symlink.rar").read_bytes(),
                     bare_file=True)
-    assert [c.name for c in dec.root.children] == ["file.txt"] and dec.root.expanded
+    assert [c.name for c in dec.root.children if "link" not in c.flags] == ["file.txt"]
+    assert {c.name: c.read() for c in dec.root.children if "link" in c.flags} == \
+        {"symlink.txt": b"file.txt", "dirlink": b"dir"} and dec.root.expanded
     dec.cleanup()
     dec = decompose((rar / "rarfile__rar3-versions.rar").read_bytes(), bare_file=True)
     assert len(dec.root.children) == 3  # older versions of a file are content too

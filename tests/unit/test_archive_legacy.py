@@ -230,14 +230,17 @@ def test_lha_traversal_and_symlinks_stay_in_the_scratch_dir(corpus, decode, tmp_
         assert not Path("/tmp/evil1.txt").exists() and not Path("/etc/passwd").is_symlink()
 
 
-def test_lha_symlink_members_are_not_parts(corpus, decode):
+def test_lha_symlinks_give_their_target_flagged(corpus, decode):
     needs("lhasa")
     result = decode((corpus / "archives/lha-lzh/lhasa__lha_unix114i__h2_symlink.lzh")
                     .read_bytes())
-    assert result.root.children == []
+    (link,) = result.root.children  # its target, flagged, never followed
+    assert "link" in link.flags and link.name == "symlink"
     result = decode((corpus / "archives/lha-lzh/libarchive__test_read_format_lha_lh6.lzh")
                     .read_bytes())
-    assert set(members_of(result)) == {"file1", "file2"}  # dir2/symlink1, 2 skipped
+    links = {c.name for c in result.root.children if "link" in c.flags}
+    assert set(members_of(result)) - links == {"file1", "file2"}
+    assert links == {"dir2/symlink1", "dir2/symlink2"}
 
 
 def test_hostile_arc_names_are_cleaned_and_nothing_escapes(tmp_path, decode):

@@ -38,7 +38,13 @@ def decoded(data: bytes):
 
 
 def members(part) -> dict[str, bytes]:
-    return {child.name: child.read() for child in part.children}
+    """The members with data of their own (links' targets apart: links())."""
+    return {child.name: child.read() for child in part.children if "link" not in child.flags}
+
+
+def links(part) -> dict[str, bytes]:
+    """Symlinks: a part holding the target, flagged, never followed."""
+    return {child.name: child.read() for child in part.children if "link" in child.flags}
 
 
 def find(part, kind: str):
@@ -120,7 +126,8 @@ def test_corpus_gnu_and_bsd_ar_agree(corpus):
 
 def test_corpus_gtar_long_name_and_sparse_files(corpus):
     _, root = decoded((corpus / "archives/tar/libarchive__test_compat_gtar_1.tar").read_bytes())
-    assert [len(n) for n in members(root)] == [200]  # the symlink gives no part
+    assert [len(n) for n in members(root)] == [200]
+    assert [len(target) for target in links(root).values()] == [200]  # the symlink's target
     need("tar")
     path = corpus / "archives/tar/libarchive__test_read_format_gtar_sparse_1_17_posix10.tar"
     dec, root = decoded(path.read_bytes())
@@ -241,6 +248,7 @@ def test_tar_formats(tree, fmt):
     # one of the two hard-linked names carries the data, the other is a link: no part
     (linked,) = set(got) & {"a.txt", "hard.txt"}
     assert set(got) - {linked} == regular and got[linked] == TEXT
+    assert links(root) == {"escape": b"/etc/passwd"}
     for name, data in expected_bytes(tree, regular).items():
         assert got[name] == data
     assert root.expanded and root.detected == "tar"
@@ -320,6 +328,7 @@ def test_cpio_formats(tree, fmt):
     # newc/crc store a hard link's data once, with its last name; odc/bin with each
     assert TEXT in (got.pop("a.txt"), got.pop("hard.txt"))
     assert got == expected_bytes(tree, REGULAR - {"a.txt"})
+    assert links(root) == {"escape": b"/etc/passwd"}
     assert root.expanded and root.detected == "cpio"
 
 

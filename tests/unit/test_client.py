@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import subprocess
+import sys
+import threading
 
 import pytest
 
-from amavisd_client.ampdp import Decoder, encode_block
-from amavisd_client.client import apply_edits, delivery_argvs, header_edits, inside, parse_args
+from amavisd_client.client import parse_args
+from amavisd_client.connection import Connection, check
+from amavisd_client.delivery import deliver, delivery_argvs
+from amavisd_client.edits import apply_edits, edit_message, header_edits
+from amavisd_client.spool import inside
+from amavisd_client.sysexits import EX_OK, EX_TEMPFAIL
+from amavisd_client.wire.ampdp import Decoder, encode_block
 
 
 def test_sendmail_mailer_arguments():
@@ -35,6 +44,15 @@ def test_relative_socket_paths_are_paths(monkeypatch, tmp_path):
 
 def test_tcp_socket_needs_a_tempbase():
     assert parse_args(["-s", "127.0.0.1:9998", "-T", "/t", "f"]).tempbase == "/t"
+
+
+def test_the_socket_takes_the_daemons_spellings_of_an_address():
+    opts = parse_args(["-s", "unix:/s/amavisd.sock", "f"])
+    assert (opts.socket, opts.tempbase) == ("/s/amavisd.sock", "/s/tmp")
+    for spelling in ("tcp:127.0.0.1:9998", "inet:9998@127.0.0.1", "[::1]:9998"):
+        assert parse_args(["-s", spelling, "-T", "/t", "f"]).socket == spelling
+    with pytest.raises(ValueError, match="port"):  # never reachable: say so, once
+        parse_args(["-s", "127.0.0.1:99999", "-T", "/t", "f"])
 
 
 def reply(*attrs):
@@ -151,3 +169,111 @@ def test_a_temp_base_others_may_write_without_the_sticky_bit_is_refused(tmp_path
     tmp_path.chmod(0o1770)
     spool = Spool(str(tmp_path))
     spool.remove()
+
+
+# -- the pieces, without the command line ----------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# What the client may load beyond its own modules, run as its launcher runs it
+# (`python3 -I -S`): start-up is paid on every mail.
+CLIENT_STDLIB = {"__future__", "_collections_abc", "_socket", "_stat", "genericpath", "os",
+                 "os.path", "posixpath", "stat"}
+
+
+def modules_loaded_by(*names: str) -> set[str]:
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); before = set(sys.modules)\n"
+            f"for name in {list(names)!r}: __import__(name)\n"
+            "print(' '.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
+                         text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_connection_spool_and_edits_import_without_the_command_line():
+    loaded = modules_loaded_by("amavisd_client.connection", "amavisd_client.spool",
+                               "amavisd_client.edits", "amavisd_client.delivery",
+                               "amavisd_client.wire.ampdp")
+    assert "amavisd_client.client" not in loaded
+    assert {m for m in loaded if not m.startswith("amavisd_client")} <= CLIENT_STDLIB
+
+
+def test_the_codec_imports_alone():
+    loaded = modules_loaded_by("amavisd_client.wire.ampdp")
+    assert {m for m in loaded if m.startswith("amavisd_client")} == {
+        "amavisd_client", "amavisd_client.wire", "amavisd_client.wire.ampdp"}
+    assert loaded <= CLIENT_STDLIB | {"amavisd_client", "amavisd_client.wire",
+                                      "amavisd_client.wire.ampdp"}
+
+
+def test_the_command_line_loads_only_what_python_has_anyway():
+    loaded = modules_loaded_by("amavisd_client.client")
+    assert {m for m in loaded if not m.startswith("amavisd_client")} <= CLIENT_STDLIB
+
+
+def test_edit_message_edits_the_header_only():
+    message = b"Subject: s\r\nX-Old: 1\r\n\r\nX-Old: in the body\r\n"
+    edits = header_edits(reply(("delheader", ["1", "X-Old"]), ("addheader", ["X-New", "n"])))
+    assert edit_message(message, edits) == (b"Subject: s\r\nX-New: n\r\n\r\n"
+                                            b"X-Old: in the body\r\n")
+    assert edit_message(message, []) is message
+
+
+def test_deliver_runs_one_agent_a_recipient_with_the_message_on_stdin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tee writes a file named after each recipient here
+    assert deliver("tee {recipient}", "a@x", ["b@y", "c@y"], b"Subject: s\n\nbody\n") == EX_OK
+    for rcpt in ("b@y", "c@y"):
+        assert (tmp_path / rcpt).read_bytes() == b"Subject: s\n\nbody\n"
+
+
+def test_deliver_passes_on_the_agents_failure(tmp_path):
+    assert deliver("false", "a@x", ["b@y"], b"m\n") == 1
+    assert deliver(f"{tmp_path}/no-such-agent", "a@x", ["b@y"], b"m\n") == EX_TEMPFAIL
+
+
+class OneVerdictServer:
+    """A stand-in daemon for the connection alone: answers each AM.PDP request
+    with `return_value=continue` and keeps what it was asked."""
+
+    def __init__(self, family: int, bind_to):
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.bind(bind_to)
+        self.listener.listen()
+        self.requests = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                decoder = Decoder()
+                while data := conn.recv(65536):
+                    for block in decoder.feed(data):
+                        self.requests.append(block.as_dict())
+                        conn.sendall(encode_block([("return_value", "continue")]))
+
+
+def test_the_connection_reaches_the_daemon_at_each_spelling(tmp_path):
+    unix = OneVerdictServer(socket.AF_UNIX, str(tmp_path / "amavisd.sock"))
+    tcp = OneVerdictServer(socket.AF_INET, ("127.0.0.1", 0))
+    port = tcp.listener.getsockname()[1]
+    spellings = [str(tmp_path / "amavisd.sock"), f"unix:{tmp_path}/amavisd.sock",
+                 f"127.0.0.1:{port}", f"tcp:127.0.0.1:{port}", f"inet:{port}@127.0.0.1"]
+    for spelling in spellings:
+        conn = Connection(spelling, timeout=5)
+        try:
+            reply = check(conn, "/t/client-1/email.txt", "a@x", ["b@y", "<c@y>"])
+            assert reply.get("return_value") == "continue"
+            assert check(conn, "/t/client-2/email.txt", None, ["b@y"]).get("return_value")
+        finally:
+            conn.close()
+    unix.listener.close()
+    tcp.listener.close()
+    assert (len(unix.requests), len(tcp.requests)) == (4, 6)  # two requests a connection
+    first = unix.requests[0]
+    assert first["request"] == ["AM.PDP"] and first["mail_file"] == ["/t/client-1/email.txt"]
+    assert first["tempdir"] == ["/t/client-1"] and first["sender"] == ["<a@x>"]
+    assert first["recipient"] == ["<b@y>", "<c@y>"]
+    assert "sender" not in unix.requests[1]

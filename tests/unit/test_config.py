@@ -112,3 +112,11 @@ def test_the_work_base_is_kept_out_of_the_clients_temp_base(work_base):
         configuration.load(None, {"workdir": "/srv/amavis", "work_base": work_base})
     cfg = configuration.load(None, {"workdir": "/srv/amavis"})
     assert cfg.work_base_path == "/srv/amavis/work"
+
+
+@pytest.mark.parametrize("url", ["postgres://db/amavis", "file:relative/dir", "nonsense"])
+def test_check_config_refuses_a_quarantine_store_it_cannot_open(tmp_path, capsys, url):
+    path = tmp_path / "amavisd.toml"
+    path.write_text(f'[policy]\nquarantine_store = "{url}"\n')
+    assert main(["check-config", "-c", str(path)]) == 78
+    assert "quarantine_store" in capsys.readouterr().err

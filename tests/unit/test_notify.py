@@ -25,8 +25,8 @@ from amavisd.actions.notify import (
 from amavisd.decode.engine import decompose
 from amavisd.envelope import Envelope
 from amavisd.testing.eicar import EICAR
-from amavisd.testing.smtpsink import SMTPSink
 from amavisd.verdict import Category, Destiny, Finding, Result
+from tests.rigs.smtpsink import SMTPSink
 
 
 def original(subject: str = "quarterly report", extra: str = "") -> bytes:

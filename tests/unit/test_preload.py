@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from amavisd.testing import archivers, codec_messages
+from amavisd.testing import archivers
+from tests.rigs import codec_messages
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 
 from amavisd.actions.forward import PipeForwarder, SMTPForwarder, forwarder
-from amavisd.actions.quarantine import (
-    ID_PATTERN,
-    Quarantine,
-    QuarantineError,
-    UnknownEntry,
-)
 from amavisd.envelope import Envelope
-from amavisd.testing.smtpsink import SMTPSink
+from amavisd.quarantine.entry import ID_PATTERN, QuarantineError, UnknownEntry
+from amavisd.quarantine.file import FileStore
+from amavisd.quarantine.release import resend
 from amavisd.verdict import Category, Destiny, Finding, Result
+from tests.rigs.smtpsink import SMTPSink
 
 RAW = (b"Return-Path: <alice@example.com>\r\nFrom: Alice <alice@example.com>\r\n"
        b"To: bob@example.org\r\nSubject: invoice\r\nMessage-ID: <q1@example.com>\r\n\r\n"
@@ -53,7 +50,7 @@ def mode(path: Path) -> int:
 
 def test_directory_0700_and_files_0600_even_with_umask_0(tmp_path: Path, open_umask):
     qdir = tmp_path / "virusmails"
-    qid = Quarantine(str(qdir)).store(RAW, envelope(), infected())
+    qid = FileStore(str(qdir)).store(RAW, envelope(), infected())
     assert mode(qdir) == 0o700
     files = sorted(p.name for p in qdir.iterdir())
     assert files == [f"virus-{qid}", f"virus-{qid}.json"]
@@ -65,7 +62,7 @@ def test_a_permissive_existing_directory_is_fixed(tmp_path: Path, open_umask):
     qdir = tmp_path / "q"
     qdir.mkdir(0o777)
     assert mode(qdir) == 0o777
-    Quarantine(str(qdir)).prepare()
+    FileStore(str(qdir)).prepare()
     assert mode(qdir) == 0o700
 
 
@@ -73,15 +70,16 @@ def test_a_symlink_in_place_of_the_directory_is_refused(tmp_path: Path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "q").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(QuarantineError, match="not a directory"):
-        Quarantine(str(tmp_path / "q")).store(RAW, envelope(), infected())
+        FileStore(str(tmp_path / "q")).store(RAW, envelope(), infected())
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_round_trip_with_and_without_gzip(tmp_path: Path, compress: bool):
-    store = Quarantine(str(tmp_path), gzip=compress)
+    store = FileStore(str(tmp_path), gzip=compress)
     qid = store.store(RAW, envelope(), infected())
-    entry, data = store.show(qid)
+    entry = store.get(qid)
+    data = store.message(entry)
     assert data == RAW
     stored = (tmp_path / entry.file).read_bytes()
     if compress:
@@ -99,7 +97,7 @@ def test_round_trip_with_and_without_gzip(tmp_path: Path, compress: bool):
 def test_store_from_a_path_and_the_sidecar_is_json(tmp_path: Path):
     mail = tmp_path / "email.txt"
     mail.write_bytes(RAW)
-    store = Quarantine(str(tmp_path / "q"))
+    store = FileStore(str(tmp_path / "q"))
     result = Result(log_id="9-1", category=Category.BANNED, destiny=Destiny.REJECT,
                     banned=["'a.exe' (p001/p002) by rule [deny type = exe]"],
                     unchecked=["encrypted zip member b.doc"])
@@ -107,11 +105,11 @@ def test_store_from_a_path_and_the_sidecar_is_json(tmp_path: Path):
     side = json.loads((tmp_path / "q" / f"banned-{qid}.json").read_bytes())
     assert side["banned"] == result.banned and side["unchecked"] == result.unchecked
     assert side["kind"] == "banned" and side["id"] == qid
-    assert store.show(qid)[1] == RAW
+    assert store.message(store.get(qid)) == RAW
 
 
 def test_list_load_by_id_or_file_name_and_remove(tmp_path: Path):
-    store = Quarantine(str(tmp_path))
+    store = FileStore(str(tmp_path))
     first = store.store(RAW, envelope(), infected())
     banned = Result(log_id="12345-08", category=Category.BANNED, destiny=Destiny.DISCARD,
                     banned=["x.exe"])
@@ -119,39 +117,39 @@ def test_list_load_by_id_or_file_name_and_remove(tmp_path: Path):
     (tmp_path / "virus-incomplete00.json").write_bytes(b"{not json")  # damaged: skipped
     listed = store.list()
     assert sorted(e.id for e in listed) == sorted([first, second])
-    assert store.load(f"banned-{second}").log_id == "12345-08"
-    assert store.load(f"virus-{first}").id == first
+    assert store.get(f"banned-{second}").log_id == "12345-08"
+    assert store.get(f"virus-{first}").id == first
     store.remove(first)
     assert [e.id for e in store.list()] == [second]
     with pytest.raises(UnknownEntry):
-        store.load(first)
+        store.get(first)
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "virus-../../../x", "..%2f..%2fabc",
                                  "abc/defghijkl", "virus-AAAAAAAAAAAA/../x", "",
                                  "/etc/shadow", "AAAAAAAAAAA", "AAAAAAAAAAAAA", "a b c d e f "])
 def test_ids_that_are_not_ours_are_refused(tmp_path: Path, bad: str):
-    store = Quarantine(str(tmp_path / "q"))
+    store = FileStore(str(tmp_path / "q"))
     store.store(RAW, envelope(), infected())
     with pytest.raises(UnknownEntry, match="not a quarantine id"):
-        store.load(bad)
+        store.get(bad)
     with pytest.raises(UnknownEntry):
-        store.release(bad, forward=SMTPForwarder("127.0.0.1", 9))
+        resend(store, bad, forward=SMTPForwarder("127.0.0.1", 9))
 
 
 def test_tampered_message_is_not_released(tmp_path: Path):
-    store = Quarantine(str(tmp_path))
+    store = FileStore(str(tmp_path))
     qid = store.store(RAW, envelope(), infected())
     (tmp_path / f"virus-{qid}").write_bytes(RAW.replace(b"invoice", b"INVOICE"))
     with pytest.raises(QuarantineError, match="does not match its digest"):
-        store.show(qid)
+        store.message(store.get(qid))
 
 
 def test_release_resends_the_original_envelope_and_bytes(tmp_path: Path, sink: SMTPSink):
-    store = Quarantine(str(tmp_path), gzip=True)
+    store = FileStore(str(tmp_path), gzip=True)
     qid = store.store(RAW, envelope(), infected())
     host, port = sink.address
-    assert store.release(qid, forward=forwarder(f"smtp:[{host}]:{port}")) == {}
+    assert resend(store, qid, forward=forwarder(f"smtp:[{host}]:{port}")) == {}
     [got] = sink.wait(1)
     assert got.mail_from == "alice@example.com"
     assert got.rcpt_tos == ["bob@example.org", "carol@example.org"]
@@ -159,30 +157,30 @@ def test_release_resends_the_original_envelope_and_bytes(tmp_path: Path, sink: S
 
 
 def test_release_to_other_recipients_and_from_the_null_sender(tmp_path: Path, sink: SMTPSink):
-    store = Quarantine(str(tmp_path))
+    store = FileStore(str(tmp_path))
     qid = store.store(RAW, Envelope(sender="<>", recipients=["bob@example.org"]), infected())
-    store.release(qid, recipients=["admin@example.org"], forward=SMTPForwarder(*sink.address))
+    resend(store, qid, recipients=["admin@example.org"], forward=SMTPForwarder(*sink.address))
     [got] = sink.wait(1)
     assert (got.mail_from, got.rcpt_tos, got.data) == ("", ["admin@example.org"], RAW)
 
 
 def test_release_reports_refused_recipients_and_fails_when_all_are(tmp_path: Path):
     with SMTPSink(refuse=["carol@example.org"]) as partial:
-        store = Quarantine(str(tmp_path))
+        store = FileStore(str(tmp_path))
         qid = store.store(RAW, envelope(), infected())
-        refused = store.release(qid, forward=SMTPForwarder(*partial.address))
+        refused = resend(store, qid, forward=SMTPForwarder(*partial.address))
         assert list(refused) == ["carol@example.org"] and refused["carol@example.org"][:3] == "550"
         assert partial.wait(1)[0].rcpt_tos == ["bob@example.org"]
         with pytest.raises(QuarantineError, match="all recipients refused"):
-            store.release(qid, recipients=["carol@example.org"],
+            resend(store, qid, recipients=["carol@example.org"],
                           forward=SMTPForwarder(*partial.address))
 
 
 def test_release_to_an_unreachable_port_is_one_error(tmp_path: Path):
-    store = Quarantine(str(tmp_path))
+    store = FileStore(str(tmp_path))
     qid = store.store(RAW, envelope(), infected())
     with pytest.raises(QuarantineError, match=f"release of {qid} failed: smtp:"):
-        store.release(qid, forward=SMTPForwarder("127.0.0.1", 9, timeout=2))
+        resend(store, qid, forward=SMTPForwarder("127.0.0.1", 9, timeout=2))
 
 
 def test_release_through_a_sendmail_style_program(tmp_path: Path):
@@ -190,10 +188,10 @@ def test_release_through_a_sendmail_style_program(tmp_path: Path):
     program = tmp_path / "sendmail"
     program.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.args"\ncat > "$0.body"\n')
     program.chmod(0o755)
-    store = Quarantine(str(tmp_path / "q"))
+    store = FileStore(str(tmp_path / "q"))
     hostile = Envelope(sender="<-oQ/tmp/x@example.com>", recipients=["bob@example.org"])
     qid = store.store(RAW, hostile, infected())
-    store.release(qid, forward=PipeForwarder((str(program),)))
+    resend(store, qid, forward=PipeForwarder((str(program),)))
     args = (tmp_path / "sendmail.args").read_text().splitlines()
     assert args == ["-i", "-f", "-oQ/tmp/x@example.com", "--", "bob@example.org"]
     assert (tmp_path / "sendmail.body").read_bytes() == RAW
@@ -201,18 +199,18 @@ def test_release_through_a_sendmail_style_program(tmp_path: Path):
 
 def test_a_message_without_verdict_is_not_stored(tmp_path: Path):
     with pytest.raises(QuarantineError, match="no verdict"):
-        Quarantine(str(tmp_path)).store(RAW, envelope(), Result(log_id="x"))
+        FileStore(str(tmp_path)).store(RAW, envelope(), Result(log_id="x"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_release_request_cannot_forge_log_lines(tmp_path: Path, sink: SMTPSink, caplog):
     from amavisd import config as configuration
-    from amavisd.actions.release import release
+    from amavisd.quarantine.release import release
 
     host, port = sink.address
     config = configuration.load(None, {"quarantine_dir": str(tmp_path),
                                        "release_method": f"smtp:[{host}]:{port}"})
-    qid = Quarantine(str(tmp_path)).store(RAW, envelope(), infected())
+    qid = FileStore(str(tmp_path)).store(RAW, envelope(), infected())
     caplog.set_level("INFO", logger="amavisd.release")
     outcome = release(config, qid, ["<admin@example.org>\r\namavisd[1]: Passed CLEAN"],
                       local=True)
@@ -229,7 +227,7 @@ def test_a_release_request_cannot_forge_log_lines(tmp_path: Path, sink: SMTPSink
 def releasing(tmp_path: Path, sink: SMTPSink):
     """A quarantine with one entry, and `release` bound to a config that sends to the sink."""
     from amavisd import config as configuration
-    from amavisd.actions import release as release_module
+    from amavisd.quarantine import release as release_module
 
     host, port = sink.address
 
@@ -237,15 +235,15 @@ def releasing(tmp_path: Path, sink: SMTPSink):
         return configuration.load(None, {"quarantine_dir": str(tmp_path / "q"),
                                          "release_method": f"smtp:[{host}]:{port}"} | values)
 
-    store = Quarantine(str(tmp_path / "q"))
+    store = FileStore(str(tmp_path / "q"))
     qid = store.store(RAW, envelope(), infected())
     return store, qid, config, release_module
 
 
 def test_each_entry_has_its_own_secret_in_the_0600_sidecar(tmp_path: Path, open_umask):
-    store = Quarantine(str(tmp_path))
-    first = store.load(store.store(RAW, envelope(), infected()))
-    second = store.load(store.store(RAW, envelope(), infected()))
+    store = FileStore(str(tmp_path))
+    first = store.get(store.store(RAW, envelope(), infected()))
+    second = store.get(store.store(RAW, envelope(), infected()))
     assert first.secret_id != second.secret_id
     for entry in (first, second):
         assert len(entry.secret_id) == 16 and entry.secret_id[0].isalnum()
@@ -259,7 +257,7 @@ def test_each_entry_has_its_own_secret_in_the_0600_sidecar(tmp_path: Path, open_
 
 def test_a_remote_release_needs_the_right_secret(releasing, sink: SMTPSink, caplog):
     store, qid, config, rel = releasing
-    secret = store.load(qid).secret_id
+    secret = store.get(qid).secret_id
     caplog.set_level("INFO", logger="amavisd.release")
     missing = rel.release(config(), qid, [], "r-1")
     wrong = rel.release(config(), qid, [], "r-2", secret=secret[:-1] + "x")
@@ -297,7 +295,7 @@ def test_entries_without_a_secret_are_released_locally_only(releasing, tmp_path,
     data = json.loads(sidecar.read_bytes())
     del data["secret_id"]  # as written before release authorisation
     sidecar.write_bytes(json.dumps(data).encode())
-    assert store.load(qid).secret_id == ""
+    assert store.get(qid).secret_id == ""
     for secret in (None, "", "x"):
         assert not rel.release(config(), qid, [], "r", secret=secret).ok
     assert rel.release(config(), qid, [], "cli", local=True).ok
@@ -311,13 +309,13 @@ def test_auth_required_release_off(releasing, sink):
     assert not rel.release(lax, qid, [], "r", secret="wrong").ok
     assert not rel.release(lax, "AAAAAAAAAAAA", [], "r").ok  # unknown (2^-72 it is qid)
     assert rel.release(lax, qid, [], "r").ok
-    assert rel.release(lax, qid, [], "r", secret=store.load(qid).secret_id).ok
+    assert rel.release(lax, qid, [], "r", secret=store.get(qid).secret_id).ok
     assert len(sink.wait(2)) == 2
 
 
 def test_other_recipients_take_release_to_others(releasing, sink):
     store, qid, config, rel = releasing
-    secret = store.load(qid).secret_id
+    secret = store.get(qid).secret_id
     outsider = rel.release(config(), qid, ["bob@example.org", "<mallory@evil.test>"], "r",
                            secret=secret)
     assert (outsider.ok, outsider.smtp, outsider.enhanced) == (False, "550", "5.7.1")

@@ -20,6 +20,11 @@ too: the readers drop a whole folder, bytes that are there included). One
 cabinet of a set is only flagged truncated: its members go on in cabinets
 that are not here (as for rar volumes and split 7z/zip pieces).
 
+An exit code of 0 is not "everything was read": cabextract writes two
+members of one name to one file, the second over the first. So a reading
+that wrote fewer files than the header lists (CFHEADER.cFiles) failed too,
+and 7zz (`-aou`: the second is renamed) reads the cab again.
+
 Never: let cabextract open another file than ours (`-s`: a cab names the next
 cabinet of its set, and that name is hostile), or use a member name as a path.
 """
@@ -28,10 +33,12 @@ from __future__ import annotations
 
 import os
 
-from amavisd.decode.archives import external, members
+from amavisd.decode import external
+from amavisd.decode.archives import members
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
+FILES_OFFSET = 28  # CFHEADER.cFiles
 FLAGS_OFFSET = 30  # CFHEADER.flags
 IN_A_SET = 0x0001 | 0x0002  # cfhdrPREV_CABINET, cfhdrNEXT_CABINET
 
@@ -39,13 +46,21 @@ IN_A_SET = 0x0001 | 0x0002  # cfhdrPREV_CABINET, cfhdrNEXT_CABINET
 @register("cab")
 def decode_cab(part: Part, ctx: Context) -> None:
     head = part.head(FLAGS_OFFSET + 2)
+    listed = int.from_bytes(head[FILES_OFFSET:FILES_OFFSET + 2], "little")
     if int.from_bytes(head[FLAGS_OFFSET:FLAGS_OFFSET + 2], "little") & IN_A_SET:
         part.flags.add("truncated")  # one cabinet of a set; the others are not here
+        listed = 0  # some of its files are in the others: not counted
     work = ctx.scratch_dir(part)
     source = external.input_path(ctx, part, work, "input.cab")
     problems = []
     for reader in READERS:  # the next one reads only when the one before failed
+        before = len(part.children)
         problem = reader(part, ctx, work, source)
+        written = len(part.children) - before
+        if not problem and written < listed:
+            tool = reader.__name__.removeprefix("_with_")
+            problem = f"{tool} wrote {written} of the {listed} files the cabinet lists" + (
+                " (some of one name?)" if written else "")
         if not problem:
             break
         problems.append(problem)

@@ -39,7 +39,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from amavisd.decode.archives import external, members
+from amavisd.decode import external
+from amavisd.decode.archives import members
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 

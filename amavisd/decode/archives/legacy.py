@@ -32,11 +32,17 @@ installed, some content could not be produced: `Undecipherable`, UNCHECKED
 with all that was read scanned (unless encrypted members explain it, which
 are UNCHECKED already).
 
+Same names: an unpacker that exits 0 may have written a member over an
+earlier one of the same name (nomarch, lhasa and arj do). That is noticed by
+counting (the ARJ headers, or the tool's own report of what it wrote against
+the files harvested), and then readers that keep such members apart read
+the archive again (`APART`: 7zz -aou for ARJ and LHA; nomarch on a copy whose
+ARC headers got distinct names, ARC headers having no checksum). When none
+gives every member: `Undecipherable`.
+
 Never: run a tool outside `ctx.scratch_dir`, trust its exit code alone for
-"everything was read" (a member written over by a later one of the same name is
-noticed by counting, from the ARJ headers or the tool's own report, and then the
-archive is scanned raw as well), or use a member name as a path (`harvest`
-names parts from what is on disk, cleaned).
+"everything was read", or use a member name as a path (`harvest` names parts
+from what is on disk, cleaned).
 """
 
 from __future__ import annotations
@@ -46,11 +52,13 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from amavisd.decode.archives import external, members
+from amavisd.decode import external
+from amavisd.decode.archives import members
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
@@ -67,6 +75,8 @@ class Unpacker:
     unverified: re.Pattern[bytes] | None = None  # group "name": data failed its CRC
     # it wrote every member (at worst a CRC failed on data it kept): no next reader
     read_all: Callable[[external.ToolResult], bool] = lambda result: result.returncode == 0
+    # (archive path, scratch dir) -> the file the tool reads instead, prepared there
+    prepare: Callable[[str, str], str] | None = None
 
 
 def _7zz_read_all(result: external.ToolResult) -> bool:
@@ -95,12 +105,58 @@ NOMARCH = Unpacker(
     unverified=re.compile(rb"^(?P<name>.*?) *\t\w+, bad CRC$", re.M),
 )
 
+SEVEN_ZIP_LHA = Unpacker(
+    "7zz", lambda src, out: ["7zz", "x", "-tlzh", "-y", "-aou", "-bd", "-o" + out, "--", src],
+    read_all=_7zz_read_all)
+
+
+def _arc_distinct_names(source: str, work: str) -> str:
+    """A copy of an ARC whose members all have distinct names, so nomarch
+    writes each to a file of its own: a later "E.TXT" becomes "1~E.TXT".
+    ARC headers (0x1A, method, 13-byte name, sizes, CRC of the data) carry
+    no checksum of their own; the walk stops at anything else."""
+    copy = os.path.join(work, "distinct.arc")
+    shutil.copyfile(source, copy)
+    seen: set[bytes] = set()
+    with open(copy, "r+b") as fh:
+        pos = 0
+        for _ in range(100_000):
+            fh.seek(pos)
+            head = fh.read(29)
+            if len(head) < 19 or head[0] != 0x1A or not 0 < head[1] < ARC_LAST_METHOD:
+                break
+            name = head[2:15].split(b"\0", 1)[0]
+            new = name
+            for n in range(1, 10_000):
+                if new.upper() not in seen:
+                    break
+                new = (b"%d~" % n + name)[:12]
+            if new != name:
+                fh.seek(pos + 2)
+                fh.write(new.ljust(13, b"\0"))
+            seen.add(new.upper())
+            (packed,) = struct.unpack_from("<I", head, 15)
+            pos += (25 if head[1] == 1 else 29) + packed
+    return copy
+
+
+ARC_LAST_METHOD = 20  # 1-19: the methods of ARC and its kin; 0 ends the archive
+NOMARCH_APART = Unpacker(NOMARCH.tool, NOMARCH.argv, NOMARCH.written, NOMARCH.unverified,
+                         prepare=_arc_distinct_names)
+
 # detected type -> (input file suffix, unpackers in order of preference)
 UNPACKERS: dict[str, tuple[str, tuple[Unpacker, ...]]] = {
     "arj": ("arj", (SEVEN_ZIP_ARJ, ARJ)),
     "lha": ("lzh", (LHASA, UNAR)),
     "zoo": ("zoo", (UNAR,)),
     "arc": ("arc", (NOMARCH,)),
+}
+# detected type -> readers that keep members of one name apart, for when the
+# reading wrote fewer files than there are members
+APART: dict[str, tuple[Unpacker, ...]] = {
+    "arj": (SEVEN_ZIP_ARJ,),
+    "lha": (SEVEN_ZIP_LHA,),
+    "arc": (NOMARCH_APART,),
 }
 
 
@@ -120,31 +176,30 @@ def decode_legacy(part: Part, ctx: Context) -> None:
     try:  # the scratch dir goes at once, even when a limit stops the tool
         source = external.input_path(ctx, part, work, "input." + suffix)
         readings = _extract(ctx, part, work, source, runnable)
+        first_readings = len(readings)
+        overwritten = _overwritten(ctx, part, work, source, readings, inventory)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for reading in readings:
-        for name in _unverified(reading.unpacker, reading.result.stdout + reading.result.stderr):
-            part.flags.add("encrypted")
-            ctx.note_unchecked(part, f"encrypted or corrupt {part.detected} member {name}",
-                               kind="encrypted")
+    unverified = {name: None for r in readings  # once each, though two readings say it
+                  for name in _unverified(r.unpacker, r.result.stdout + r.result.stderr)}
+    for name in unverified:
+        part.flags.add("encrypted")
+        ctx.note_unchecked(part, f"encrypted or corrupt {part.detected} member {name}",
+                           kind="encrypted")
+    first = readings[:first_readings]  # then, those that kept members of one name apart
     failures = [f"{r.unpacker.tool} exit {r.result.returncode}: {_last_line(r.result, work)}"
-                for r in readings if r.result.returncode]
-    good = readings[-1] if readings[-1].unpacker.read_all(readings[-1].result) else None
+                for r in first if r.result.returncode]
+    good = first[-1] if first[-1].unpacker.read_all(first[-1].result) else None
     if good is None:
         if "encrypted" in part.flags:  # the encrypted members explain it: UNCHECKED already
             return
         raise Undecipherable("; ".join(failures))
-    if len(readings) > 1:  # a reader that cannot do this (lhasa and -lh2-): the next one did
+    if len(first) > 1:  # a reader that cannot do this (lhasa and -lh2-): the next one did
         log.debug("%s: %s; %s read it", part.path, "; ".join(failures), good.unpacker.tool)
-    expected = inventory.files
-    if expected is None and good.unpacker.written is not None:
-        expected = len(good.unpacker.written.findall(good.result.stdout + good.result.stderr))
-    if expected is not None and expected > good.parts:
-        # a later member of the same name overwrote an earlier one: scan the archive too
-        log.info("%s: %d members, %d read by %s", part.path, expected, good.parts,
-                 good.unpacker.tool)
-    elif "encrypted" not in part.flags:
-        part.flags.add("expanded")
+    if overwritten:
+        raise Undecipherable(overwritten)
+    if "encrypted" not in part.flags and len(readings) == first_readings:
+        part.flags.add("expanded")  # (after members of one name, the archive is scanned too)
     if good.result.returncode:  # it kept members whose CRC failed: scanned as they are
         raise DecodeError(f"{good.unpacker.tool} exit {good.result.returncode}: "
                           f"{_last_line(good.result, work)}")
@@ -154,7 +209,13 @@ def decode_legacy(part: Part, ctx: Context) -> None:
 class Reading:
     unpacker: Unpacker
     result: external.ToolResult
-    parts: int  # the parts its harvest added
+    parts: int  # the files its harvest added (links apart: no tool counts them as written)
+
+    def written(self) -> int | None:
+        """How many members the tool says it wrote, where it says so."""
+        if self.unpacker.written is None:
+            return None
+        return len(self.unpacker.written.findall(self.result.stdout + self.result.stderr))
 
 
 def _extract(ctx: Context, part: Part, work: str, source: str, unpackers: list[Unpacker]
@@ -163,19 +224,54 @@ def _extract(ctx: Context, part: Part, work: str, source: str, unpackers: list[U
     each harvested: what a failing one wrote is scanned too, since another
     reader may not give it (a member it read before its failure)."""
     readings = []
-    for n, unpacker in enumerate(unpackers):
-        outdir = os.path.join(work, f"out{n}")
-        os.mkdir(outdir, 0o700)
-        result = external.run_tool(ctx, unpacker.argv(source, outdir), cwd=work, watch=outdir)
-        before = len(part.children)
-        skipped = members.harvest(ctx, part, outdir)
-        if skipped:
-            log.debug("%s: links or devices not read: %s", part.path, ", ".join(skipped[:10]))
-        readings.append(Reading(unpacker, result, len(part.children) - before))
-        shutil.rmtree(outdir, ignore_errors=True)
-        if unpacker.read_all(result):
+    for unpacker in unpackers:
+        readings.append(_read(ctx, part, work, source, unpacker))
+        if unpacker.read_all(readings[-1].result):
             break
     return readings
+
+
+def _read(ctx: Context, part: Part, work: str, source: str, unpacker: Unpacker) -> Reading:
+    """One unpacker into a dir of its own, harvested."""
+    outdir = tempfile.mkdtemp(prefix="out", dir=work)
+    if unpacker.prepare is not None:
+        source = unpacker.prepare(source, work)
+    result = external.run_tool(ctx, unpacker.argv(source, outdir), cwd=work, watch=outdir)
+    before = len(part.children)
+    skipped = members.harvest(ctx, part, outdir)
+    if skipped:
+        log.debug("%s: devices and the like not read: %s", part.path, ", ".join(skipped[:10]))
+    shutil.rmtree(outdir, ignore_errors=True)
+    files = sum(1 for child in part.children[before:] if "link" not in child.flags)
+    return Reading(unpacker, result, files)
+
+
+def _overwritten(ctx: Context, part: Part, work: str, source: str, readings: list[Reading],
+                 inventory: Inventory) -> str:
+    """When the reading that read all wrote fewer files than there are
+    members (one written over by a later one of the same name), readers that
+    keep them apart read the archive again (`APART`), each harvested, until
+    one gives them all. What is wrong ("" when nothing is)."""
+    good = readings[-1]
+    if not good.unpacker.read_all(good.result):
+        return ""
+    expected = inventory.files if inventory.files is not None else good.written()
+    if expected is None or good.parts >= expected:
+        return ""
+    problem = f"{expected} members, {good.unpacker.tool} wrote {good.parts} files " \
+        "(members of one name?)"
+    for unpacker in APART.get(part.detected, ()):
+        if unpacker == good.unpacker or not external.available(unpacker.tool):
+            continue
+        reading = _read(ctx, part, work, source, unpacker)
+        readings.append(reading)
+        if reading.parts >= expected:  # every member apart (what it said after: scanned)
+            log.info("%s: %s; %s kept them apart", part.path, problem, unpacker.tool)
+            return ""
+        problem += f"; {unpacker.tool} wrote {reading.parts}" + (
+            f" (exit {reading.result.returncode}: {_last_line(reading.result, work)})"
+            if reading.result.returncode else "")
+    return problem + "; no reader here kept them apart"
 
 
 def _unverified(unpacker: Unpacker, output: bytes) -> list[str]:

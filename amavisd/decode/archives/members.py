@@ -98,9 +98,11 @@ def harvest(ctx: Context, archive: Part, outdir: str) -> list[str]:
     """Turn what an external unpacker wrote under `outdir` into parts.
 
     The walk never follows a link: regular files become parts (opened with
-    O_NOFOLLOW), links and devices are skipped and their names returned, so
-    the caller can record them. Files are consumed in name order, so the
-    tree is the same from run to run.
+    O_NOFOLLOW); a link becomes a part holding its target, flagged `link`
+    (a link entry's data is its target, which some readers write as a
+    regular file: it is scanned); devices and the like are skipped and their
+    names returned, so the caller can record them. Files are consumed in
+    name order, so the tree is the same from run to run.
     """
     skipped: list[str] = []
     for top, dirs, files in os.walk(outdir, followlinks=False):
@@ -109,6 +111,11 @@ def harvest(ctx: Context, archive: Part, outdir: str) -> list[str]:
             path = os.path.join(top, entry)
             rel = os.path.relpath(path, outdir)
             st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(os.fsencode(path))
+                add_member(ctx, archive, os.fsencode(rel), target, flags=("link",))
+                os.unlink(path)
+                continue
             if not stat.S_ISREG(st.st_mode):
                 skipped.append(rel)
                 continue

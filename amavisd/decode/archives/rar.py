@@ -24,7 +24,13 @@ did, some member could not be produced: `Undecipherable`, UNCHECKED with
 all that was read scanned. A piece of a multi-volume set is only flagged
 truncated: its members continue in pieces that are not here.
 
-Never: follow or create-then-follow a link (harvest skips what unar made;
+unar exits 0 having written a member over an earlier one of the same name
+(-force-rename only renames around files that were there before it ran),
+and so does bsdtar; Debian's 7zz has no rar. So when unar wrote fewer
+files than the listing has members, no reader here gives them all:
+`Undecipherable`.
+
+Never: follow or create-then-follow a link (harvest reads what unar made;
 the corpus' rar5-evil-symlink-traversal is in the tests), use a member name as
 a path, or wait for a password (unar gets a dummy one; stdin is /dev/null).
 """
@@ -37,7 +43,8 @@ from dataclasses import dataclass, field
 
 import rarfile
 
-from amavisd.decode.archives import external, members
+from amavisd.decode import external
+from amavisd.decode.archives import members
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
@@ -63,19 +70,23 @@ def decode_rar(part: Part, ctx: Context) -> None:
         _mark_encrypted(part, ctx, [], "encrypted rar headers")
         return
     locked = listing.locked if listing else []
-    problem, refused = "", False
+    problem, refused, written = "", False, 0
     if listing is None or listing.plain or listing.split or not listing.locked:
-        problem, refused = _extract(part, ctx, len(locked))
+        problem, refused, written = _extract(part, ctx, len(locked))
     if locked or refused:  # refused: unar met a password rarfile's listing did not show
         _mark_encrypted(part, ctx, locked, "encrypted rar member")
     piece = listing is not None and bool(listing.split or listing.volume)
     if piece:
         part.flags.add("truncated")  # the other volumes are not here
+    tool = "unar"
     if problem and not piece:
-        second = _extract_with_bsdtar(part, ctx)
+        second, written = _extract_with_bsdtar(part, ctx)
         if second:
             raise Undecipherable(f"{problem}; {second}")
-        problem = f"{problem}; bsdtar read it all"
+        problem, tool = f"{problem}; bsdtar read it all", "bsdtar"
+    if listing is not None and not piece and written < len(listing.plain):
+        raise Undecipherable(f"{len(listing.plain)} members, {tool} wrote {written} files "
+                             "(members of one name?); no reader here keeps them apart")
     if problem:
         raise DecodeError(problem)
     if not (part.flags & {"encrypted", "truncated"}):
@@ -141,11 +152,11 @@ def _vint(data: bytes, pos: int) -> tuple[int, int]:
     return value, pos
 
 
-def _extract(part: Part, ctx: Context, locked: int) -> tuple[str, bool]:
-    """Run unar once; return what went wrong ("" when all is well), and whether
-    it asked for a password."""
+def _extract(part: Part, ctx: Context, locked: int) -> tuple[str, bool, int]:
+    """Run unar once; return what went wrong ("" when all is well), whether
+    it asked for a password, and how many files (not links) it wrote."""
     if not external.available("unar"):
-        return "rar needs unar, which is not installed", False
+        return "rar needs unar, which is not installed", False, 0
     work = ctx.scratch_dir(part)
     source = external.input_path(ctx, part, work, "input.rar")
     out = os.path.join(work, "out")
@@ -153,19 +164,22 @@ def _extract(part: Part, ctx: Context, locked: int) -> tuple[str, bool]:
     argv = ["unar", "-q", "-no-recursion", "-no-directory", "-force-rename",
             "-password", DUMMY_PASSWORD, "-output-directory", out, source]
     result = external.run_tool(ctx, argv, cwd=work, watch=out)
+    before = len(part.children)
     members.harvest(ctx, part, out)
+    written = sum(1 for child in part.children[before:] if "link" not in child.flags)
     text = result.text
     failed = text.count("Failed!")
     refused = "wrong password" in text
     if "parsing failed" in text or failed > locked or (result.returncode and not failed):
-        return f"unar exit {result.returncode}: {result.said(work)}", refused
-    return "", refused
+        return f"unar exit {result.returncode}: {result.said(work)}", refused, written
+    return "", refused, written
 
 
-def _extract_with_bsdtar(part: Part, ctx: Context) -> str:
-    """The second reading, by libarchive; what went wrong ("" when all is well)."""
+def _extract_with_bsdtar(part: Part, ctx: Context) -> tuple[str, int]:
+    """The second reading, by libarchive; what went wrong ("" when all is
+    well), and how many files (not links) it wrote."""
     if not external.available("bsdtar"):
-        return "bsdtar, the second reader, is not installed"
+        return "bsdtar, the second reader, is not installed", 0
     work = ctx.scratch_dir(part)
     source = external.input_path(ctx, part, work, "input.rar")
     out = os.path.join(work, "out-bsdtar")
@@ -175,10 +189,12 @@ def _extract_with_bsdtar(part: Part, ctx: Context) -> str:
     argv = ["bsdtar", "-x", "--no-same-owner", "--no-same-permissions", "-s", ",/,_,g",
             "-f", source, "-C", out]
     result = external.run_tool(ctx, argv, cwd=work, watch=out)
+    before = len(part.children)
     members.harvest(ctx, part, out)
+    written = sum(1 for child in part.children[before:] if "link" not in child.flags)
     if result.returncode:
-        return f"bsdtar exit {result.returncode}: {result.said(work)}"
-    return ""
+        return f"bsdtar exit {result.returncode}: {result.said(work)}", written
+    return "", written
 
 
 def _mark_encrypted(part: Part, ctx: Context, names: list[str], what: str) -> None:

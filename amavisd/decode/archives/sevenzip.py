@@ -35,8 +35,9 @@ alone failed is kept (decode-error); one that no reading produced makes the
 archive `Undecipherable`, UNCHECKED with all that was read scanned.
 
 Never: let py7zr write to disk (members go to a writer factory), follow or
-create a link (py7zr skips link entries, harvest skips what 7zz made), or wait
-for a password (7zz gets a dummy one; stdin is /dev/null anyway).
+create a link (py7zr hands a link's target to the factory, harvest reads what
+7zz made with readlink; both become parts flagged `link`), or wait for a
+password (7zz gets a dummy one; stdin is /dev/null anyway).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ from py7zr.io import Py7zIO, WriterFactory
 from py7zr.properties import COMPRESSION_METHOD as M
 from py7zr.properties import PROPERTY
 
-from amavisd.decode.archives import external, members
+from amavisd.decode import external
+from amavisd.decode.archives import members
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, Sink, Undecipherable, register
 
@@ -68,7 +70,6 @@ except ImportError:
 
 SIGNATURE_HEADER = 32
 MAX_HEADER = 16 * 1024 * 1024  # decoded header bytes py7zr may build in memory
-LINK_MAX = 64 * 1024  # data a link or directory entry may carry and still be read in-process
 DUMMY_PASSWORD = "-pamavisd-no-password"
 AES = M.CRYPT_AES256_SHA256
 # Coders py7zr decodes in bounded memory and without crashing on hostile data.
@@ -174,19 +175,34 @@ def _encrypted(member) -> bool:
 
 
 def _wanted(member) -> bool:
-    """Members that become parts: files, empty ones too (their names matter)."""
-    return not (member.is_directory or member.is_symlink or member.is_junction
-                or member.is_socket or _encrypted(member))
+    """Members that become parts: files, empty ones too (their names matter),
+    and every entry with data, whatever its attributes say: `7zz x` writes a
+    "directory" that has a stream as a regular file, and a link's data is
+    its target (scanned, flagged `link`)."""
+    if _encrypted(member):
+        return False
+    return member.folder is not None or not (
+        member.is_directory or member.is_symlink or member.is_junction or member.is_socket)
+
+
+def _is_link(member) -> bool:
+    return member.is_symlink or member.is_junction
+
+
+def _dropped_by_py7zr(member) -> bool:
+    """py7zr hands no writer a directory or socket entry's data (it decodes
+    it only to check the CRC): such an entry with data goes to 7zz."""
+    return member.folder is not None and (member.is_directory or member.is_socket)
 
 
 def _in_process(member, ctx: Context) -> bool:
-    """py7zr decodes links and directories that carry data too (to check the
-    CRC) without a writer, so neither the budget nor the clock sees that work:
-    a real link target is short, anything bigger goes to the boxed 7zz."""
+    """py7zr decodes data it writes nowhere (a directory's, to check the
+    CRC), so neither the budget nor the clock would see that work: such
+    members, and big ones, go to the boxed 7zz."""
     if _streamed(member.folder):
         return True  # read here in bounded chunks, every byte charged
-    limit = ctx.limits.spill_threshold if _wanted(member) else LINK_MAX
-    return _bounded(member.folder) and member.uncompressed <= limit
+    return _bounded(member.folder) and member.uncompressed <= ctx.limits.spill_threshold \
+        and not _dropped_by_py7zr(member)
 
 
 class _MemberWriter(Py7zIO):
@@ -247,6 +263,7 @@ def _with_py7zr(part: Part, ctx: Context, archive: py7zr.SevenZipFile, wanted: l
     if not wanted:
         return True
     factory = _MemberFactory(part, ctx)
+    before = len(part.children)
     try:
         archive.extract(targets={f.filename for f in wanted}, factory=factory)
     except Exception as err:  # py7zr's own errors, and whatever corrupt input makes it raise
@@ -255,6 +272,10 @@ def _with_py7zr(part: Part, ctx: Context, archive: py7zr.SevenZipFile, wanted: l
             raise
         return False
     factory.finish_unfinished(truncated=False)
+    links = {members.clean_name(f.filename) for f in wanted if _is_link(f)}
+    for child in part.children[before:]:
+        if child.name in links:
+            child.flags.add("link")
     return True
 
 
@@ -284,8 +305,10 @@ def _with_streams(part: Part, ctx: Context, archive: py7zr.SevenZipFile, fh: Bin
                     child = members.stream_member(ctx, part, member.filename, chunks)
                     if stream.crc_failed:
                         child.flags.add("corrupt")
+                    if _is_link(member):
+                        child.flags.add("link")
                 else:
-                    for _ in chunks:  # a link's target, a directory's data: skipped
+                    for _ in chunks:  # an encrypted member's: not in these folders
                         pass
                 crc_failed += [f"7z member {member.filename!r}: CRC mismatch"] \
                     if stream.crc_failed else []

@@ -14,10 +14,16 @@ Beyond what tarfile does on its own:
 - tarfile stops at the first zero or invalid block; what follows is looked
   at block by block: a valid header starts a further run (concatenated
   archives, data after a corrupt header), other non-zero bytes flag the part;
-- the member list tarfile keeps is emptied as we go (bounded memory).
+- the member list tarfile keeps is emptied as we go (bounded memory);
+- a pax "size" record that differs from the member header's own size field
+  makes two readings (tarfile and GNU tar honour the record, a reader that
+  ignores pax headers does not, and finds the next header elsewhere, inside
+  what the first reading takes for data): both are read.
 
-It must never extract: links, directories, devices and FIFOs give no part,
-and member names are only labels (members.clean_name).
+It must never extract: directories, devices, FIFOs and hard links give no
+part; a symlink gives a part holding its target, flagged `link` (7-Zip
+without -snl writes a link as a file of its target: scanned, never
+followed); member names are only labels (members.clean_name).
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from amavisd.decode.archives.members import is_ours, stream_member
+from amavisd.decode.archives.members import add_member, is_ours, stream_member
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, DecodeError, register
 
 BLOCK = 512
+MAX_READINGS = 16  # readings a tar: the first, and those by header sizes pax records overrode
 CHUNK = 1024 * 1024
 MAX_EXTENDED_HEADER = 1024 * 1024
 # What tarfile raises on bad input (its pax parsing lets ValueError through).
@@ -55,22 +62,27 @@ class _BoundedTarInfo(tarfile.TarInfo):
 @register("tar")
 def decode_tar(part: Part, ctx: Context) -> None:
     problems: list[str] = []
+    others: list[int] = []  # where a reader ignoring pax sizes finds a next header
     with part.open() as raw:
-        start = 0
-        while start is not None:
-            ctx.budget.check_time()
-            raw.seek(start)
-            end = _read_run(raw, part, ctx, problems, first=start == 0)
-            if end is None:
-                break
-            start = _next_header(raw, max(end, start + BLOCK), ctx, problems)
+        starts, done = [0], 0
+        while starts and done < MAX_READINGS:
+            start, done = starts.pop(0), done + 1
+            while start is not None:
+                ctx.budget.check_time()
+                raw.seek(start)
+                end = _read_run(raw, part, ctx, problems, first=start == 0, others=others)
+                if end is None:
+                    break
+                start = _next_header(raw, max(end, start + BLOCK), ctx, problems)
+            starts += others
+            others.clear()
     if problems:
         raise DecodeError("; ".join(problems[:5]))
     part.flags.add("expanded")
 
 
 def _read_run(raw: BinaryIO, part: Part, ctx: Context, problems: list[str],
-              first: bool) -> int | None:
+              first: bool, others: list[int]) -> int | None:
     """Members from one tar stream starting at the raw file's position.
     Returns the absolute offset where tarfile stopped, or None when the rest
     cannot be read (truncated member data)."""
@@ -91,6 +103,11 @@ def _read_run(raw: BinaryIO, part: Part, ctx: Context, problems: list[str],
             archive.members.clear()  # kept by tarfile for random access we never use
             if info is None:
                 return base + archive.offset
+            other = _unextended_end(raw, base, info)
+            if other is not None:
+                others.append(other)
+                problems.append(f"member {info.name!r}: its pax size differs from its "
+                                "header's, read both ways")
             _add_member(archive, info, part, ctx, part.size - base)
     except TAR_ERRORS as err:
         if is_ours(err):
@@ -102,7 +119,11 @@ def _read_run(raw: BinaryIO, part: Part, ctx: Context, problems: list[str],
 
 def _add_member(archive: tarfile.TarFile, info: tarfile.TarInfo, part: Part, ctx: Context,
                 run_size: int) -> None:
-    if info.islnk() or info.issym() or info.isdir() or info.isdev():
+    if info.issym():  # its target is what a reader may write as a file
+        add_member(ctx, part, info.name.encode("utf-8", "surrogateescape"),
+                   info.linkname.encode("utf-8", "surrogateescape"), flags=("link",))
+        return
+    if info.islnk() or info.isdir() or info.isdev():
         return  # no data of its own; never followed or created
     member = archive.extractfile(info)  # regular, sparse, or an unknown type with data
     if member is None:
@@ -111,6 +132,28 @@ def _add_member(archive: tarfile.TarFile, info: tarfile.TarInfo, part: Part, ctx
     # tarfile drops a short read whole: read what is there, then say it was cut
     available = info.size if info.sparse else min(info.size, run_size - info.offset_data)
     stream_member(ctx, part, name, _member_chunks(member, available, info.size))
+
+
+def _unextended_end(raw: BinaryIO, base: int, info: tarfile.TarInfo) -> int | None:
+    """Where the member's data ends by its header's own size field, when a
+    pax record gave it another size (None when not): a reader that ignores
+    pax headers looks for the next header there. `raw` is left where it was
+    (tarfile's stream reads on from it)."""
+    if "size" not in info.pax_headers:
+        return None
+    here = raw.tell()
+    try:
+        raw.seek(base + info.offset_data - BLOCK)  # the member's own header
+        header = raw.read(BLOCK)
+    finally:
+        raw.seek(here)
+    try:
+        size = tarfile.nti(header[124:136])
+    except (tarfile.HeaderError, ValueError):
+        return None
+    if size == info.size or size < 0:
+        return None
+    return base + info.offset_data + -(-size // BLOCK) * BLOCK
 
 
 def _member_chunks(member: BinaryIO, available: int, size: int) -> Iterator[bytes]:

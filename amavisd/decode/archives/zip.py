@@ -30,10 +30,15 @@ Fail closed, and scan every reading:
   points) makes the archive `Undecipherable`: UNCHECKED, after every
   member that could be read was added;
 - the central directory and the local headers are two readings (unzip and
-  7-Zip use the first, streaming readers the second): a member whose local
-  header gives another method or stored size is read both ways, and a local
-  header no directory entry points at (outside every member's data) is read
-  as a member too; the archive is then scanned whole as well.
+  Python use the first, streaming readers the second): a member whose local
+  header gives another method, stored size or name is read both ways (a
+  "directory" by the one can be a file by the other), and a local header no
+  directory entry points at (outside every member's data: another zip in
+  front, which 7-Zip opens first) is read as a member too, by 7zz for the
+  methods only it reads; the archive is then scanned whole as well;
+- an entry with data is read whatever it says it is: a symlink's data (its
+  target; Python's extractall writes it as a file) becomes a part flagged
+  `link`, a directory's data a part when it is not empty.
 
 Never: `read()` or `extract()` a member, use a member name as a path, open an
 encrypted member, or follow central-directory entries that overlap (the
@@ -60,7 +65,7 @@ from dataclasses import dataclass
 
 import inflate64
 
-from amavisd.decode.archives import external
+from amavisd.decode import external
 from amavisd.decode.archives.members import clean_name, harvest, is_ours, stream_member
 from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part, create_private
@@ -102,8 +107,10 @@ class Entry:
     crc: int | None  # None: not known (a data descriptor we did not read)
     header: int  # offset of the local header
     volume: int = 0
-    skip: bool = False  # a directory or a symlink: no part
+    skip: bool = False  # no data to read: an empty directory or link, another volume's member
     data: int | None = None  # offset of the data, once the local header was found
+    link: bool = False  # a symlink: its data, the target, is read (flagged `link`)
+    folder: bool = False  # looks like a directory: read when it has data, kept if not empty
 
     @property
     def encrypted(self) -> bool:
@@ -111,11 +118,14 @@ class Entry:
 
     @classmethod
     def from_info(cls, info: zipfile.ZipInfo) -> Entry:
+        """A link or directory entry with data is read all the same: Python's
+        extractall writes a link's data as a regular file, 7-Zip a directory
+        attribute's, and its name is the directory's only by the central one."""
         link = info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
-        folder = info.filename.endswith("/") or (info.external_attr & 0x10 and not info.file_size)
+        folder = info.filename.endswith("/") or bool(info.external_attr & 0x10)
         return cls(info.filename, info.compress_type, info.flag_bits, info.compress_size,
                    info.file_size, info.CRC, info.header_offset, info.volume,
-                   skip=bool(link or folder))
+                   skip=(link or folder) and not info.compress_size, link=link, folder=folder)
 
 
 @register("zip")
@@ -149,7 +159,8 @@ class ZipDecoding:
         if any(e.name.lower().endswith("vbaproject.bin") for e in entries):
             self.part.flags.add("macros")  # informational, for the banned rules
         by_tool: list[Entry] = []
-        for entry in self.screen(entries):
+        readable, empty = self.screen(entries)
+        for entry in readable:
             self.ctx.budget.check_time()
             if entry.method in DECOMPRESSORS:
                 self.extract(entry)
@@ -157,14 +168,15 @@ class ZipDecoding:
                 by_tool.append(entry)
             else:  # nothing here reads it: what it holds cannot be scanned
                 self.lose(entry, f"unknown compression method {entry.method}")
+        for entry in readable + empty:  # an empty directory by the central one, a file locally
             for other in _local_readings(self.buf, entry):
                 self.complete = False
                 self.problems.append(f"member {clean_name(entry.name)}: its local header "
                                      "disagrees with the central directory, read both ways")
-                self.extract(other)
+                self.extract(other) if other.method in DECOMPRESSORS else by_tool.append(other)
+        by_tool += self.read_hidden(entries)
         if by_tool:
             self.extract_with_7zz(by_tool)
-        self.read_hidden(entries)
         if self.notes > MAX_NOTES:
             kind = self.note_kinds.pop() if len(self.note_kinds) == 1 else "limit"
             self.ctx.note_unchecked(self.part, f"{self.notes - MAX_NOTES} more zip members "
@@ -210,16 +222,22 @@ class ZipDecoding:
             self.complete = False  # an SFX stub or other data before the first member
         return entries
 
-    def screen(self, entries: list[Entry]) -> list[Entry]:
-        """The members to read: no directories, links, encrypted, overlapping or lost ones."""
+    def screen(self, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """The members to read (not encrypted, overlapping or lost), and the
+        entries with no data here (empty directories and links), whose local
+        headers are still compared with them."""
         overlapping = _overlapping(entries)
         if overlapping:
             self.part.flags.add("limit")
             self.ctx.note_unchecked(self.part, f"overlapping zip entries ({len(overlapping)})")
             self.complete = False
-        readable = []
+        readable, empty = [], []
         for index, entry in enumerate(entries):
-            if entry.skip or index in overlapping:
+            if index in overlapping:
+                continue
+            if entry.skip:
+                if entry.data is not None and not entry.encrypted:
+                    empty.append(entry)
                 continue
             if entry.encrypted:
                 self.part.flags.add("encrypted")
@@ -228,7 +246,7 @@ class ZipDecoding:
                 self.lose(entry, "no local header where the central directory points")
             else:
                 readable.append(entry)
-        return readable
+        return readable, empty
 
     def note(self, reason: str, kind: str = "limit") -> None:
         self.complete = False
@@ -246,12 +264,19 @@ class ZipDecoding:
         noted, never counted as content lost."""
         ends: list[str] = []
         try:
-            child = stream_member(self.ctx, self.part, entry.name,
-                                  self.decoded_chunks(entry, ends))
+            chunks = self.decoded_chunks(entry, ends)
+            if entry.folder:  # a directory's empty data (a deflate end block): no part
+                first = next((chunk for chunk in chunks if chunk), b"")
+                if not first and not ends:
+                    return
+                chunks = itertools.chain((first,), chunks)
+            child = stream_member(self.ctx, self.part, entry.name, chunks)
         except MEMBER_ERRORS as err:
             why = f"corrupt data: {str(err) or type(err).__name__}"
             self.fail(entry, why) if hidden else self.lose(entry, why)
             return
+        if entry.link:
+            child.flags.add("link")
         if "crc" in ends:  # decoded to its end: what unzip -p gives, nothing hidden
             child.flags.add("corrupt")
             self.fail(entry, "CRC mismatch (the data is kept and scanned)")
@@ -322,8 +347,11 @@ class ZipDecoding:
         before = len(self.part.children)
         harvest(self.ctx, self.part, outdir)
         found = set()
+        links = {label for label, entry in zip(labels, entries, strict=True) if entry.link}
         for child in self.part.children[before:]:
             found.add(child.name)
+            if child.name in links:
+                child.flags.add("link")
             child.name = clean_name(labels.get(child.name, child.name))
         missing = [labels[k] for k in labels if k not in found]
         report = external.SevenZipReport.read(result, workdir)
@@ -337,23 +365,40 @@ class ZipDecoding:
         elif report.crc_failed:  # each member written whole, its CRC failed: kept, scanned
             self.fail(entries[0], f"7zz: {said[:200]}")
 
-    def read_hidden(self, entries: list[Entry]) -> None:
+    def read_hidden(self, entries: list[Entry]) -> list[Entry]:
         """Members only a local-header reader sees: a local header that no
         directory entry points at and that lies outside every member's data
-        (a stored zip inside holds local headers of its own)."""
+        (a stored zip inside holds local headers of its own). Another zip in
+        front of this one is such a reader's (7-Zip's) first reading. Those in
+        methods only 7zz reads are returned, for it; an encrypted one is
+        noted; one in a method nobody reads is lost, when the header looks
+        like a zip writer's (not a signature by chance in a stub)."""
         if not entries or not any(e.data is not None for e in entries):
-            return
+            return []
         known = {e.header for e in entries}
         inside = _Spans((e.header, e.data + e.csize) for e in entries if e.data is not None)
         limit = ENTRIES_PER_PART * self.ctx.limits.max_parts
+        by_tool = []
         for local in _scan_local_headers(self.buf, limit):
-            if local.header in known or inside(local.header) or local.skip \
-                    or local.encrypted or local.method not in DECOMPRESSORS:
+            if local.header in known or inside(local.header) or local.skip:
+                continue
+            if (local.encrypted or local.method not in DECOMPRESSORS) \
+                    and not _plausible(self.buf, local):
                 continue
             self.complete = False
             self.problems.append(f"member {clean_name(local.name)} has a local header only")
             self.ctx.budget.check_time()
-            self.extract(local, hidden=True)
+            if local.encrypted:
+                self.part.flags.add("encrypted")
+                self.note(f"encrypted zip member {clean_name(local.name)} (local header only)",
+                          "encrypted")
+            elif local.method in DECOMPRESSORS:
+                self.extract(local, hidden=True)
+            elif local.method in TOOL_METHODS:
+                by_tool.append(local)
+            else:
+                self.lose(local, f"unknown compression method {local.method} (local header only)")
+        return by_tool
 
 
 # -- decompressors ---------------------------------------------------------------------------
@@ -421,25 +466,57 @@ DECOMPRESSORS: dict[int, tuple[Callable[[], object] | None, int]] = {
 # shrink, reduce, implode, WavPack, PPMd: 7zz reads them, nothing in-process does
 TOOL_METHODS = frozenset({1, 2, 3, 4, 5, 6, 97, 98})
 ENDS_ITSELF = frozenset({zipfile.ZIP_DEFLATED, 9, zipfile.ZIP_BZIP2, 93, 95})
+APPNOTE_METHODS = frozenset({*range(0, 13), 14, 16, 18, 19, 20, *range(93, 100)})
 
 
 def _local_readings(buf: bytes | mmap.mmap, entry: Entry) -> list[Entry]:
     """The member as its local header describes it, where that differs from
-    the directory in what changes the bytes: the method, or a stored size
-    (a streaming reader trusts the local header). Empty when they agree."""
+    the directory in what changes the bytes or what is written: the method,
+    a stored size, the name (a directory "d/" by the central one can be a
+    file "d.c" by the local one). A streaming reader trusts the local
+    header. Empty when they agree."""
     if entry.data is None or entry.encrypted:
         return []
-    flags, method, _, _, crc, csize, usize = struct.unpack_from("<HHHHIII", buf, entry.header + 6)
-    if flags & ENCRYPTED_BITS or method not in DECOMPRESSORS:
+    flags, method, _, _, crc, csize, usize, name_size, extra_size = \
+        struct.unpack_from("<HHHHIIIHH", buf, entry.header + 6)
+    if flags & ENCRYPTED_BITS or (method not in DECOMPRESSORS and method not in TOOL_METHODS):
         return []
+    name_at = entry.header + 30
+    name = _unicode_path(bytes(buf[name_at + name_size:name_at + name_size + extra_size])) \
+        or bytes(buf[name_at:name_at + name_size]).decode(
+            "utf-8" if flags & UTF8_BIT else "cp437", "replace").split("\0", 1)[0]  # as zipfile
     sizes_known = not flags & DATA_DESCRIPTOR_BIT and 0xFFFFFFFF not in (csize, usize)
-    if method == entry.method and not (method == zipfile.ZIP_STORED and sizes_known
-                                       and csize != entry.csize):
+    if name == entry.name and method == entry.method and not (
+            method == zipfile.ZIP_STORED and sizes_known and csize != entry.csize):
         return []
-    if not sizes_known or method != zipfile.ZIP_STORED:  # self-ending: to the end at most
-        csize = max(entry.csize, 0) if method == zipfile.ZIP_STORED else len(buf) - entry.data
+    if method in ENDS_ITSELF:  # to the end at most
+        csize = len(buf) - entry.data
+    elif not sizes_known:
+        csize, usize = max(entry.csize, 0), entry.usize
     crc = None if flags & DATA_DESCRIPTOR_BIT else crc
-    return [Entry(entry.name, method, flags, csize, usize, crc, entry.header, data=entry.data)]
+    return [Entry(name, method, flags, csize, usize, crc, entry.header, data=entry.data,
+                  folder=name.endswith("/"))]
+
+
+def _unicode_path(extra: bytes) -> str | None:
+    """The Info-ZIP Unicode Path extra field's name (0x7075, version 1), as
+    libarchive takes it (its CRC of the plain name not checked)."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        if tag == 0x7075 and size > 5 and extra[pos + 4] == 1:
+            return extra[pos + 9:pos + 4 + size].decode("utf-8", "replace").split("\0", 1)[0]
+        pos += 4 + size
+    return None
+
+
+def _plausible(buf: bytes | mmap.mmap, entry: Entry) -> bool:
+    """A local header as zip writers make them: a version it needs that
+    APPNOTE knows, a method it defines, a printable name. What a reader only
+    tries when the header is one (a signature by chance in a stub is not)."""
+    version = buf[entry.header + 4]
+    return version <= 63 and entry.method in APPNOTE_METHODS and 0 < len(entry.name) \
+        and not any(ord(c) < 32 for c in entry.name)
 
 
 class _Spans:
@@ -533,8 +610,8 @@ def _scan_local_headers(buf: bytes | mmap.mmap, limit: int) -> list[Entry]:
         if flags & DATA_DESCRIPTOR_BIT:
             crc = None  # the real one follows the data
         entry = Entry(name.decode("utf-8" if flags & UTF8_BIT else "cp437", "replace"),
-                      method, flags, csize, usize, crc, pos,
-                      skip=name.endswith((b"/", b"\\")), data=pos + 30 + name_size + extra_size)
+                      method, flags, csize, usize, crc, pos, data=pos + 30 + name_size + extra_size,
+                      folder=name.endswith((b"/", b"\\")))
         if entry.data > len(buf):
             break
         hidden = flags & DATA_DESCRIPTOR_BIT and not csize
@@ -546,6 +623,7 @@ def _scan_local_headers(buf: bytes | mmap.mmap, limit: int) -> list[Entry]:
                 descriptor = buf.find(DESCRIPTOR, entry.data, bound)
                 bound = descriptor if descriptor >= 0 else bound
             entry.csize, entry.crc = bound - entry.data, None
+        entry.skip = entry.folder and entry.csize <= 0  # a directory with data is read
         entries.append(entry)
         pos = following
     return entries

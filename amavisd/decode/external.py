@@ -13,6 +13,11 @@ What the tool says on stdout/stderr is kept (bounded) for the log and for
 format modules that parse listings. A tool that fails on a full disk (it
 says so, or the work dir has no room left) raises WorkDirFailed: our
 failure, a tempfail, never taken for a damaged archive.
+
+Archives and compressors (a damaged stream read again by its tool, a big
+.Z through gzip) both run tools, so this lives in decode/, beside both:
+inside archives/ it made compressed.py import every archive module, one of
+which (freeze) imports compressed.py.
 """
 
 from __future__ import annotations

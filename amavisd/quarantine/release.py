@@ -1,9 +1,11 @@
 """Releasing quarantined mail: one code path for `amavisd quarantine release`
-and AM.PDP `request=release`/`requeue` (Debian's amavisd-release).
+and AM.PDP `request=release`/`requeue` (Debian's amavisd-release), over any
+store (`quarantine.store`).
 
-A release re-sends the stored message unchanged, from its original sender
-to its original recipients (or to the ones the request names), through the
-configured release method. Only ids that the quarantine itself minted are
+A release re-sends the stored message unchanged and unscanned (amavisd-new's
+semantics), from its original sender to its original recipients (or to the
+ones the request names), through the configured release method, then tells
+the store (`mark_released`). Only ids that the quarantine itself minted are
 accepted, so a request cannot name a file of its choosing.
 
 Who may release: the quarantine id is public (log line, alert, header), so
@@ -29,15 +31,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from amavisd.actions.forward import forwarder
-from amavisd.actions.quarantine import (
-    Quarantine,
-    QuarantineEntry,
-    QuarantineError,
-    UnknownEntry,
-    parse_id,
-)
+from amavisd.actions.forward import Forwarder, ForwardError, SMTPForwarder, forwarder
+from amavisd.config import ConfigError
 from amavisd.printable import printable
+from amavisd.quarantine.entry import QuarantineEntry, QuarantineError, UnknownEntry, parse_id
+from amavisd.quarantine.store import QuarantineStore, open_store
 
 log = logging.getLogger("amavisd.release")
 
@@ -84,16 +82,20 @@ def release(config: Mapping[str, Any], name: str | ReleaseRequest,
     started = time.monotonic()
     if isinstance(name, ReleaseRequest):
         name, secret = name.name, name.secret
-    if not config["quarantine_dir"]:
+    shown = printable(name)
+    try:
+        quarantine = open_store(config)
+    except ConfigError as err:
+        log.warning("(%s) release of %s failed: %s", log_id, shown, err)
+        return ReleaseOutcome(False, "450", "4.5.0", str(err), temporary=True)
+    if quarantine is None:
         return ReleaseOutcome(False, "550", "5.3.0", "no quarantine is configured")
-    quarantine = Quarantine(config["quarantine_dir"], gzip=config["quarantine_gzip"])
     method = config["release_method"] or config["notify_method"]
     targets = [t for t in (printable(r).strip("<>") for r in recipients) if t]
-    shown = printable(name)
     unknown = ""
     try:
         try:
-            entry: QuarantineEntry | None = quarantine.load(parse_id(name.removesuffix(".gz")))
+            entry: QuarantineEntry | None = quarantine.get(parse_id(name.removesuffix(".gz")))
         except UnknownEntry as err:
             entry, unknown = None, str(err)
         except QuarantineError as err:
@@ -114,12 +116,17 @@ def release(config: Mapping[str, Any], name: str | ReleaseRequest,
     if entry is None:
         return ReleaseOutcome(False, "550", "5.1.1", unknown)
     try:
-        refused = quarantine.release(entry.id, targets or None,
-                                     forwarder(method, config["smtp_timeout"]))
+        refused = resend(quarantine, entry.id, targets or None,
+                         forwarder(method, config["smtp_timeout"]))
     except QuarantineError as err:
         log.warning("(%s) release of %s failed: %s", log_id, shown, err)
         return ReleaseOutcome(False, "450", "4.5.0", str(err), temporary=True)
     sent_to = [r for r in (targets or entry.recipients) if r not in refused]
+    try:
+        quarantine.mark_released(entry, sent_to)
+    except QuarantineError as err:  # the mail is out: a retry would send it twice
+        log.warning("(%s) released %s, but the store did not record it: %s", log_id,
+                    entry.id, err)
     log.info("(%s) released %s from <%s> to %s%s", log_id, entry.id, entry.sender,
              ",".join(f"<{r}>" for r in sent_to),
              f"; refused: {refused}" if refused else "")
@@ -127,6 +134,23 @@ def release(config: Mapping[str, Any], name: str | ReleaseRequest,
     if refused:
         text += "; refused: " + "; ".join(f"{r}: {why}" for r, why in refused.items())
     return ReleaseOutcome(True, "250", "2.0.0", text)
+
+
+def resend(store: QuarantineStore, qid: str, recipients: Sequence[str] | None = None,
+           forward: Forwarder | None = None) -> dict[str, str]:
+    """Re-send entry `qid` of `store`, unchanged and unscanned, from its
+    original sender to its original recipients (or to `recipients`). Returns
+    the recipients refused while others were taken; raises QuarantineError
+    when nothing was delivered. The default forward method is SMTP to
+    127.0.0.1:10025, the MTA's re-injection port."""
+    entry = store.get(qid)
+    data = store.message(entry)
+    targets = list(recipients) if recipients else entry.recipients
+    forward = forward if forward is not None else SMTPForwarder()
+    try:
+        return forward.send(entry.sender, targets, data)
+    except ForwardError as err:
+        raise QuarantineError(f"release of {entry.id} failed: {err}") from None
 
 
 def authorise(config: Mapping[str, Any], entry: QuarantineEntry | None, secret: str | None,

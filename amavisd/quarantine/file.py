@@ -1,28 +1,18 @@
-"""The quarantine: infected and banned mail kept whole so it can be released.
+"""The file store (`quarantine_store = "file:/var/virusmails"`): the first
+quarantine store, and amavisd-new's layout.
 
 One entry is two files in one flat directory (0700, files 0600):
 
     virus-<id>[.gz]      the raw message, byte for byte (optionally gzipped)
-    virus-<id>.json      the envelope and the verdict, so a release can
-                         re-send it to the same recipients from the same sender
+    virus-<id>.json      the envelope and the verdict (`QuarantineEntry`),
+                         secret_id included, so a release can re-send it to
+                         the same recipients from the same sender
 
-The prefix says why (virus, banned, unchecked, clean: amavisd-new's names);
-the id is 12 random base64url characters (72 bits, amavisd-new's mail_id
-size) and is what goes into `X-Quarantine-ID:` and what `release` takes.
 The sidecar is written last, so an entry without one is incomplete and is
-never listed.
-
-The id is no secret: it is in the log line, the alert and the header. A
-release over AM.PDP must also name the entry's `secret_id` (amavisd-new's
-name: 96 random bits, base64url), which lives only in the 0600 sidecar and
-is shown to the admin by `amavisd quarantine show` and `list --secrets`;
-the check itself is in `actions.release`. Entries stored before secrets
-existed have none and can only be released locally.
-
-An id comes from people and CLIs: it is checked against a strict pattern
-before any path is built from it, so it can never name a file outside the
-quarantine. Files are opened without following symlinks. A release re-sends
-the message without scanning it again (amavisd-new's semantics).
+never listed. Every name is built from an id `parse_id` accepted, so it can
+never name a file outside the directory; files are created with O_EXCL and
+opened without following symlinks. Nothing records a release: amavisd-new's
+file quarantine did not either, and an entry stays releasable again.
 """
 
 from __future__ import annotations
@@ -32,95 +22,45 @@ import gzip
 import hashlib
 import json
 import os
-import re
-import secrets
 import stat
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
 
-from amavisd.actions.forward import Forwarder, ForwardError, SMTPForwarder
 from amavisd.envelope import Envelope
-from amavisd.verdict import Category, Result
+from amavisd.quarantine.entry import (
+    ID_PATTERN,
+    KINDS,
+    QuarantineEntry,
+    QuarantineError,
+    UnknownEntry,
+    new_id,
+    new_secret,
+    parse_id,
+)
+from amavisd.verdict import Result
 
 CHUNK = 256 * 1024
 
-# Category -> file-name prefix (amavisd-new's virus-%m, banned-%m).
-KINDS: dict[Category, str] = {
-    Category.INFECTED: "virus",
-    Category.BANNED: "banned",
-    Category.UNCHECKED: "unchecked",
-    Category.CLEAN: "clean",
-}
 
-_ID = r"[A-Za-z0-9_-]{12}"
-# What people may type: the bare id, or the file name `ls` shows them.
-ID_PATTERN = re.compile(rf"(?:(?:{'|'.join(KINDS.values())})-)?({_ID})(?:\.gz|\.json)?")
+class FileStore:
+    """A QuarantineStore in one directory of the local file system."""
 
-
-class QuarantineError(Exception):
-    """A quarantine problem, said in one line."""
-
-
-class UnknownEntry(QuarantineError):
-    """No entry with this id (or the id is not one of ours)."""
-
-
-@dataclass
-class QuarantineEntry:
-    id: str
-    kind: str  # virus | banned | unchecked | clean
-    file: str  # the message file's name, in the quarantine directory
-    gzip: bool
-    size: int  # of the raw message
-    sha256: str  # of the raw message, checked before a release
-    date: str  # ISO 8601, UTC, when stored
-    log_id: str
-    category: str
-    sender: str
-    recipients: list[str]
-    queue_id: str = ""
-    client_address: str = ""
-    viruses: list[str] = field(default_factory=list)
-    banned: list[str] = field(default_factory=list)
-    unchecked: list[str] = field(default_factory=list)
-    secret_id: str = ""  # empty in entries stored before release authorisation
-
-    @classmethod
-    def from_json(cls, data: dict) -> QuarantineEntry:
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def parse_id(text: str) -> str:
-    """The bare id from an id or quarantine file name; UnknownEntry otherwise."""
-    match = ID_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise UnknownEntry(f"not a quarantine id: {text!r}")
-    return match.group(1)
-
-
-def new_id() -> str:
-    """12 base64url characters (72 bits), starting and ending with a letter or
-    digit: Debian's amavisd-release only accepts mail ids of that shape."""
-    while True:
-        candidate = secrets.token_urlsafe(9)  # 9 bytes -> 12 characters
-        if candidate[0].isalnum() and candidate[-1].isalnum():
-            return candidate
-
-
-def new_secret() -> str:
-    """16 base64url characters (96 bits) that start and end with a letter or
-    digit, so that no command line takes one for an option."""
-    while True:
-        candidate = secrets.token_urlsafe(12)  # 12 bytes -> 16 characters
-        if candidate[0].isalnum() and candidate[-1].isalnum():
-            return candidate
-
-
-class Quarantine:
     def __init__(self, directory: str, gzip: bool = False):
         self.directory = os.path.abspath(directory)
         self.gzip = gzip
+
+    @classmethod
+    def from_url(cls, rest: str, config: Mapping[str, Any]) -> FileStore:
+        """`file:/dir` (or `file:///dir`): `rest` is what follows `file:`."""
+        path = rest[2:] if rest.startswith("///") else rest
+        if not path.startswith("/") or path.startswith("//"):
+            raise ValueError("must be file:/absolute/directory")
+        return cls(path, gzip=bool(config.get("quarantine_gzip", False)))
+
+    @property
+    def location(self) -> str:
+        return self.directory
 
     # -- the directory ---------------------------------------------------------
 
@@ -215,7 +155,7 @@ class Quarantine:
 
     # -- reading ---------------------------------------------------------------
 
-    def load(self, qid: str) -> QuarantineEntry:
+    def get(self, qid: str) -> QuarantineEntry:
         """The entry for an id (or file name); UnknownEntry if there is none."""
         bare = parse_id(qid)
         for kind in KINDS.values():
@@ -249,10 +189,6 @@ class Quarantine:
             raise QuarantineError(f"{entry.file}: content does not match its digest")
         return data
 
-    def show(self, qid: str) -> tuple[QuarantineEntry, bytes]:
-        entry = self.load(qid)
-        return entry, self.message(entry)
-
     def list(self) -> list[QuarantineEntry]:
         """Complete entries, oldest first; damaged sidecars are skipped."""
         try:
@@ -264,13 +200,16 @@ class Quarantine:
             if not name.endswith(".json") or ID_PATTERN.fullmatch(name) is None:
                 continue
             try:
-                entries.append(self.load(name))
+                entries.append(self.get(name))
             except QuarantineError:
                 continue
         return sorted(entries, key=lambda e: (e.date, e.id))
 
+    def mark_released(self, entry: QuarantineEntry, recipients: Sequence[str]) -> None:
+        """Nothing to record: the layout has no place for it (see the module's docstring)."""
+
     def remove(self, qid: str) -> None:
-        entry = self.load(qid)
+        entry = self.get(qid)
         self._unlink(f"{entry.kind}-{entry.id}.json")
         self._unlink(entry.file)
 
@@ -279,23 +218,6 @@ class Quarantine:
             os.unlink(self._path(name))
         except FileNotFoundError:
             pass
-
-    # -- release -----------------------------------------------------------------
-
-    def release(self, qid: str, recipients: Sequence[str] | None = None,
-                forward: Forwarder | None = None) -> dict[str, str]:
-        """Re-send the message, unchanged and unscanned, from its original
-        sender to its original recipients (or to `recipients`). Returns the
-        recipients refused while others were taken; raises QuarantineError
-        when nothing was delivered. The default forward method is SMTP to
-        127.0.0.1:10025, the MTA's re-injection port."""
-        entry, data = self.show(qid)
-        targets = list(recipients) if recipients else entry.recipients
-        forward = forward if forward is not None else SMTPForwarder()
-        try:
-            return forward.send(entry.sender, targets, data)
-        except ForwardError as err:
-            raise QuarantineError(f"release of {entry.id} failed: {err}") from None
 
 
 def _chunks(message: bytes | str | os.PathLike):

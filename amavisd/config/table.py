@@ -1,0 +1,253 @@
+"""The settings table: every key amavisd reads, declared once.
+
+One `Setting` row a key, in the order of the sample file; `BY_NAME` and
+`SECTIONS` are derived from it. The TOML schema (`loading.py`), the command-line
+flags (`flags.py`), `check-config` and the sample (`rendering.py`) all read
+this table, so they cannot drift. A new setting is one row here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from amavisd.config.setting import Setting
+from amavisd.config.validators import (
+    absolute_path,
+    absolute_path_or_empty,
+    banned_rules,
+    between,
+    categories,
+    file_mode,
+    log_targets,
+    loopback_listen,
+    method_spec,
+    method_spec_or_empty,
+    non_negative,
+    one_of,
+    positive,
+    reason_destinies_validator,
+    scanner_address,
+    scanner_names,
+    scanner_tables,
+)
+from amavisd.policy.banned import DEFAULT_RULES as BANNED_DEFAULTS
+
+DESTINIES = ("pass", "discard", "bounce", "reject", "tempfail")
+
+# Sections that hold named tables ([scanners.NAME]) rather than settings.
+TABLE_SECTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "scanners": scanner_tables,
+}
+
+SETTINGS: tuple[Setting, ...] = (
+    # [daemon] -- the process model
+    Setting("workdir", "daemon", str, "/var/lib/amavis",
+            "Home of the daemon: holds the socket (amavisd.sock) and the temp base (tmp/).",
+            absolute_path_or_empty, ("--workdir",), metavar="DIR"),
+    Setting("socket", "daemon", str, "",
+            "AM.PDP Unix socket; empty means <workdir>/amavisd.sock.",
+            absolute_path_or_empty, ("--socket",), metavar="PATH"),
+    Setting("socket_mode", "daemon", str, "0660",
+            "Permissions of the Unix socket (octal); never open to others.", file_mode),
+    Setting("socket_owner", "daemon", str, "",
+            "Owner of the socket; empty means the daemon's user."),
+    Setting("socket_group", "daemon", str, "",
+            "Group of the socket (the MTA's or milter's group); empty means the daemon's group."),
+    Setting("tcp_listen", "daemon", str, "",
+            "Also serve AM.PDP on this loopback host:port (e.g. 127.0.0.1:9998); empty is off.",
+            loopback_listen, ("--tcp-listen",), metavar="HOST:PORT"),
+    Setting("tempbase", "daemon", str, "",
+            "Where clients spool messages and workers keep per-message dirs; "
+            "empty means <workdir>/tmp. mail_file/tempdir outside it are refused.",
+            absolute_path_or_empty, ("--tempbase",), metavar="DIR"),
+    Setting("workers", "daemon", int, 2,
+            "Pre-forked worker processes (messages scanned at once).",
+            between(1, 512), ("--workers",), metavar="N"),
+    Setting("max_requests", "daemon", int, 500,
+            "A worker retires after this many messages (plus jitter); 0 = never.", non_negative),
+    Setting("max_requests_jitter", "daemon", int, 50,
+            "Random extra requests per worker, so workers do not all retire at once.",
+            non_negative),
+    Setting("child_timeout", "daemon", float, 300.0,
+            "Seconds one request may take; a worker stuck longer is killed (ABRT, then KILL) "
+            "and its client gets a tempfail.", positive),
+    Setting("graceful_timeout", "daemon", float, 30.0,
+            "Seconds in-flight messages get to finish on TERM or reload.", positive),
+    Setting("client_timeout", "daemon", float, 60.0,
+            "Deprecated, ignored: see client_idle_timeout and request_timeout.", positive),
+    Setting("client_idle_timeout", "daemon", float, 10.0,
+            "Seconds a connection may sit idle (after connecting, or after a reply) before "
+            "its next request starts; then the worker hangs up.", positive),
+    Setting("request_timeout", "daemon", float, 30.0,
+            "Seconds a client has to send one whole request, from its first byte.", positive),
+    Setting("max_connection_requests", "daemon", int, 100,
+            "Requests served on one connection before the worker closes it.", positive),
+    Setting("max_connection_time", "daemon", float, 600.0,
+            "Seconds one connection may last, all its requests together (processing aside); "
+            "then the worker hangs up before reading another.", positive),
+    Setting("max_message_size", "daemon", int, 100 * 1024 * 1024,
+            "Largest message (bytes) a request may hand over; a larger one is UNCHECKED "
+            "(kind limit) without being read.", positive),
+    Setting("work_base", "daemon", str, "",
+            "The workers' own per-message dirs (0700, closed to clients); empty means "
+            "<workdir>/work. Never inside the temp base.",
+            absolute_path_or_empty, ("--work-base",), metavar="DIR"),
+    Setting("user", "daemon", str, "",
+            "Drop root to this user after binding; empty keeps the invoking user."),
+    Setting("group", "daemon", str, "",
+            "Drop root to this group; empty means the user's primary group."),
+    Setting("pidfile", "daemon", str, "",
+            "Write the master's pid here; empty writes none.",
+            absolute_path_or_empty, ("--pidfile",), metavar="PATH"),
+    Setting("daemon", "daemon", bool, False,
+            "Detach into the background (SysV); the default stays in the foreground (systemd).",
+            None, ("--daemon",), negative_flag="--foreground"),
+    # [log]
+    Setting("log_to", "log", list, ["stderr", "syslog"],
+            "Where logs go: syslog (facility below) and/or stderr.", log_targets),
+    Setting("log_file", "log", str, "",
+            "Also append logs to this file (reopened on SIGUSR1, for logrotate).",
+            absolute_path_or_empty, ("--log-file",), metavar="PATH"),
+    Setting("log_level", "log", str, "info", "Least severe level logged.",
+            one_of("debug", "info", "warning", "error")),
+    Setting("syslog_facility", "log", str, "mail", "Syslog facility.",
+            one_of("mail", "daemon", "user", "local0", "local1", "local2", "local3",
+                   "local4", "local5", "local6", "local7")),
+    Setting("syslog_ident", "log", str, "amavisd", "Syslog ident."),
+    Setting("syslog_socket", "log", str, "/dev/log",
+            "The local syslog daemon's socket (a chroot or container may put it elsewhere).",
+            absolute_path),
+    # [scan]
+    Setting("clamd", "scan", str, "unix:/var/run/clamav/clamd.ctl",
+            "clamd to ask: unix:/path or tcp:host:port.", scanner_address, ("--clamd",),
+            metavar="ADDR"),
+    Setting("clamd_timeout", "scan", float, 120.0,
+            "Seconds to wait for clamd on one message before giving up (tempfail).", positive),
+    Setting("clamd_max_stream", "scan", int, 25 * 1024 * 1024,
+            "clamd's StreamMaxLength: larger parts go to a backup scanner, or the message is "
+            "UNCHECKED; they are never called clean.", positive),
+    Setting("primary_scanners", "scan", list, ["clamd"],
+            "Scanners asked first (names of built-in scanners clamd and clamscan, or of "
+            "[scanners.NAME] tables).", scanner_names, ("--scanners",), metavar="NAMES"),
+    Setting("primary_mode", "scan", str, "all",
+            "all: every primary scanner is asked; first: the first that answers is enough.",
+            one_of("all", "first")),
+    Setting("backup_scanners", "scan", list, ["clamscan"],
+            "Asked only when every primary scanner failed, and for parts the primaries "
+            "could not take.", scanner_names),
+    Setting("scanner_retry_after", "scan", float, 10.0,
+            "Seconds a failed scanner rests before it is tried again.", non_negative),
+    Setting("when_scanners_fail", "scan", str, "tempfail",
+            "No scanner answered: tempfail (the MTA keeps the mail and retries) or pass "
+            "(delivered with an X-Amavis-Alert header; not recommended).",
+            one_of("tempfail", "pass")),
+    # [decode]
+    Setting("max_depth", "decode", int, 20,
+            "Deepest nesting decoded (the message is level 0, each decoded layer adds one); "
+            "deeper content makes the message UNCHECKED.", between(1, 100)),
+    Setting("max_parts", "decode", int, 3000,
+            "Most parts one message may decode into.", positive),
+    Setting("min_expansion_quota", "decode", int, 100 * 1024 * 1024,
+            "Bytes a message may always expand to (the quota is the larger of this and "
+            "expansion_quota_factor times the message size).", positive),
+    Setting("expansion_quota_factor", "decode", int, 50,
+            "Expansion allowed per byte of message.", positive),
+    Setting("max_part_size", "decode", int, 256 * 1024 * 1024,
+            "Largest single decoded part.", positive),
+    Setting("max_decode_time", "decode", float, 60.0,
+            "Seconds of decoding per message before it is UNCHECKED.", positive),
+    Setting("max_memory", "decode", int, 32 * 1024 * 1024,
+            "Bytes of decoded parts one message keeps in memory; parts past this (and any "
+            "part over 8 MiB) are spilled to its private work dir.", positive),
+    Setting("tool_timeout", "decode", float, 30.0,
+            "Seconds one external unpacker (unar, 7zz, arj, ...) may run on one archive; "
+            "never more than what is left of max_decode_time.", positive),
+    Setting("tool_memory", "decode", int, 1024 * 1024 * 1024,
+            "Address-space limit (bytes) of one external unpacker.", positive),
+    # [policy]
+    Setting("virus_destiny", "policy", str, "discard",
+            "What happens to INFECTED mail: pass, discard, bounce, reject or tempfail. "
+            "discard (after quarantine) sends nothing back to a sender viruses forge.",
+            one_of(*DESTINIES)),
+    Setting("banned_destiny", "policy", str, "discard",
+            "What happens to mail with a BANNED part (see banned_rules).",
+            one_of(*DESTINIES)),
+    Setting("unchecked_destiny", "policy", str, "reject",
+            "What happens to mail we could not fully check (limits, encrypted, "
+            "message/partial, parts no scanner could take): never passed as clean "
+            "unless set to pass.", one_of(*DESTINIES)),
+    Setting("unchecked_destinies", "policy", list, [],
+            "Destinies for kinds of UNCHECKED, overriding unchecked_destiny: "
+            "kind=destiny entries, kind one of encrypted, partial, unscanned, limit, "
+            "undecipherable (an archive whose content could not all be read), internal "
+            "(a decoder failed) "
+            '(e.g. ["encrypted=pass"]).', reason_destinies_validator),
+    Setting("quarantine_dir", "policy", str, "/var/virusmails",
+            "Quarantine of infected and banned mail (directory 0700).",
+            absolute_path_or_empty, ("--quarantine-dir",), metavar="DIR"),
+    Setting("quarantine_store", "policy", str, "",
+            "Where quarantined mail is kept, as a URL: file:/var/virusmails (one file per "
+            "message plus a JSON sidecar); empty means file:<quarantine_dir>."),
+    Setting("quarantine", "policy", list, ["infected", "banned"],
+            "Categories whose mail is kept in the quarantine (infected, banned, unchecked, "
+            "clean); empty keeps none.", categories("infected", "banned", "unchecked", "clean")),
+    Setting("quarantine_gzip", "policy", bool, False,
+            "Gzip quarantined messages (virus-ID.gz); releases are byte-identical either way."),
+    Setting("banned_rules", "policy", list, list(BANNED_DEFAULTS),
+            "Ordered allow/deny rules checked on every part, archive members too; the first "
+            "that matches a part decides. 'deny|allow FIELD OP VALUE [and ...]', FIELD: name, flag, "
+            "mime, type (detected: exe, elf, zip...), magic (libmagic); OP: ~ regex, = equal, "
+            "!~ !=; case-insensitive. Write them as TOML literal strings ('...').",
+            banned_rules),
+    # [notify] -- notifications, and where released mail goes
+    Setting("notify_method", "notify", str, "smtp:[127.0.0.1]:10025",
+            "How notifications are sent: smtp:HOST:PORT (the MTA's re-injection port) or "
+            "pipe:/usr/sbin/sendmail (run as PATH -i -f SENDER -- RCPT..., no shell).",
+            method_spec),
+    Setting("auth_required_release", "notify", bool, True,
+            "AM.PDP release/requeue must carry the entry's secret_id (amavisd-release "
+            "mail_file secret_id), checked in constant time; the local `amavisd quarantine "
+            "release` run by root or the daemon's user needs none."),
+    Setting("release_to_others", "notify", bool, False,
+            "Allow an AM.PDP release to recipients other than the original ones."),
+    Setting("release_method", "notify", str, "",
+            "How released quarantined mail is re-sent; empty means notify_method.",
+            method_spec_or_empty),
+    Setting("smtp_timeout", "notify", float, 30.0,
+            "Seconds one notification or release may take over SMTP or the pipe.", positive),
+    Setting("local_domains", "notify", list, [],
+            "Our mail domains: example.com matches that domain, .example.com it and its "
+            "subdomains. Only their senders get DSNs, only their recipients notices."),
+    Setting("admin", "notify", str, "",
+            "Who gets admin alerts; empty means virusalert@<first local domain, else "
+            "myhostname>."),
+    Setting("admin_notify", "notify", list, ["infected", "banned"],
+            "Categories the admin is alerted about (infected, banned, unchecked).",
+            categories("infected", "banned", "unchecked")),
+    Setting("sender_notify", "notify", list, ["banned"],
+            "Categories for which a sender gets a DSN when the destiny is bounce; never "
+            "infected by default (virus senders are forged: backscatter).",
+            categories("infected", "banned", "unchecked")),
+    Setting("sender_notify_remote", "notify", bool, False,
+            "Also send DSNs to senders outside local_domains (backscatter risk)."),
+    Setting("recipient_notify", "notify", list, [],
+            "Categories for which each local recipient of undelivered mail is told.",
+            categories("infected", "banned", "unchecked")),
+    Setting("notify_from", "notify", str, "",
+            "From: of notifications; empty means \"Content-filter at HOST\" "
+            "<postmaster@HOST>."),
+    Setting("template_dir", "notify", str, "",
+            "Directory of site templates (virus-admin.txt, banned-sender.txt, dsn.txt, ...); "
+            "a file missing there comes from the shipped set.", absolute_path_or_empty),
+    # [headers]
+    Setting("myhostname", "headers", str, "",
+            "This host's name in headers and replies; empty asks the system."),
+    Setting("x_header_tag", "headers", str, "X-Virus-Scanned",
+            "Header field added to mail that was scanned and passed."),
+    Setting("x_header_line", "headers", str, "by amavisd {version} at {myhostname}",
+            "Its text; {version} and {myhostname} are filled in."),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))

@@ -1,0 +1,143 @@
+"""The one blocking loop that drives any sans-IO session over its connection.
+
+A worker serves one connection at a time, so a plain blocking loop is
+enough (an asyncio one can drive the same sessions later). What it enforces
+is the same for every protocol, because it is about the worker, not the
+protocol: a connection holds a worker for bounded time only,
+`client_idle_timeout` before each request, `request_timeout` for a whole
+request however slowly it trickles (from its first byte),
+`max_connection_requests` a connection, no more than the session's
+`max_request_bytes` buffered without a complete request, and a client that
+does not read its replies is hung up on.
+
+After each reply the handler is told (`handle_reply_sent`: notifications
+go out after the client has its answer) and asked whether to go on
+(`keep_going`: a retiring worker closes the connection after the reply).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from amavisd.protocol.session import Session
+
+
+@dataclass
+class ConnectionLimits:
+    """How long, and for how many requests, one connection may hold a worker."""
+
+    idle_timeout: float = 10.0  # connect or last reply -> first byte of the next request
+    request_timeout: float = 30.0  # first byte of a request -> its end, however it trickles
+    max_requests: int = 100  # requests answered on one connection
+    max_time: float = 600.0  # the whole connection, all its requests (processing aside)
+
+    @classmethod
+    def from_config(cls, config) -> ConnectionLimits:
+        return cls(config.client_idle_timeout, config.request_timeout,
+                   config.max_connection_requests, config.max_connection_time)
+
+
+def serve(session: Session, limits: ConnectionLimits) -> int:
+    """Serve one connection until it ends; the number of requests answered.
+    The caller closes the connection."""
+    answered = 0
+    ends = time.monotonic() + limits.max_time
+    try:
+        greeting = session.greeting()
+        if greeting and not _send(session, greeting, limits):
+            return 0
+        while answered < limits.max_requests and not session.closing:
+            if not _next_request(session, limits, ends):
+                break
+            answered += 1
+            if not _send(session, session.answer(), limits):
+                break
+            session.handler.handle_reply_sent()
+            if not session.handler.keep_going():
+                break
+    finally:
+        session.finish()
+    return answered
+
+
+def _next_request(session: Session, limits: ConnectionLimits, ends: float) -> bool:
+    """Read until a complete request waits; False when the connection should
+    end: EOF, idle past the idle timeout, a request not complete within the
+    request timeout (from its first byte), one too large (answered), or the
+    connection past its own time (`ends`: max_time after it was accepted)."""
+    if session.request_ready():
+        return True
+    conn = session.conn
+    now = time.monotonic()
+    if now >= ends:
+        _hang_up(session, limits, False, whole=True)
+        return False
+    idle_until = min(now + limits.idle_timeout, ends)
+    # Bytes of the next request already here: its clock is running.
+    request_until = (min(now + limits.request_timeout, ends) if session.mid_request()
+                     else None)
+    received = 0
+    while not session.request_ready():
+        deadline = request_until if request_until is not None else idle_until
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _hang_up(session, limits, request_until is not None, whole=deadline >= ends)
+            return False
+        conn.settimeout(remaining)
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            continue  # the deadline check above decides
+        except OSError:
+            return False
+        if not data:
+            return False
+        if request_until is None:
+            request_until = min(time.monotonic() + limits.request_timeout, ends)
+        received += len(data)
+        session.receive(data)
+        if received > session.max_request_bytes and not session.request_ready():
+            reply = session.oversize()
+            if reply:
+                _send(session, reply, limits)
+            return False
+    return True
+
+
+def _hang_up(session: Session, limits: ConnectionLimits, mid_request: bool,
+             whole: bool = False) -> None:
+    if whole:
+        session.log.warning("%s connection open longer than max_connection_time (%gs): "
+                            "closing it", session.label, limits.max_time)
+    elif mid_request:
+        session.log.warning("%s request not complete within request_timeout (%gs): "
+                            "closing the connection", session.label, limits.request_timeout)
+    else:
+        session.log.info("%s client idle for client_idle_timeout (%gs): closing the "
+                         "connection", session.label, limits.idle_timeout)
+
+
+def _send(session: Session, data: bytes, limits: ConnectionLimits) -> bool:
+    """False when the reply could not be sent: the connection is over (a
+    client that does not read its replies must not hold the worker)."""
+    try:
+        session.conn.settimeout(limits.idle_timeout)
+        session.conn.sendall(data)
+    except OSError as err:
+        session.log.warning("%s client did not take its reply: %s", session.label,
+                            err.strerror or type(err).__name__)
+        return False
+    return True
+
+
+def send_last_words(session: Session, reason: str) -> None:
+    """From a dying worker's signal handler: answer the request in flight, if any."""
+    data = session.last_words(reason)
+    if not data:
+        return
+    try:
+        session.conn.settimeout(1.0)
+        session.conn.sendall(data)
+    except OSError:
+        pass

@@ -1,0 +1,122 @@
+"""One AM.PDP connection to the daemon, and the request that asks it about a
+spooled message.
+
+Everything that talks to the daemon goes through here: the command line,
+and the milter shim and the SMTP forwarder to come, which need a verdict
+without amavisd-client's arguments. Any failure to get a verdict is a
+`ClientError`, which every caller turns into a tempfail: no doubt may ever
+read as a clean message.
+
+Stdlib modules Python has loaded anyway only (`_socket`, not `socket`): the
+client starts once per mail.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+
+from amavisd_client.wire.address import Address, parse_or_path
+from amavisd_client.wire.ampdp import Block, Decoder, encode_block
+
+
+class ClientError(Exception):
+    """Something kept us from getting a verdict: always a tempfail."""
+
+
+class Connection:
+    """One AM.PDP connection, reused for several requests while the daemon keeps it.
+
+    `address` is an `Address` or its text as the client's -s takes it (a
+    spelling of wire/address.py, else a Unix socket path); text that is
+    neither raises AddressError (a ValueError) here, before any mail."""
+
+    def __init__(self, address: str | Address, timeout: float):
+        self.target = parse_or_path(address) if isinstance(address, str) else address
+        self.address = address if isinstance(address, str) else str(address)
+        self.timeout = timeout
+        self.sock = None
+        self.decoder = Decoder()
+
+    def _connect(self):
+        where = self.target
+        if not where.is_tcp:
+            family = _socket.AF_UNIX
+        else:
+            family = _socket.AF_INET6 if where.is_ipv6 else _socket.AF_INET
+        try:
+            sock = _socket.socket(family, _socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(where.target)
+        except (OSError, ValueError) as err:
+            raise ClientError(f"cannot connect to amavisd at {self.address}: {err}") from None
+        return sock
+
+    def open(self) -> None:
+        """Connect now, so "daemon down" is the error a postmaster sees first."""
+        if self.sock is None:
+            self.sock = self._connect()
+            self.decoder = Decoder()
+
+    def _still_open(self) -> bool:
+        """A retiring worker may have closed our idle connection; find out first."""
+        try:
+            self.sock.settimeout(0.0)
+            return self.sock.recv(1, _socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def request(self, attrs: list[tuple[str, object]]) -> Block:
+        if self.sock is not None and not self._still_open():
+            self.close()
+        self.open()
+        try:
+            self.sock.sendall(encode_block(attrs))
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ClientError("amavisd closed the connection without a verdict")
+                blocks = self.decoder.feed(data)
+                if blocks:
+                    return blocks[0]
+        except TimeoutError:
+            self.close()
+            raise ClientError(f"no verdict from amavisd within {self.timeout:g}s") from None
+        except OSError as err:
+            self.close()
+            raise ClientError(f"amavisd connection failed: {err}") from None
+        except ClientError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def angle(address: str) -> str:
+    address = address.strip()
+    return address if address.startswith("<") and address.endswith(">") else f"<{address}>"
+
+
+def check(conn: Connection, mail_file: str, sender: str | None,
+          recipients: list[str]) -> Block:
+    """Ask the daemon about a message spooled at `mail_file`; we remove the
+    spool and deliver (tempdir_removed_by, delivery_care_of = client)."""
+    attrs: list[tuple[str, object]] = [
+        ("request", "AM.PDP"),
+        ("tempdir", os.path.dirname(mail_file)),
+        ("tempdir_removed_by", "client"),
+        ("mail_file", mail_file),
+        ("delivery_care_of", "client"),
+        ("protocol_name", "LOCAL"),
+    ]
+    if sender is not None:
+        attrs.append(("sender", angle(sender)))
+    attrs.extend(("recipient", angle(r)) for r in recipients)
+    return conn.request(attrs)
