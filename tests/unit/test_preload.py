@@ -169,7 +169,7 @@ def test_after_preload_no_decoder_imports(job, corpus, sink):
     assert sorted(set(got["registered"]) - set(got["decoders"])) == []  # every decoder ran
     assert got["verdicts"] == ["INFECTED"] * (len(job["messages"]) - 2) + ["BANNED", "CLEAN"]
     blocked = len(job["messages"]) - 1  # an admin notice each (smtplib: idna)
-    assert [m.rcpt_tos for m in sink.wait(blocked)] == [["virusalert@example.test"]] * blocked
+    assert [m.rcpt_tos for m in sink.wait(blocked, timeout=30)] == [["virusalert@example.test"]] * blocked
 
 
 def test_without_preload_the_harness_sees_lazy_imports(job):
