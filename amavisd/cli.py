@@ -75,7 +75,11 @@ def load_config(args: argparse.Namespace) -> Config:
     from amavisd.quarantine import open_store
 
     cfg = configuration.load(getattr(args, "config", None), configuration.overrides_from(args))
-    open_store(cfg)  # ConfigError naming quarantine_store
+    try:
+        open_store(cfg)
+    except ConfigError as err:  # said as every other setting's error is
+        where = f"{cfg.source}: policy." if cfg.source else ""
+        raise ConfigError(f"{where}{err}") from None
     return cfg
 
 

@@ -87,22 +87,25 @@ def decompose(raw: bytes, limits: Limits | None = None, tempbase: str | None = N
 
 
 def decode_one(part: Part, ctx: Context, use_magic: bool) -> None:
-    head = part.head(detect.HEAD_SIZE)
-    if not part.detected and part.size:
-        part.detected = detect.sniff(head)
-    if use_magic and not part.detected_mime and part.size and not part.expanded:
-        part.detected_mime = detect.magic_mime(head)
-    decoder = REGISTRY.get(part.detected)
-    if decoder is None or part.expanded:
-        return
-    probe = PROBES.get(part.detected)
-    if probe is not None and not probe(part):
-        return
-    if part.depth >= ctx.limits.max_depth:
-        part.flags.add("too-deep")
-        ctx.note_unchecked(part, f"nested deeper than {ctx.limits.max_depth} levels")
-        return
+    """Sniff, probe and decode one part. Everything that reads the part's
+    bytes runs under the same rules: type sniffing and probes (which look for
+    archives inside programs) read hostile bytes as much as decoders do."""
     try:
+        head = part.head(detect.HEAD_SIZE)
+        if not part.detected and part.size:
+            part.detected = detect.sniff(head)
+        if use_magic and not part.detected_mime and part.size and not part.expanded:
+            part.detected_mime = detect.magic_mime(head)
+        decoder = REGISTRY.get(part.detected)
+        if decoder is None or part.expanded:
+            return
+        probe = PROBES.get(part.detected)
+        if probe is not None and not probe(part):
+            return
+        if part.depth >= ctx.limits.max_depth:
+            part.flags.add("too-deep")
+            ctx.note_unchecked(part, f"nested deeper than {ctx.limits.max_depth} levels")
+            return
         decoder(part, ctx)
     except (LimitExceeded, WorkDirFailed, MemoryError):
         raise

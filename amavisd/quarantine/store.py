@@ -68,9 +68,12 @@ def store_url(config: Mapping[str, Any]) -> str:
 
 def open_store(config: Mapping[str, Any]) -> QuarantineStore | None:
     """The store the config names, or None when no quarantine is configured."""
+    if not config["quarantine_store"]:  # a plain directory, never read as a URL
+        if not config["quarantine_dir"]:
+            return None
+        return FileStore(config["quarantine_dir"],
+                         gzip=bool(config.get("quarantine_gzip", False)))
     url = store_url(config)
-    if not url:
-        return None
     try:
         return _factory(url)(url.partition(":")[2], config)
     except ValueError as err:

@@ -120,3 +120,16 @@ def test_check_config_refuses_a_quarantine_store_it_cannot_open(tmp_path, capsys
     path.write_text(f'[policy]\nquarantine_store = "{url}"\n')
     assert main(["check-config", "-c", str(path)]) == 78
     assert "quarantine_store" in capsys.readouterr().err
+
+
+def test_a_quarantine_dir_is_a_directory_not_a_url(tmp_path, capsys):
+    path = tmp_path / "amavisd.toml"
+    path.write_text('[policy]\nquarantine_dir = "//tmp/q"\n')
+    assert main(["check-config", "-c", str(path)]) == 0
+
+
+def test_a_quarantine_store_error_names_the_file_and_key(tmp_path, capsys):
+    path = tmp_path / "amavisd.toml"
+    path.write_text('[policy]\nquarantine_store = "/var/q"\n')
+    assert main(["check-config", "-c", str(path)]) == 78
+    assert f"{path}: policy.quarantine_store:" in capsys.readouterr().err

@@ -106,3 +106,35 @@ def test_a_failed_decomposition_leaves_no_work_dir_behind(small_tmpfs):
         decompose(raw, Limits(spill_threshold=64 * 1024, max_memory=64 * 1024),
                   tempbase=small_tmpfs)
     assert os.listdir(small_tmpfs) == []
+
+
+def test_a_failing_probe_is_unchecked_internal_not_an_exception(monkeypatch):
+    """FAULT (named): the probes look for archives inside programs, reading
+    hostile bytes; one that breaks must not escape decompose."""
+    from amavisd.testing import archivers
+
+    if archivers.available("zip"):
+        pytest.skip(archivers.available("zip"))
+
+    def broken_probe(part):
+        raise IndexError("bytearray index out of range")
+
+    monkeypatch.setitem(registry.PROBES, "zip", broken_probe)
+    dec = decompose(attach(archivers.build("zip", {"a.txt": b"hello"}), "application/zip",
+                           "a.zip"))
+    assert [r.kind for r in dec.unchecked] == ["internal"]
+
+
+def test_the_lha_header_found_by_fuzzing_in_a_self_extractor_probe():
+    """Found by `make test`'s fuzzing: an lha level-2 header whose extended
+    header ends at its last byte made the self-extractor probe index past it."""
+    raw = (b"\x00\x00\x00\x1a\x00-lh5-C\x00\x00\x00D\x00\x00\x00\xa2!\x12k \x02\x13\x87"
+           b"\x00\x05\x00\x00> \x0c\x00\x01eicar.com\x00\x00\x00DJ\x93i\x1f\xbc\x1a\x82\x84"
+           b"\xd1\xb8\xd4yl+\x0e\x08l.\xa1*/\x05@\x18\x7f\n6j'\xe3\xbd>\xf0\xf7d\x7f6\x11\x8b"
+           b"a\xfa\xe6Q\x1b\x05\xd0k!\xb4\x80j\x85\xd1[\x9b\x82N\xe8\x1b\x16\xf3R\xe9\xa53,"
+           b"\x00-lh5-\x14\x00\x00\x00,\x01\x00\x00\xa2!\x12k \x02\xca\xbd\x00\x05\x00\x00\x1a"
+           b"\xde\r\x00\x01readme.txt\x00\x00\x00\x082ik\xfc\x83$a\x05\x83\x84\xa7\xe5\x8b\x01"
+           b"\xc6\x15w \x00")
+    dec = decompose(attach(raw, "application/octet-stream", "a.lzh"))
+    assert not any(r.kind == "internal" for r in dec.unchecked)
+    dec.cleanup()

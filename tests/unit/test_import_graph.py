@@ -79,7 +79,11 @@ def _targets(module: str, is_package: bool, node: ast.AST, known: set[str]) -> s
         for depth in range(1, len(parts) + 1):  # the packages above run first
             target = ".".join(parts[:depth])
             inside = module == target or module.startswith(target + ".")
-            if target in known and not inside:
+            # A package above us runs before us anyway (no edge), unless we
+            # name it for one of its attributes: that reads a half-built
+            # package (`from amavisd.config import load` inside amavisd.config).
+            named = depth == len(parts) and target != module
+            if target in known and (not inside or named):
                 loaded.add(target)
     return loaded
 
@@ -279,3 +283,14 @@ def test_relative_imports_resolve(tmp_path):
     graph = import_graph(tmp_path, ("pkg",))
     assert graph["pkg.sub"] == {"pkg.sub.m"}
     assert graph["pkg.sub.m"] == {"pkg.top", "pkg.sub.n"}
+
+
+def test_the_check_sees_a_submodule_reading_its_own_half_built_package(tmp_path):
+    # from amavisd.config import load, inside amavisd.config.values: ImportError at run time
+    write_tree(tmp_path, {
+        "pkg/__init__.py": "from pkg.values import Config\nfrom pkg.loading import load\n",
+        "pkg/values.py": "from pkg import load\nConfig = 1\n",
+        "pkg/loading.py": "def load():\n    pass\n",
+    })
+    found = cycles(import_graph(tmp_path, ("pkg",)))
+    assert found == [["pkg", "pkg.values", "pkg"]]

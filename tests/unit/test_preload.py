@@ -149,7 +149,9 @@ def run_harness(job: dict) -> dict:
     proc = subprocess.run([sys.executable, "-c", HARNESS], input=json.dumps(job).encode(),
                           capture_output=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
-    return json.loads(proc.stdout.decode().splitlines()[-1])
+    got = json.loads(proc.stdout.decode().splitlines()[-1])
+    got["stderr"] = proc.stderr.decode(errors="replace")[-3000:]
+    return got
 
 
 @pytest.fixture
@@ -169,7 +171,8 @@ def test_after_preload_no_decoder_imports(job, corpus, sink):
     assert sorted(set(got["registered"]) - set(got["decoders"])) == []  # every decoder ran
     assert got["verdicts"] == ["INFECTED"] * (len(job["messages"]) - 2) + ["BANNED", "CLEAN"]
     blocked = len(job["messages"]) - 1  # an admin notice each (smtplib: idna)
-    assert [m.rcpt_tos for m in sink.wait(blocked, timeout=30)] == [["virusalert@example.test"]] * blocked
+    assert [m.rcpt_tos for m in sink.wait(blocked, timeout=30)] \
+        == [["virusalert@example.test"]] * blocked, got["stderr"]
 
 
 def test_without_preload_the_harness_sees_lazy_imports(job):

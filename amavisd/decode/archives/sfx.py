@@ -375,7 +375,7 @@ def _lha2_crc_ok(buf: Buffer, pos: int, size: int) -> bool:
         length = _u16(header, ext)
         if length == 0:
             return False
-        if length >= 5 and header[ext + 2] == 0x00 and ext + 5 <= size:  # the common header
+        if length >= 5 and ext + 5 <= size and header[ext + 2] == 0x00:  # the common header
             stored = _u16(header, ext + 3)
             header[ext + 3:ext + 5] = b"\0\0"
             return crc16(header) == stored
