@@ -159,7 +159,9 @@ def job(tmp_path, clamd_nodecomp, sink):
     host, port = sink.address
     settings = {"clamd": clamd_nodecomp.address, "backup_scanners": [],
                 "quarantine_dir": str(tmp_path / "q"), "myhostname": "gw.example.test",
-                "notify_method": f"smtp:{host}:{port}", "local_domains": ["example.test"]}
+                "notify_method": f"smtp:{host}:{port}", "local_domains": ["example.test"],
+                # under load one notice once waited 30 s for the sink's reply (open)
+                "smtp_timeout": 120.0}
     files, messages = made_inputs(tmp_path)
     return {"settings": settings, "files": files, "messages": messages, "preload": True}
 
