@@ -87,13 +87,7 @@ class Pipeline:
         result = Result(log_id=job.log_id)
         decomposition = None
         try:
-            try:
-                raw = self.spool(job)
-            except MessageTooLarge as err:
-                result.size = err.size
-                result.unchecked.append(Unchecked(str(err), "limit"))
-                self.decide(result)
-                raise _Decided from None
+            raw = self.spool(job)
             result.size = len(raw)
             result.headers = top_headers(raw)
             decomposition = decompose(raw, self.limits, self.spill_base,
@@ -106,8 +100,10 @@ class Pipeline:
             self.scan(result)
             self.decide(result)
             self.keep(job, result, raw)
-        except _Decided:
-            pass
+        except MessageTooLarge as err:  # not read at all: the verdict needs no bytes
+            result.size = err.size
+            result.unchecked.append(Unchecked(str(err), "limit"))
+            self.decide(result)
         except (MessageUnreadable, ScannerError, QuarantineFailed, WorkDirFailed, OSError,
                 MemoryError) as err:
             result.category = None
@@ -197,10 +193,6 @@ class Pipeline:
         result.category = category
         result.destiny = result.force_destiny or self.destinies.destiny(category,
                                                                         result.unchecked)
-
-
-class _Decided(Exception):
-    """The verdict is in before decoding (a message too large to read)."""
 
 
 def read_message(fd: int, name: str, limit: int) -> bytes:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from amavisd.testing.eicar import EICAR
+from tests.rigs import archivers
 
 PAYLOAD = EICAR + b"\n" + b"padding to make it compress " * 40
 BUILDERS: dict[str, Callable[[], bytes]] = {}
@@ -343,21 +344,7 @@ def tar_symlink_target() -> bytes:
 
 @hostile("tgz-pax-size-over-the-next-member", "INFECTED")
 def tar_pax_size() -> bytes:
-    """a.txt's pax size covers the next member (tarfile, GNU tar); its header
-    says 6 bytes: a reader ignoring pax headers then finds invoice.com.gz."""
-    import tarfile
-
-    packed = gzip.compress(PAYLOAD)
-    covered = 512 + 512 + (len(packed) + 511) // 512 * 512
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        info = tarfile.TarInfo("a.txt")
-        info.size, info.pax_headers = 6, {"size": str(covered)}
-        tf.addfile(info, io.BytesIO(b"hello\n"))
-        info = tarfile.TarInfo("invoice.com.gz")
-        info.size = len(packed)
-        tf.addfile(info, io.BytesIO(packed))
-    return attach(gzip.compress(buf.getvalue()), "a.tgz")
+    return attach(gzip.compress(archivers.tar_pax_size_covering(PAYLOAD)), "a.tgz")
 
 
 @hostile("cab-two-members-of-one-name", "INFECTED", ("gcab", "cabextract", "7zz"))

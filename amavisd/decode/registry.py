@@ -13,7 +13,8 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from amavisd.decode.limits import Budget, Limits
 from amavisd.decode.parts import Part, PartNumbering, create_private
@@ -38,6 +39,16 @@ class WorkDirFailed(Exception):
 
 RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
                              errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+@contextmanager
+def work_dir_io(what: str) -> Iterator[None]:
+    """Our own file work (creating, spilling, writing): any OSError there is
+    WorkDirFailed, whatever the decoder around it catches."""
+    try:
+        yield
+    except OSError as err:
+        raise WorkDirFailed(f"{what}: {err.strerror or err}") from None
 
 
 class Undecipherable(DecodeError):
@@ -86,10 +97,8 @@ class Context:
     def workdir(self) -> str:
         """The message's private work dir, created only when something needs it."""
         if self._workdir is None:
-            try:
+            with work_dir_io("cannot create a work dir"):
                 self._workdir = tempfile.mkdtemp(prefix="amavisd-", dir=self.tempbase)
-            except OSError as err:
-                raise WorkDirFailed(f"cannot create a work dir: {err.strerror}") from None
         return self._workdir
 
     def new_part(self, data: bytes = b"", **fields) -> Part:
@@ -104,10 +113,8 @@ class Context:
         if self.may_hold(len(data)):
             self.in_memory += len(data)
         else:
-            try:
+            with work_dir_io(f"cannot spill {child.path}"):
                 child.spill(self.workdir())
-            except OSError as err:
-                raise WorkDirFailed(f"cannot spill {child.path}: {err.strerror}") from None
         return child
 
     def may_hold(self, size: int) -> bool:
@@ -132,10 +139,8 @@ class Context:
 
     def scratch_dir(self, part: Part) -> str:
         """A fresh private (0700) dir in the work dir, e.g. for an external unpacker."""
-        try:
+        with work_dir_io("cannot create a scratch dir"):
             return tempfile.mkdtemp(prefix=f"x{part.id}-", dir=self.workdir())
-        except OSError as err:
-            raise WorkDirFailed(f"cannot create a scratch dir: {err.strerror}") from None
 
     def cleanup(self) -> None:
         """Remove the work dir; rmtree never follows links out of it."""
@@ -169,7 +174,7 @@ class Sink:
         self.ctx.budget.check_part_size(self.size + len(chunk), self.parent.path)
         self.ctx.budget.charge_bytes(len(chunk))
         self.size += len(chunk)
-        try:
+        with work_dir_io(f"cannot write {self.parent.path}'s child"):
             if self.file is None and not self.ctx.may_hold(len(self.buffer) + len(chunk)):
                 self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
                 self.file = create_private(self.path)
@@ -179,17 +184,12 @@ class Sink:
                 self.file.write(chunk)
             else:
                 self.buffer += chunk
-        except OSError as err:
-            raise WorkDirFailed(f"cannot write {self.parent.path}'s child: "
-                                f"{err.strerror or err}") from None
 
     def finish(self, truncated: bool = False) -> Part:
         child = self.parent.add(self.ctx.new_part(b"", **self.fields), layer=self.layer)
         if self.file is not None:
-            try:
+            with work_dir_io(f"cannot write {child.path}"):
                 self.file.close()
-            except OSError as err:
-                raise WorkDirFailed(f"cannot write {child.path}: {err.strerror}") from None
             child.spill_path = self.path
             child.spilled_size = self.size
         else:

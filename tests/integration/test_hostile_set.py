@@ -93,3 +93,16 @@ def test_a_full_work_base_is_a_tempfail_and_with_room_the_virus_is_found(
     roomy.mkdir(mode=0o700)
     assert Pipeline(configuration.load(None, values | {"work_base": str(roomy)})) \
         .process(job).verdict == "INFECTED"
+
+
+def test_a_message_over_max_message_size_is_unchecked_unread(clamd_nodecomp, tmp_path):
+    """Also without the daemon (amavisd scan): refused before reading, never CLEAN."""
+    path = tmp_path / "big.eml"
+    path.write_bytes(hostile_mail.eicar_mail() + b"x" * 4096)
+    values = {"clamd": clamd_nodecomp.address, "backup_scanners": [],
+              "quarantine_dir": str(tmp_path / "q"), "max_message_size": 1024}
+    result = Pipeline(configuration.load(None, values)).process(
+        Job(log_id="t-1", mail_path=str(path)))
+    assert result.verdict == "UNCHECKED" and result.destiny is Destiny.REJECT
+    assert [r.kind for r in result.unchecked] == ["limit"]
+    assert result.size == path.stat().st_size and result.tree is None

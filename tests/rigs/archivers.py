@@ -11,6 +11,8 @@ Never store the output in the repository: EICAR fixtures exist only at run time.
 
 from __future__ import annotations
 
+import gzip
+import io
 import shutil
 import struct
 import tempfile
@@ -144,3 +146,27 @@ def zip_without_entry(data: bytes, index: int) -> bytes:
     struct.pack_into("<HHII", record, 8, len(central) - 1, len(central) - 1, len(kept),
                      central[0])
     return data[:central[0]] + kept + bytes(record)
+
+
+def tar_pax_size_covering(hidden: bytes) -> bytes:
+    """a.txt's pax record says its data runs over the next header and its
+    data (tarfile and GNU tar read one member), its header says 6 bytes (a
+    reader ignoring pax headers reads a.txt, then `hidden.gz`)."""
+    import tarfile
+
+    packed = gzip.compress(hidden)
+    covered = in_blocks(6) + 512 + in_blocks(len(packed))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a.txt")
+        info.size, info.pax_headers = 6, {"size": str(covered)}
+        tf.addfile(info, io.BytesIO(b"hello\n"))
+        info = tarfile.TarInfo("hidden.gz")
+        info.size = len(packed)
+        tf.addfile(info, io.BytesIO(packed))
+    return buf.getvalue()
+
+
+def in_blocks(size: int) -> int:
+    """`size` rounded up to whole tar blocks."""
+    return -(-size // 512) * 512

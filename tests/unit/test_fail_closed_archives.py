@@ -11,7 +11,6 @@ a method number changed, a member's directory entry removed.
 
 from __future__ import annotations
 
-import gzip
 import io
 import random
 import shutil
@@ -716,31 +715,7 @@ def test_rar_with_two_members_of_one_name_is_unchecked(corpus, tmp_path):
 
 # -- review 2, also found: a pax size that covers the next member ----------------------------
 
-def tar_pax_size_covering(hidden: bytes) -> bytes:
-    """a.txt's pax record says its data runs over the next header and its
-    data (tarfile and GNU tar read one member), its header says 6 bytes (a
-    reader ignoring pax headers reads a.txt, then `hidden.gz`)."""
-    import tarfile
-
-    packed = gzip.compress(hidden)
-    covered = in_blocks(6) + 512 + in_blocks(len(packed))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        info = tarfile.TarInfo("a.txt")
-        info.size, info.pax_headers = 6, {"size": str(covered)}
-        tf.addfile(info, io.BytesIO(b"hello\n"))
-        info = tarfile.TarInfo("hidden.gz")
-        info.size = len(packed)
-        tf.addfile(info, io.BytesIO(packed))
-    return buf.getvalue()
-
-
-def in_blocks(size: int) -> int:
-    """`size` rounded up to whole tar blocks."""
-    return -(-size // 512) * 512
-
-
 def test_tar_pax_size_over_the_next_member_is_read_both_ways():
-    dec = decode_bare(tar_pax_size_covering(PAYLOAD))
+    dec = decode_bare(archivers.tar_pax_size_covering(PAYLOAD))
     assert holding(dec, PAYLOAD) and dec.unchecked == []
     assert "decode-error" in dec.root.flags and dec.root in dec.scannable()
