@@ -9,10 +9,13 @@ VENV=${VENV:-.venv}
 
 # clamav-daemon/clamdscan/clamav-testfiles: the scanner and its test files;
 # amavisd-new: the reference daemon and the real AM.PDP clients
-# (amavisd-submit, amavisd-release); postfix/swaks: MTA integration tests;
+# (amavisd-submit, amavisd-release); postfix/swaks/miltertest/amavisd-milter
+# (Debian's C AM.PDP milter): MTA integration tests; m4/liblockfile1/libwrap0:
+# what the unpacked Sendmail needs (it must not be apt-installed beside Postfix);
 # the rest: real archivers and decoders, for decoding and for making test
 # fixtures (jlha-utils, rpm's rpmbuild, bsdtar and ar only make fixtures).
 APT_PACKAGES="clamav-daemon clamav clamdscan clamav-testfiles amavisd-new postfix swaks
+  miltertest amavisd-milter m4 liblockfile1 libwrap0
   hyperfine libmagic1 file sharutils macutils unar arj lhasa 7zip cabextract ncompress
   gcab cpio genisoimage zip unzip xz-utils zstd lz4 lzip bzip2 arc nomarch tnef
   jlha-utils rpm libarchive-tools binutils"
@@ -33,6 +36,21 @@ if [ -n "$missing" ]; then
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -q
     apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $missing
+fi
+
+# Sendmail for the MTA tests, unpacked (never installed: it would remove
+# Postfix) into var/sendmail-root; tests skip when it is absent.
+SENDMAIL_ROOT=${SENDMAIL_ROOT:-var/sendmail-root}
+if [ ! -x "$SENDMAIL_ROOT/usr/libexec/sendmail/sendmail" ] && [ "$(id -u)" -eq 0 ]; then
+    debs=$(mktemp -d)
+    if (cd "$debs" && apt-get download -q sendmail-bin sendmail-base sendmail-cf >/dev/null 2>&1); then
+        mkdir -p "$SENDMAIL_ROOT"
+        for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$SENDMAIL_ROOT"; done
+        echo "deps: unpacked Sendmail into $SENDMAIL_ROOT"
+    else
+        echo "deps: could not download Sendmail's packages; its tests will skip" >&2
+    fi
+    rm -rf "$debs"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
