@@ -10,8 +10,9 @@ Two uses:
 
 Exit codes (sysexits.h): 0 accepted/delivered (also for a discarded message
 in mailer mode), 69 rejected, 75 on every doubt (daemon down, timeout,
-scanner failure, no reply), 99 discarded (file mode), 64 usage; in mailer
-mode a delivery agent's own exit code is passed on.
+scanner failure, no reply, several recipients for a per-recipient agent),
+99 discarded (file mode), 64 usage; in mailer mode a delivery agent's own
+exit code is passed on.
 
 Start-up time is the point of this file: it imports only what Python has
 loaded anyway (`_socket`, not `socket`; no argparse, getopt, re or
@@ -35,7 +36,7 @@ import os
 import sys
 
 from amavisd_client.connection import ClientError, Connection, check
-from amavisd_client.delivery import deliver
+from amavisd_client.delivery import deliver, per_recipient
 from amavisd_client.edits import edit_message, header_edits
 from amavisd_client.spool import Spool, SpoolError, inside
 from amavisd_client.sysexits import EX_DISCARD, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
@@ -66,7 +67,10 @@ options:
                         spaces (or, with none, on commas), never a shell
                         ($AMAVISD_DELIVER); {sender},
                         {recipients} (all, as separate arguments) and
-                        {recipient} (one call per recipient) are filled in
+                        {recipient} (one call per recipient: then only one
+                        recipient a call is accepted) are filled in;
+                        or maildir:DIR (DIR may hold {recipient}; not as
+                        root: run as the maildirs' owner)
   -f SENDER             envelope sender: selects mailer mode (stdin)
   -q, --quiet           print nothing in file mode
 """ % (DEFAULT_SOCKET, DEFAULT_TIMEOUT)  # noqa: UP031 (braces are literal here)
@@ -193,6 +197,14 @@ def mailer_mode(opts: Options) -> int:
         return EX_USAGE
     if not opts.deliver:
         say("4.3.5 amavisd-client: no delivery agent configured (--deliver)")
+        return EX_TEMPFAIL
+    if len(opts.args) > 1 and per_recipient(opts.deliver):
+        # One exit code answers for all: after a failure past the first
+        # delivery, a tempfail delivers the first again, a success loses the rest.
+        say(f"4.3.5 amavisd-client: {len(opts.args)} recipients in one call, but the "
+            "delivery agent runs once a recipient and one exit code cannot answer for each "
+            "(a retry would deliver twice): give one recipient a call (Sendmail mailer "
+            "without F=m; Postfix pipe with TRANSPORT_destination_recipient_limit = 1)")
         return EX_TEMPFAIL
     spool = None
     conn = Connection(opts.socket, opts.timeout)

@@ -21,9 +21,14 @@ def header_edits(reply: Block) -> list[tuple[str, list[str]]]:
 
 
 def apply_edits(header: bytes, edits: list[tuple[str, list[str]]]) -> bytes:
-    """Apply AM.PDP header edits (milter semantics) to a raw header block."""
-    eol = b"\r\n" if header.find(b"\r\n") >= 0 else b"\n"
-    lines = header.split(eol)
+    """Apply AM.PDP header edits (milter semantics) to a raw header block.
+
+    Lines are cut at LF and keep a CR of their own (a header block may mix
+    both: the MTA's lines and the sender's); lines we add end like the
+    first line, the MTA's."""
+    first = header.find(b"\n")
+    cr = b"\r" if first > 0 and header[first - 1:first] == b"\r" else b""
+    lines = header.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     mbox_from = lines.pop(0) if lines and lines[0].startswith(b"From ") else None
@@ -37,6 +42,10 @@ def apply_edits(header: bytes, edits: list[tuple[str, list[str]]]) -> bytes:
     def field_name(field: list[bytes]) -> bytes:
         return field[0].split(b":", 1)[0].strip().lower()
 
+    # The MTA adds Return-Path as it delivers, after the milter stage the
+    # edits were made for: it stays on top (index 0 is below it).
+    top = [fields.pop(0)] if fields and field_name(fields[0]) == b"return-path" else []
+
     def nth(name: str, index: int) -> int | None:
         seen = 0
         for pos, field in enumerate(fields):
@@ -47,7 +56,7 @@ def apply_edits(header: bytes, edits: list[tuple[str, list[str]]]) -> bytes:
         return None
 
     def make(name: str, value: str) -> list[bytes]:
-        return [f"{name}: {value}".encode("utf-8", "surrogateescape")]
+        return [f"{name}: {value}".encode("utf-8", "surrogateescape") + cr]
 
     for op, args in edits:
         try:
@@ -72,18 +81,24 @@ def apply_edits(header: bytes, edits: list[tuple[str, list[str]]]) -> bytes:
         except ValueError:
             continue  # a malformed index: ignore the edit, as the protocol asks
     out = [mbox_from] if mbox_from is not None else []
-    for field in fields:
+    for field in top + fields:
         out.extend(field)
-    return eol.join(out) + eol
+    return b"\n".join(out) + b"\n"
 
 
 def header_end(data: bytes) -> int:
-    """Offset just past the header block (its lines, without the empty line)."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        pos = data.find(sep)
-        if pos >= 0:
-            return pos + len(sep) // 2
-    return len(data)
+    """Offset just past the header block (its lines, without the empty line):
+    the first empty line, CRLF or LF, whichever comes first. (Looking for
+    CRLFCRLF anywhere first put a LF message's header end wherever the
+    sender wrote CR CR LF CR CR LF in the body, and our headers there.)"""
+    pos = 0
+    while True:
+        end = data.find(b"\n", pos)
+        if end < 0:
+            return len(data)
+        if end == pos or (end == pos + 1 and data[pos:end] == b"\r"):
+            return pos
+        pos = end + 1
 
 
 def edit_message(data: bytes, edits: list[tuple[str, list[str]]]) -> bytes:

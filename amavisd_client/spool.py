@@ -2,15 +2,16 @@
 email.txt, for the daemon to read by path.
 
 The temp base is shared with every member of the daemon's group, and AM.PDP
-can only name a path. So the dir (0750) and the file (0640) are made through
-a descriptor of the dir, and both descriptors stay open until the end: what
-the client delivers is read back from the file it wrote (`read()`), never
-through the path, which a group member could swap by renaming our dir (on a
-temp base without the sticky bit). A temp base that others may write
-without the sticky bit is refused outright: there a swap and a swap back
-between the daemon's read and our check cannot be seen. `verify()` checks
-that the path still leads to the dir and the file we made, before the
-request and after the verdict; a mismatch is a tempfail. Removal goes through the dir's descriptor too, so a swap
+can only name a path. So the dir (0750) and the file (0640), both given the
+temp base's group, are made through a descriptor of the dir, and both
+descriptors stay open until the end: what the client delivers is read back
+from the file it wrote (`read()`), never through the path, which a group
+member could swap by renaming our dir (on a temp base without the sticky
+bit). A temp base that others may write without the sticky bit is refused
+outright: there a swap and a swap back between the daemon's read and our
+check cannot be seen. `verify()` checks that the path still leads to the dir
+and the file we made, before the request and after the verdict; a mismatch
+is a tempfail. Removal goes through the dir's descriptor too, so a swap
 cannot make us delete someone else's files.
 
 Like the rest of the client, stdlib modules Python has loaded anyway, nothing more.
@@ -72,6 +73,8 @@ class Spool:
             self.fd = os.open(MAIL_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                               | os.O_CLOEXEC, FILE_MODE, dir_fd=self.dir_fd)
             os.fchmod(self.fd, FILE_MODE)  # the daemon may be another user of the group
+            share_group(self.dir_fd, base.st_gid)
+            share_group(self.fd, base.st_gid)
             info = os.fstat(self.fd)
             self.file_id = (info.st_dev, info.st_ino)
         except OSError as err:
@@ -149,6 +152,18 @@ class Spool:
                 os.close(base_fd)
             os.close(self.dir_fd)
             self.dir_fd = -1
+
+
+def share_group(fd: int, gid: int) -> None:
+    """Give our spool the temp base's group, the daemon's: a client run as
+    root (Sendmail's local mailer, to call mail.local) or with another
+    primary group (U=root:mail) would leave the daemon a dir it cannot read.
+    Where we may not (not a member), the daemon is our own user."""
+    if os.fstat(fd).st_gid != gid:
+        try:
+            os.fchown(fd, -1, gid)
+        except PermissionError:
+            pass
 
 
 def empty_dir(dir_fd: int) -> None:

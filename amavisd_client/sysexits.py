@@ -7,6 +7,7 @@ own so that neither has to import the other.
 EX_OK = 0
 EX_USAGE = 64
 EX_NOINPUT = 66
+EX_NOUSER = 67  # no such mailbox: the MTA bounces
 EX_UNAVAILABLE = 69  # rejected: the MTA bounces
 EX_TEMPFAIL = 75  # every doubt: the MTA keeps the message and retries
 EX_DISCARD = 99  # file mode only: the daemon said discard

@@ -70,3 +70,51 @@ def small_tmpfs():
     yield path
     subprocess.run(["umount", "-l", path], check=False)
     os.rmdir(path)
+
+
+@pytest.fixture
+def postfix_factory(short_tmp):
+    """make(**options) -> a started private Postfix (tests/rigs/postfix.py,
+    options as PostfixInstance's), each with its own dir; all stopped at the end."""
+    from tests.rigs import postfix as postfix_rig
+
+    reason = postfix_rig.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    made: list[postfix_rig.PostfixInstance] = []
+
+    def make(**options) -> postfix_rig.PostfixInstance:
+        instance = postfix_rig.PostfixInstance(short_tmp / f"postfix{len(made)}", **options)
+        made.append(instance)
+        return instance.start()
+
+    yield make
+    for instance in made:
+        instance.stop()
+
+
+@pytest.fixture
+def postfix(postfix_factory):
+    """A started private Postfix relaying everything to its own SMTP sink (`.sink`)."""
+    return postfix_factory()
+
+
+@pytest.fixture
+def sendmail_factory(short_tmp):
+    """make(**options) -> a started private Sendmail (tests/rigs/sendmail.py,
+    options as SendmailInstance's), each with its own dir; all stopped at the end."""
+    from tests.rigs import sendmail as sendmail_rig
+
+    reason = sendmail_rig.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    made: list[sendmail_rig.SendmailInstance] = []
+
+    def make(**options) -> sendmail_rig.SendmailInstance:
+        instance = sendmail_rig.SendmailInstance(short_tmp / f"sendmail{len(made)}", **options)
+        made.append(instance)
+        return instance.start()
+
+    yield make
+    for instance in made:
+        instance.stop()
