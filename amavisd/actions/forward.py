@@ -1,41 +1,70 @@
-"""Sending mail out: quarantine releases and notifications share this.
+"""Sending mail out: the content filter's forwarding, releases and notices.
 
-Two methods, chosen by a spec string (amavisd-new's $notify_method and
-$forward_method vocabulary), parsed in `methods.py` (the settings check it
+Three methods, chosen by a spec string (amavisd-new's $forward_method and
+$notify_method vocabulary), parsed in `methods.py` (the settings check it
 there without loading this module):
 
     smtp:[127.0.0.1]:10025   SMTP to host:port (the MTA's re-injection port)
-    smtp:mail.example.com:25
+    smtp:unix:/path          SMTP over a Unix socket
+    lmtp:[127.0.0.1]:24      LMTP (one reply per recipient), TCP or lmtp:unix:/path
     pipe:/usr/sbin/sendmail  runs PATH -i -f SENDER -- RCPT... (argv, no shell)
 
-The message bytes are handed over as they are: a released message must
-reach its recipients byte for byte as it was quarantined. This module must
+`hand_over()` is the whole answer of the next hop: which recipients it took
+(`Handed.accepted`), which it refused while others were taken
+(`Handed.refused`), or `ForwardError` when it took none, with `temporary`
+saying whether the MTA that gave us the mail should keep it (4xx) or bounce
+it (5xx). Anything unsure (connection lost, timeout, a reply we cannot read)
+is temporary: a 250 from us must mean the mail is safe with someone.
+`send()` is the older, thinner answer (the refused recipients) that notices
+and releases use.
+
+The message is streamed from a file or bytes (a 50 MB mail is never copied
+whole), in CRLF lines and dot-stuffed on the way (`smtpdata.py`); its bytes
+are otherwise handed over as they are: a released message reaches its
+recipients byte for byte as it was quarantined. The envelope goes out as it
+came in, with the ESMTP parameters the next hop understands (DSN, SIZE,
+BODY, SMTPUTF8) and XFORWARD when it offers it (`Params`). This module must
 never go through a shell, and never put an address where it could be read
 as an option (the sender follows -f, recipients follow --).
 """
 
 from __future__ import annotations
 
-import re
-import smtplib
+import os
+import signal
 import subprocess
+import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amavisd.actions.methods import PipeMethod, SMTPMethod, parse_method
+from amavisd.actions.outcome import ForwardError, Handed, Message, Params
+from amavisd.actions.smtpdata import raw_blocks
+from amavisd.actions.smtpout import Transaction
 from amavisd.envelope import bare_address
 
 DEFAULT_METHOD = "smtp:[127.0.0.1]:10025"
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
-
-class ForwardError(Exception):
-    """The message could not be handed over; one line saying why."""
 
 
 class Forwarder(Protocol):
-    def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, str]:
+    def hand_over(self, sender: str, recipients: Sequence[str], data: Message, *,
+                  params: Params | None = None,
+                  per_recipient: bool = False) -> Handed:
+        """Hand over one message; ForwardError when the next hop took none.
+
+        `per_recipient`: the caller can answer each recipient on its own
+        (LMTP in): `Handed.refused` then holds 4xx and 5xx replies alike.
+        Otherwise (one reply for all: SMTP in, AM.PDP) a recipient the next
+        hop tempfails makes the whole hand-over a temporary ForwardError:
+        at RCPT before DATA is sent (a retry would deliver twice to the
+        others), after DATA (LMTP next hop) too, since a duplicate is better
+        than a loss; `Handed.refused` then holds only 5xx replies, which the
+        caller must bounce or report."""
+        ...
+
+    def send(self, sender: str, recipients: Sequence[str], data: Message) -> dict[str, str]:
         """Hand over one message; returns the recipients refused (address ->
         reply) when others were taken; raises ForwardError when none was."""
         ...
@@ -45,75 +74,139 @@ class Forwarder(Protocol):
 class SMTPForwarder:
     host: str = "127.0.0.1"
     port: int = 10025
-    timeout: float = 30.0
+    timeout: float = 30.0  # each step: connect, each command, each block of DATA
     helo: str | None = None  # None: the local FQDN, as smtplib does
+    lmtp: bool = False
+    path: str = ""  # a Unix socket instead of host:port
 
-    def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, str]:
+    @property
+    def where(self) -> str:
+        proto = "lmtp" if self.lmtp else "smtp"
+        return f"{proto}:unix:{self.path}" if self.path else f"{proto}:[{self.host}]:{self.port}"
+
+    def hand_over(self, sender: str, recipients: Sequence[str], data: Message, *,
+                  params: Params | None = None, per_recipient: bool = False) -> Handed:
         if not recipients:
-            raise ForwardError("no recipients")
-        where = f"smtp:[{self.host}]:{self.port}"
-        sender, recipients = bare_address(sender), [bare_address(r) for r in recipients]
-        # SMTP wants CRLF lines; smtplib does not convert bytes, and a message
-        # spooled with bare LFs would gain a blank line before the final dot.
-        data = _BARE_LF.sub(b"\r\n", data)
-        # Internationalised addresses need the server's SMTPUTF8 (smtplib checks).
-        options = [] if all(a.isascii() for a in [sender, *recipients]) else ["SMTPUTF8"]
-        try:
-            with smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
-                              timeout=self.timeout) as smtp:
-                refused = smtp.sendmail(sender, recipients, data, mail_options=options)
-        except smtplib.SMTPRecipientsRefused as err:
-            raise ForwardError(f"{where}: all recipients refused: "
-                               f"{_replies(err.recipients)}") from None
-        except smtplib.SMTPResponseException as err:
-            text = err.smtp_error.decode("utf-8", "replace")
-            raise ForwardError(f"{where}: {err.smtp_code} {text}") from None
-        except (smtplib.SMTPException, OSError, UnicodeError) as err:  # OSError: timeouts too
-            raise ForwardError(f"{where}: {err}") from None
-        return {rcpt: _reply(code, text) for rcpt, (code, text) in refused.items()}
+            raise ForwardError("no recipients", temporary=False,
+                               reply="554 5.5.1 no recipients")
+        return Transaction(self.where, self.host, self.port, self.path, self.lmtp, self.helo,
+                           self.timeout, per_recipient).run(sender, list(recipients), data,
+                                                            params or Params())
+
+    def send(self, sender: str, recipients: Sequence[str], data: Message) -> dict[str, str]:
+        # per_recipient: as before hand_over, the others get the mail whatever
+        # one recipient is told (notices and releases report the refused).
+        return self.hand_over(sender, recipients, data, per_recipient=True).refused
+
+
+# Exit codes of a sendmail-like program that say the mail itself is refused
+# for good (sysexits.h); any other failure, a signal or a timeout is
+# temporary: a misconfigured pipe must not bounce mail.
+PERMANENT_EXITS = {65: "5.6.0", 67: "5.1.1", 68: "5.1.2", 69: "5.5.0", 77: "5.7.1"}
 
 
 @dataclass
 class PipeForwarder:
-    """A sendmail-compatible program: PATH [ARGS] -i -f SENDER -- RCPT..."""
+    """A sendmail-compatible program: PATH [ARGS] -i -f SENDER -- RCPT...
+
+    An argv with `{sender}` or `{recipients}` is a template instead: the
+    sender fills its item, the recipients take the place of theirs, one item
+    each (still no shell)."""
 
     argv: Sequence[str] = ("/usr/sbin/sendmail",)
     timeout: float = 30.0
 
-    def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, str]:
-        if not recipients:
-            raise ForwardError("no recipients")
+    @property
+    def where(self) -> str:
+        return f"pipe:{self.argv[0]}"
+
+    def command(self, sender: str, recipients: Sequence[str]) -> list[str]:
         # Postfix, Exim and Sendmail all read "<>" after -f as the null sender.
-        argv = [*self.argv, "-i", "-f", bare_address(sender) or "<>", "--",
-                *(bare_address(r) for r in recipients)]
-        try:
-            done = subprocess.run(argv, input=data, capture_output=True,
-                                  timeout=self.timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise ForwardError(f"{self.argv[0]}: {err}") from None
-        if done.returncode != 0:
-            said = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise ForwardError(f"{self.argv[0]} exited {done.returncode}"
-                               + (f": {said[-1]}" if said else ""))
-        return {}
+        sender = bare_address(sender) or "<>"
+        rcpts = [bare_address(r) for r in recipients]
+        if any("{sender}" in a or a == "{recipients}" for a in self.argv):
+            argv: list[str] = []
+            for arg in self.argv:
+                argv += rcpts if arg == "{recipients}" else [arg.replace("{sender}", sender)]
+            return argv
+        return [*self.argv, "-i", "-f", sender, "--", *rcpts]
+
+    def hand_over(self, sender: str, recipients: Sequence[str], data: Message, *,
+                  params: Params | None = None, per_recipient: bool = False) -> Handed:
+        if not recipients:
+            raise ForwardError("no recipients", temporary=False,
+                               reply="554 5.5.1 no recipients")
+        argv = self.command(sender, recipients)
+        code, said = self._run(argv, data)
+        if code == 0:
+            reply = f"250 2.6.0 Ok, handed to {self.where}"
+            return Handed(self.where, reply, {}, {bare_address(r): reply for r in recipients})
+        if code == -1000:
+            why = f"{self.argv[0]}: {said}"
+        else:
+            why = (f"{self.argv[0]} exited {code}" if code > 0
+                   else f"{self.argv[0]} killed by signal {-code}") + (f": {said}" if said else "")
+        if code in PERMANENT_EXITS:
+            raise ForwardError(why, temporary=False,
+                               reply=f"554 {PERMANENT_EXITS[code]} {why}")
+        raise ForwardError(why, temporary=True, reply=f"451 4.3.0 {why}")
+
+    def _run(self, argv: list[str], data: Message) -> tuple[int, str]:
+        """(exit code, last line of stderr); -1000 for a program that could
+        not be run or outlived the timeout. stderr goes to a file, so a chatty
+        program cannot block us while we feed its stdin."""
+        with tempfile.TemporaryFile() as errors:
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=errors, start_new_session=True)
+            except OSError as err:
+                return -1000, err.strerror or str(err)
+            timed_out = threading.Event()
+            timer = threading.Timer(self.timeout, _kill_group, (proc, timed_out))
+            timer.start()
+            try:
+                assert proc.stdin is not None
+                try:
+                    for chunk in raw_blocks(data):
+                        proc.stdin.write(chunk)
+                    proc.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass  # the exit status says what went wrong
+                code = proc.wait()
+            finally:
+                timer.cancel()
+            if timed_out.is_set():
+                return -1000, f"timed out after {self.timeout:g}s"
+            errors.seek(0)
+            lines = errors.read(64 * 1024).decode("utf-8", "replace").strip().splitlines()
+        return code, lines[-1][:300] if lines else ""
+
+    def send(self, sender: str, recipients: Sequence[str], data: Message) -> dict[str, str]:
+        return self.hand_over(sender, recipients, data).refused
 
 
-def _reply(code: int, text: bytes) -> str:
-    return f"{code} {text.decode('utf-8', 'replace')}"
-
-
-def _replies(refused: dict[str, tuple[int, bytes]]) -> str:
-    return "; ".join(f"{rcpt}: {_reply(code, text)}" for rcpt, (code, text) in refused.items())
+def _kill_group(proc: subprocess.Popen, timed_out: threading.Event) -> None:
+    timed_out.set()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 # The registry: each parsed method (methods.py) -> the Forwarder that sends by it.
-FORWARDERS: dict[type, Callable[[Any, float], Forwarder]] = {
-    SMTPMethod: lambda method, timeout: SMTPForwarder(method.host, method.port, timeout),
-    PipeMethod: lambda method, timeout: PipeForwarder(method.argv, timeout),
+FORWARDERS: dict[type, Callable[[Any, float, str | None], Forwarder]] = {
+    SMTPMethod: lambda method, timeout, helo: SMTPForwarder(
+        method.host, method.port, timeout, helo, lmtp=method.lmtp, path=method.path),
+    PipeMethod: lambda method, timeout, helo: PipeForwarder(method.argv, timeout),
 }
 
 
-def forwarder(spec: str, timeout: float = 30.0) -> Forwarder:
-    """Build a Forwarder from a method spec; ValueError (one line) if bad."""
+def forwarder(spec: str, timeout: float = 30.0, helo: str | None = None) -> Forwarder:
+    """Build a Forwarder from a method spec; ValueError (one line) if bad.
+    `helo`: our name in EHLO/LHLO (None: the local FQDN)."""
     method = parse_method(spec)
-    return FORWARDERS[type(method)](method, timeout)
+    return FORWARDERS[type(method)](method, timeout, helo)
+
+
+__all__ = ["DEFAULT_METHOD", "ForwardError", "Forwarder", "Handed", "Params", "PipeForwarder",
+           "SMTPForwarder", "forwarder"]

@@ -10,6 +10,12 @@ request however slowly it trickles (from its first byte),
 `max_request_bytes` buffered without a complete request, and a client that
 does not read its replies is hung up on.
 
+The limits are the daemon's (`ConnectionLimits.from_config`) unless the
+session's protocol has its own: before each request the loop asks
+`session.connection_limits()`, so SMTP waits `smtp_idle_timeout` for a
+command and `smtp_data_timeout` for a whole DATA while AM.PDP keeps its
+short ones, and the log line names the setting that ran out.
+
 After each reply the handler is told (`handle_reply_sent`: notifications
 go out after the client has its answer) and asked whether to go on
 (`keep_going`: a retiring worker closes the connection after the reply).
@@ -31,6 +37,9 @@ class ConnectionLimits:
     request_timeout: float = 30.0  # first byte of a request -> its end, however it trickles
     max_requests: int = 100  # requests answered on one connection
     max_time: float = 600.0  # the whole connection, all its requests (processing aside)
+    # the settings the two timeouts come from, named when one runs out
+    idle_setting: str = "client_idle_timeout"
+    request_setting: str = "request_timeout"
 
     @classmethod
     def from_config(cls, config) -> ConnectionLimits:
@@ -42,16 +51,18 @@ def serve(session: Session, limits: ConnectionLimits) -> int:
     """Serve one connection until it ends; the number of requests answered.
     The caller closes the connection."""
     answered = 0
-    ends = time.monotonic() + limits.max_time
+    current = session.connection_limits(limits)
+    ends = time.monotonic() + current.max_time
     try:
         greeting = session.greeting()
-        if greeting and not _send(session, greeting, limits):
+        if greeting and not _send(session, greeting, current):
             return 0
-        while answered < limits.max_requests and not session.closing:
-            if not _next_request(session, limits, ends):
+        while answered < current.max_requests and not session.closing:
+            current = session.connection_limits(limits)  # for the request to come
+            if not _next_request(session, current, ends):
                 break
             answered += 1
-            if not _send(session, session.answer(), limits):
+            if not _send(session, session.answer(), session.connection_limits(limits)):
                 break
             session.handler.handle_reply_sent()
             if not session.handler.keep_going():
@@ -111,11 +122,12 @@ def _hang_up(session: Session, limits: ConnectionLimits, mid_request: bool,
         session.log.warning("%s connection open longer than max_connection_time (%gs): "
                             "closing it", session.label, limits.max_time)
     elif mid_request:
-        session.log.warning("%s request not complete within request_timeout (%gs): "
-                            "closing the connection", session.label, limits.request_timeout)
+        session.log.warning("%s request not complete within %s (%gs): closing the "
+                            "connection", session.label, limits.request_setting,
+                            limits.request_timeout)
     else:
-        session.log.info("%s client idle for client_idle_timeout (%gs): closing the "
-                         "connection", session.label, limits.idle_timeout)
+        session.log.info("%s client idle for %s (%gs): closing the connection",
+                         session.label, limits.idle_setting, limits.idle_timeout)
 
 
 def _send(session: Session, data: bytes, limits: ConnectionLimits) -> bool:

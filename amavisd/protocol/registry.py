@@ -14,11 +14,13 @@ worker never has to import a protocol after the fork.
 
 from __future__ import annotations
 
-from amavisd.protocol import ampdp
+from amavisd.protocol import ampdp, smtp
 from amavisd.protocol.session import Session
 
 PROTOCOLS: dict[str, type[Session]] = {
     "ampdp": ampdp.Session,  # amavisd-new's AM.PDP: the MTA's helper, amavisd-release
+    "smtp": smtp.SMTPSession,  # the after-queue content filter (Postfix content_filter)
+    "lmtp": smtp.LMTPSession,  # the same, one reply per recipient (RFC 2033)
 }
 
 

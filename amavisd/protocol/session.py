@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 if TYPE_CHECKING:
     from amavisd.config import Config
     from amavisd.envelope import Job
+    from amavisd.protocol.loop import ConnectionLimits
     from amavisd.quarantine.release import ReleaseOutcome, ReleaseRequest
     from amavisd.verdict import Result
 
@@ -77,6 +78,13 @@ class Session(abc.ABC):
     def greeting(self) -> bytes:
         """What the server says first (SMTP's 220); nothing by default."""
         return b""
+
+    def connection_limits(self, limits: ConnectionLimits) -> ConnectionLimits:
+        """The limits for the next request, given the daemon's (`client_idle_timeout`,
+        `request_timeout`, ...). A protocol with settings of its own returns
+        them here; asked before each request, so they may follow its state
+        (SMTP: a command, or a whole DATA)."""
+        return limits
 
     @abc.abstractmethod
     def receive(self, data: bytes) -> None:

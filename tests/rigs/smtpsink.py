@@ -15,6 +15,9 @@ smtp-sink would do the talking but keeps nothing.
 It speaks just enough SMTP (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT)
 for a client library; it is a test part and never meant to face a network.
 Standard library only; the server runs in a thread of the test process.
+What any such test server needs (a thread, start and stop, the messages
+kept and a wait for them, the DATA reader) is here once, as `ServerRig`,
+`Keeping` and `read_data`: `nexthop.NextHop` is the scriptable one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["SMTPSink", "SinkMessage"]
+__all__ = ["Keeping", "SMTPSink", "ServerRig", "SinkMessage", "TooBig", "read_data"]
 
 MAX_LINE = 4096  # a command line; DATA lines may be longer (up to MAX_DATA)
 MAX_DATA = 64 * 1024 * 1024
@@ -37,6 +40,28 @@ class SinkMessage:
     rcpt_tos: list[str]
     data: bytes  # as received, CRLF line ends, dot-unstuffed, without the final "."
     helo: str = ""
+
+
+class TooBig(Exception):
+    """The DATA went past the size the rig keeps."""
+
+
+def read_data(rfile, limit: int = MAX_DATA) -> bytes | None:
+    """The DATA after the 354: dot-unstuffed (RFC 5321 4.5.2), CRLF as sent,
+    without the final "."; None when the client went away mid-message."""
+    lines, size = [], 0
+    while True:
+        line = rfile.readline(limit + 1)
+        if not line:
+            return None
+        if line in (b".\r\n", b".\n"):
+            return b"".join(lines)
+        if line.startswith(b"."):
+            line = line[1:]
+        size += len(line)
+        if size > limit:
+            raise TooBig(f"over {limit} bytes")
+        lines.append(line)
 
 
 def _address(argument: str, keyword: str) -> str | None:
@@ -122,23 +147,15 @@ class _Handler(socketserver.StreamRequestHandler):
         if not session.rcpt_tos:
             return self.reply("503 5.5.1 need RCPT first")
         self.reply("354 end data with <CR><LF>.<CR><LF>")
-        lines = []
-        size = 0
-        while True:
-            line = self.rfile.readline(MAX_DATA + 1)
-            if not line:
-                return False  # the client went away mid-message: nothing kept
-            if line in (b".\r\n", b".\n"):
-                break
-            if line.startswith(b"."):
-                line = line[1:]  # dot-unstuffing (RFC 5321 4.5.2)
-            size += len(line)
-            if size > MAX_DATA:
-                self.reply("552 5.3.4 message too big")
-                return False
-            lines.append(line)
+        try:
+            data = read_data(self.rfile)
+        except TooBig:
+            self.reply("552 5.3.4 message too big")
+            return False
+        if data is None:
+            return False  # the client went away mid-message: nothing kept
         self.server.keep(SinkMessage(session.mail_from or "", list(session.rcpt_tos),
-                                     b"".join(lines), session.helo))
+                                     data, session.helo))
         session.mail_from, session.rcpt_tos = None, []
         self.reply("250 2.0.0 ok: kept")
         return None
@@ -155,7 +172,23 @@ class _Handler(socketserver.StreamRequestHandler):
         return False
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class Keeping:
+    """A rig server's mailbox: what it accepted, and a condition to wait on."""
+
+    messages: list
+    arrived: threading.Condition
+
+    def start_keeping(self) -> None:
+        self.messages = []
+        self.arrived = threading.Condition()
+
+    def keep(self, message: object) -> None:
+        with self.arrived:
+            self.messages.append(message)
+            self.arrived.notify_all()
+
+
+class _Server(Keeping, socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -163,52 +196,49 @@ class _Server(socketserver.ThreadingTCPServer):
         super().__init__(address, _Handler)
         self.hostname = "sink.test"
         self.refuse = {r.lower() for r in refuse}
-        self.messages: list[SinkMessage] = []
-        self.arrived = threading.Condition()
-
-    def keep(self, message: SinkMessage) -> None:
-        with self.arrived:
-            self.messages.append(message)
-            self.arrived.notify_all()
+        self.start_keeping()
 
 
-class SMTPSink:
-    """Start it, send to (host, port), read `.messages`, stop it.
+class ServerRig:
+    """A test server in a thread of the test process: `start()` it, talk to
+    `address`, read `.messages` (or `wait()` for them), `stop()` it.
+    Subclasses say which server (`make_server`)."""
 
-    `refuse`: recipient addresses answered with 550, to test partial failures.
-    """
+    wait_timeout = 5.0
+    thread_name = "test-server"
 
-    def __init__(self, host: str = "127.0.0.1", refuse: Iterable[str] = ()):
-        self._host = host
-        self._refuse = tuple(refuse)
-        self._server: _Server | None = None
+    def __init__(self) -> None:
+        self._server: Keeping | None = None
         self._thread: threading.Thread | None = None
 
+    def make_server(self):
+        raise NotImplementedError
+
     def start(self) -> tuple[str, int]:
-        self._server = _Server((self._host, 0), self._refuse)
+        self._server = self.make_server()
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05},
-                                        name="smtp-sink", daemon=True)
+                                        name=self.thread_name, daemon=True)
         self._thread.start()
         return self.address
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None, "start() the sink first"
+        assert self._server is not None, "start() the server first"
         host, port = self._server.server_address[:2]
         return host, port
 
     @property
-    def messages(self) -> list[SinkMessage]:
+    def messages(self) -> list:
         if self._server is None:
             return []
         with self._server.arrived:
             return list(self._server.messages)
 
-    def wait(self, count: int = 1, timeout: float = 5.0) -> list[SinkMessage]:
+    def wait(self, count: int = 1, timeout: float | None = None) -> list:
         """The messages once at least `count` have arrived (or at the timeout)."""
-        assert self._server is not None, "start() the sink first"
-        deadline = time.monotonic() + timeout
+        assert self._server is not None, "start() the server first"
+        deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
         with self._server.arrived:
             while len(self._server.messages) < count:
                 left = deadline - time.monotonic()
@@ -226,9 +256,26 @@ class SMTPSink:
         self._thread.join(timeout=5)
         self._thread = None
 
-    def __enter__(self) -> SMTPSink:
+    def __enter__(self):
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SMTPSink(ServerRig):
+    """Start it, send to (host, port), read `.messages`, stop it.
+
+    `refuse`: recipient addresses answered with 550, to test partial failures.
+    """
+
+    thread_name = "smtp-sink"
+
+    def __init__(self, host: str = "127.0.0.1", refuse: Iterable[str] = ()):
+        super().__init__()
+        self._host = host
+        self._refuse = tuple(refuse)
+
+    def make_server(self) -> _Server:
+        return _Server((self._host, 0), self._refuse)

@@ -1,0 +1,311 @@
+"""One SMTP or LMTP transaction with the next hop, and what it said.
+
+`SMTPForwarder.hand_over` runs a `Transaction`: connect (TCP or a Unix
+socket), EHLO/LHLO (HELO for an SMTP server that knows no EHLO), XFORWARD
+when offered, MAIL with the parameters the next hop understands, RCPT each
+recipient, DATA streamed (`smtpdata`), then one reply (SMTP) or one per
+accepted recipient (LMTP, RFC 2033), QUIT.
+
+smtplib does the talking (connect, replies, EHLO parsing); the commands are
+spelled here, since smtplib's `mail()`/`rcpt()` rewrite addresses and its
+`data()` wants the whole message in memory.
+
+Classification, fail closed: a 5xx of the next hop is permanent; a 4xx,
+a dropped connection, a timeout, an unreadable reply are temporary, so our
+client keeps the mail. Extensions the envelope needs but the next hop lacks
+follow amavisd-new: BODY=8BITMIME without 8BITMIME and non-ASCII addresses
+without SMTPUTF8 are refused (550 5.6.3 / 550 5.6.7); SMTPUTF8 with only
+ASCII addresses, and DSN parameters without DSN, are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import smtplib
+import socket
+
+from amavisd.actions.outcome import ForwardError, Handed, Message, Params
+from amavisd.actions.smtpdata import message_chunks, message_size
+from amavisd.envelope import bare_address
+
+log = logging.getLogger("amavisd.forward")
+
+MAIL_KEYWORDS = ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID")
+DSN_MAIL = ("RET", "ENVID")
+RCPT_KEYWORDS = ("NOTIFY", "ORCPT")
+XFORWARD_ORDER = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]*\Z")  # esmtp-value, UTF-8 allowed
+_NEUTER = re.compile(r"[^\x21-\x7e]|[<>()\\\";@]")  # as amavisd-new and Postfix neuter
+XFORWARD_LINE = 480  # bytes of attributes in one XFORWARD command
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: '+', '=' and anything outside 33..126 as +XX."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
+
+
+def _reply(code: int, text: bytes) -> str:
+    return f"{code} " + " ".join(text.decode("utf-8", "replace").split())
+
+
+class _Client(smtplib.SMTP):
+    """smtplib's SMTP, LMTP when asked, over a Unix socket when given a path."""
+
+    def __init__(self, path: str, lmtp: bool, helo: str | None, timeout: float):
+        self._path = path
+        if lmtp:
+            self.ehlo_msg = "lhlo"
+        super().__init__(local_hostname=helo, timeout=timeout)
+
+    def _get_socket(self, host, port, timeout):
+        if not self._path:
+            sock = super()._get_socket(host, port, timeout)
+            # commands and the end of DATA are small writes: never held back
+            # waiting for the ACK of the one before (Nagle vs delayed ACK)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+class Transaction:
+    """One message to one next hop (see `actions.forward.SMTPForwarder`)."""
+
+    def __init__(self, where: str, host: str, port: int, path: str, lmtp: bool,
+                 helo: str | None, timeout: float, per_recipient: bool):
+        self.where = where
+        self.host, self.port, self.path = host, port, path
+        self.lmtp, self.helo, self.timeout = lmtp, helo, timeout
+        self.per_recipient = per_recipient
+
+    def fail(self, why: str, code: int = 451, enhanced: str = "4.4.2", *,
+             reply: str = "", refused: dict[str, str] | None = None) -> ForwardError:
+        """ForwardError; `reply` is the next hop's own line when it gave one."""
+        temporary = not (500 <= code <= 599)
+        line = f"{code} {enhanced} {self.where}: {why}"
+        return ForwardError(f"{self.where}: {why}", temporary=temporary,
+                            reply=reply or line, refused=refused)
+
+    def run(self, sender: str, recipients: list[str], data: Message, params: Params) -> Handed:
+        client = _Client(self.path, self.lmtp, self.helo, self.timeout)
+        try:
+            try:
+                # a path: any port, so smtplib does not look for one in the "host"
+                code, text = client.connect(self.path or self.host, self.port or 1)
+            except OSError as err:
+                raise self.fail(f"cannot connect: {err.strerror or err}", 451, "4.4.1") \
+                    from None
+            if code != 220:
+                raise self.hop_said("greeting", code, text)
+            return self.converse(client, sender, recipients, data, params)
+        except smtplib.SMTPServerDisconnected as err:
+            raise self.fail(f"connection lost: {err}") from None
+        except smtplib.SMTPResponseException as err:  # a reply line past smtplib's limit
+            raise self.fail(f"unreadable reply: {err.smtp_error!r}") from None
+        except (OSError, ValueError, UnicodeError) as err:  # timeouts are OSErrors
+            raise self.fail(f"{type(err).__name__}: {err}") from None
+        finally:
+            try:
+                client.quit()
+            except (smtplib.SMTPException, OSError):
+                client.close()
+
+    def hop_said(self, step: str, code: int, text: bytes,
+                 refused: dict[str, str] | None = None) -> ForwardError:
+        said = _reply(code, text)
+        if not (400 <= code <= 599):  # a 2xx/3xx where it makes no sense, or garbage
+            return self.fail(f"unexpected reply to {step}: {said}", refused=refused)
+        return ForwardError(f"{self.where}: {step}: {said}", temporary=code < 500,
+                            reply=said, refused=refused, from_hop=True)
+
+    def converse(self, client: _Client, sender: str, recipients: list[str], data: Message,
+                 params: Params) -> Handed:
+        code, text = client.ehlo()
+        if code != 250:
+            if self.lmtp:
+                raise self.hop_said("LHLO", code, text)
+            code, text = client.helo()
+            if code != 250:
+                raise self.hop_said("HELO", code, text)
+        self.xforward(client, params.xforward)
+        sender = bare_address(sender)
+        rcpts = [bare_address(r) for r in recipients]
+        for address in (sender, *rcpts):
+            if not plain_path(address):  # e.g. "b@x> NOTIFY=NEVER": parameters smuggled in
+                raise self.fail(f"bad address syntax: {address[:100]!r}", 553, "5.1.3")
+        mail_args = self.mail_arguments(client, sender, rcpts, params, data)
+        if any(not a.isascii() for a in [sender, *rcpts]):
+            client.command_encoding = "utf-8"
+        code, text = client.docmd("MAIL", f"FROM:<{sender}>{mail_args}")
+        if code != 250:
+            raise self.hop_said("MAIL FROM", code, text)
+        accepted: list[str] = []
+        refused: dict[str, str] = {}
+        tempfailed = False
+        for given, rcpt in zip(recipients, rcpts, strict=True):
+            extras = self.rcpt_arguments(client, given, params)
+            code, text = client.docmd("RCPT", f"TO:<{rcpt}>{extras}")
+            if code in (250, 251):
+                accepted.append(given)
+            else:
+                refused[given] = _reply(code, text)
+                tempfailed = tempfailed or not (500 <= code <= 599)
+        if not accepted:
+            self.abandon(client)
+            raise self.none_taken("all recipients refused", refused)
+        if tempfailed and not self.per_recipient:
+            # One reply for all: go on and the tempfailed would be retried with
+            # the others, who would get the mail twice. amavisd-new does the same.
+            self.abandon(client)
+            said = "; ".join(f"{r}: {why}" for r, why in refused.items())
+            raise self.fail(f"recipient tempfailed, DATA not sent: {said}", 451, "4.5.3",
+                            refused=refused)
+        code, text = client.docmd("DATA")
+        if code != 354:
+            raise self.hop_said("DATA", code, text, refused)
+        for chunk in message_chunks(data):
+            client.send(chunk)
+        return self.data_replies(client, accepted, refused)
+
+    def data_replies(self, client: _Client, accepted: list[str],
+                     refused: dict[str, str]) -> Handed:
+        """SMTP: one reply for all. LMTP: one per accepted recipient, in order."""
+        if not self.lmtp:
+            code, text = client.getreply()
+            if code != 250:
+                raise self.hop_said("end of DATA", code, text, refused)
+            said = _reply(code, text)
+            return Handed(self.where, said, refused, dict.fromkeys(accepted, said))
+        taken: dict[str, str] = {}
+        said = ""
+        for rcpt in accepted:
+            code, text = client.getreply()
+            if code == 250:
+                taken[rcpt] = said = _reply(code, text)
+            else:
+                refused[rcpt] = _reply(code, text)
+        if not taken:
+            raise self.none_taken("every recipient refused at DATA", refused)
+        late = {r: why for r, why in refused.items() if not why.startswith("5")}
+        if late and not self.per_recipient:
+            # Too late to hold the others back: a retry delivers to them again.
+            # A duplicate, never a loss, when there is one reply for all.
+            log.warning("%s tempfailed %s after DATA while others took the message; "
+                        "asking for a retry of all", self.where, ", ".join(late))
+            raise self.fail("recipient tempfailed at DATA: "
+                            + "; ".join(f"{r}: {why}" for r, why in late.items()),
+                            451, "4.5.3", refused=refused)
+        return Handed(self.where, said, refused, taken)
+
+    def none_taken(self, why: str, refused: dict[str, str]) -> ForwardError:
+        """Every recipient refused, each for its reason: permanent only if
+        every reason was a 5xx; the reply is the first of the deciding kind."""
+        temporary = any(not r.startswith("5") for r in refused.values())
+        reply = next(r for r in refused.values() if r.startswith("5") != temporary)
+        from_hop = reply[:1] in "45"
+        if not from_hop:
+            reply = f"451 4.5.3 {self.where}: {why}"
+        return ForwardError(f"{self.where}: {why}: "
+                            + "; ".join(f"{r}: {said}" for r, said in refused.items()),
+                            temporary=temporary, reply=reply, refused=refused,
+                            from_hop=from_hop)
+
+    def abandon(self, client: _Client) -> None:
+        try:
+            client.rset()
+        except (smtplib.SMTPException, OSError):
+            pass
+
+    # -- what goes on the command lines ------------------------------------
+
+    def xforward(self, client: _Client, attributes: dict[str, str]) -> None:
+        """XFORWARD for the attributes the next hop names, in commands short
+        enough for Postfix (its reply is logged, never fatal: amavisd-new)."""
+        offered = set(client.esmtp_features.get("xforward", "").upper().split())
+        if not offered or not attributes:
+            return
+        items = []
+        for name in XFORWARD_ORDER:
+            value = attributes.get(name, "")
+            if name in offered and value:
+                value = xtext(_NEUTER.sub("?", value))[:255]
+                items.append(f"{name}={value}")
+        line: list[str] = []
+        for item in items:
+            if line and len(" ".join([*line, item])) > XFORWARD_LINE:
+                self._xforward_command(client, line)
+                line = []
+            line.append(item)
+        if line:
+            self._xforward_command(client, line)
+
+    def _xforward_command(self, client: _Client, items: list[str]) -> None:
+        code, text = client.docmd("XFORWARD", " ".join(items))
+        if code != 250:
+            log.warning("%s: XFORWARD refused: %s", self.where, _reply(code, text))
+
+    def mail_arguments(self, client: _Client, sender: str, rcpts: list[str], params: Params,
+                       data: Message) -> str:
+        has = client.has_extn
+        given = {k.upper(): v for k, v in params.mail.items()}
+        args: list[str] = []
+        needs_utf8 = any(not a.isascii() for a in [sender, *rcpts])
+        if needs_utf8 or "SMTPUTF8" in given:
+            if has("smtputf8") and has("8bitmime"):
+                args.append("SMTPUTF8")
+            elif needs_utf8:
+                raise self.fail("non-ASCII addresses, but no SMTPUTF8 offered", 550, "5.6.7")
+        body = (given.get("BODY") or "").upper()
+        if body and body != "7BIT":
+            if not has("8bitmime"):
+                raise self.fail(f"BODY={body}, but no 8BITMIME offered", 550, "5.6.3")
+            args.append(f"BODY={body}")
+        if has("size"):
+            size = message_size(data)
+            if size is None and _VALUE.match(given.get("SIZE") or "x") and \
+                    (given.get("SIZE") or "").isdigit():
+                size = int(given["SIZE"] or 0)
+            if size is not None:
+                args.append(f"SIZE={size}")
+        if has("dsn"):
+            for key in DSN_MAIL:
+                value = given.get(key)
+                if value and _VALUE.match(value):
+                    args.append(f"{key}={value}")
+        return "".join(" " + a for a in args)
+
+    def rcpt_arguments(self, client: _Client, given: str, params: Params) -> str:
+        if not client.has_extn("dsn"):
+            return ""
+        extras = params.rcpt.get(given, {})
+        args = [f"{k.upper()}={v}" for k, v in extras.items()
+                if k.upper() in RCPT_KEYWORDS and v and _VALUE.match(v)]
+        return "".join(" " + a for a in args)
+
+
+def plain_path(address: str) -> bool:
+    """An address we may put between angle brackets in MAIL/RCPT: no angle
+    bracket, space or control character outside a quoted local part, so a
+    client's address can never close the path and add ESMTP parameters."""
+    quoted = False
+    escaped = False
+    for c in address:
+        if ord(c) < 32 or ord(c) == 127:
+            return False
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif not quoted and c in "<> ":
+            return False
+    return not quoted
