@@ -11,10 +11,19 @@ target is skipped with one warning rather than failing the daemon.
 The log file is created 0640 (it names every quarantine id and address: not
 for other users), given to the daemon's user when we are root, and never
 opened through a symlink.
+
+One line per message, amavisd-new's (`log_summary`), or with `log_format =
+"json"` one JSON object per record for log shippers: the message's record
+carries the same fields as the line, as fields; other records carry their
+text. ASCII only (json escapes the rest), so a hostile address or
+Message-ID can neither split a record nor forge one. Never a body, nor a
+header beyond the Message-ID the line shows.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import logging.handlers
 import os
@@ -22,6 +31,9 @@ import stat
 import sys
 from collections.abc import Mapping
 from typing import Any
+
+from amavisd.envelope import Job, angled
+from amavisd.verdict import Destiny, Result
 
 _OURS = "_amavisd_handler"
 FORMAT_STDERR = "%(asctime)s amavisd[%(process)d]: %(levelname)s %(message)s"
@@ -103,13 +115,15 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
     targets = list(config["log_to"])
     handlers: list[logging.Handler] = []
     missing_syslog = False
+    as_json = config.get("log_format", "text") == "json"
+    plain = JsonFormatter() if as_json else logging.Formatter(FORMAT_STDERR)
     if stderr if stderr is not None else "stderr" in targets:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(FORMAT_STDERR))
+        h.setFormatter(plain)
         handlers.append(h)
     if config["log_file"]:
         h = LogFile(config["log_file"], _owner(config))
-        h.setFormatter(logging.Formatter(FORMAT_STDERR))
+        h.setFormatter(plain)
         handlers.append(h)
     if "syslog" in targets:
         address = config["syslog_socket"]
@@ -117,7 +131,8 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
             facility = logging.handlers.SysLogHandler.facility_names[config["syslog_facility"]]
             h = logging.handlers.SysLogHandler(address=address, facility=facility)
             h.addFilter(_IdentFilter(config["syslog_ident"]))
-            h.setFormatter(logging.Formatter(FORMAT_SYSLOG))
+            h.setFormatter(JsonFormatter(syslog=True) if as_json
+                           else logging.Formatter(FORMAT_SYSLOG))
             handlers.append(h)
         else:
             missing_syslog = True
@@ -132,6 +147,103 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
         root.addHandler(h)
     if missing_syslog:
         log.warning("syslog requested but no %s; logging without it", config["syslog_socket"])
+
+
+# -- the line per message ------------------------------------------------------------
+
+ACTIONS = {
+    Destiny.PASS: "Passed",
+    Destiny.DISCARD: "Blocked",
+    Destiny.BOUNCE: "Blocked",
+    Destiny.REJECT: "Blocked",
+    Destiny.TEMPFAIL: "Tempfailed",
+}
+
+
+def summary_fields(job: Job, result: Result) -> dict[str, Any]:
+    """What the line per message says, as fields (the JSON record's)."""
+    env = job.envelope
+    return {
+        "log_id": job.log_id,
+        "action": ACTIONS[result.destiny],
+        "verdict": result.verdict,
+        "reason": result.summary(),
+        "destiny": result.destiny.value,
+        "viruses": result.viruses,
+        "banned": list(result.banned),
+        "unchecked": [str(u) for u in result.unchecked],
+        "policy_banks": list(result.policy_banks),
+        "originating": result.originating,
+        "client_address": env.client_address,
+        "sender": env.sender,
+        "recipients": list(env.recipients),
+        "queue_id": env.queue_id,
+        "message_id": result.headers.get("Message-ID", ""),
+        "quarantine_id": result.quarantine_id,
+        "size": result.size,
+        "elapsed_ms": result.elapsed_ms,
+    }
+
+
+def summary_line(fields: Mapping[str, Any]) -> str:
+    """amavisd-new's line: log id, what was done and why, the envelope, queue
+    id, Message-ID, quarantine id, size, time."""
+    parts = [f"({fields['log_id']}) {fields['action']} {fields['reason']}",
+             f"{{{fields['destiny']}}}"]
+    # amavisd-new's "%p" and "LOCAL": the banks applied (A/B), originating mail
+    banks = f"{'/'.join(fields['policy_banks'])} " if fields["policy_banks"] else ""
+    local = "LOCAL " if fields["originating"] else ""
+    client = f"[{fields['client_address']}] " if fields["client_address"] else ""
+    parts.append(f"{banks}{local}{client}{angled(fields['sender'])} -> "
+                 + (",".join(angled(r) for r in fields["recipients"]) or "-"))
+    if fields["queue_id"]:
+        parts.append(f"Queue-ID: {fields['queue_id']}")
+    if fields["message_id"]:
+        parts.append(f"Message-ID: {fields['message_id']}")
+    if fields["quarantine_id"]:
+        parts.append(f"quarantine: {fields['quarantine_id']}")
+    parts.append(f"size: {fields['size']}")
+    parts.append(f"{fields['elapsed_ms']:.0f} ms")
+    return ", ".join(parts[:1]) + " " + ", ".join(parts[1:])
+
+
+def log_summary(logger: logging.Logger, job: Job, result: Result) -> None:
+    """The one record per message: the line, with its fields attached for
+    the JSON format. A tempfail is a warning."""
+    fields = summary_fields(job, result)
+    level = logging.WARNING if result.destiny is Destiny.TEMPFAIL else logging.INFO
+    logger.log(level, "%s", summary_line(fields), extra={"summary": fields})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a record (log_format = "json"): time, level, pid,
+    logger, and the message's fields or the record's text. For syslog, the
+    object follows the usual `ident[pid]: ` prefix."""
+
+    def __init__(self, syslog: bool = False):
+        super().__init__()
+        self.syslog = syslog
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created).astimezone()
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "logger": record.name,
+        }
+        summary = getattr(record, "summary", None)
+        if isinstance(summary, Mapping):
+            obj["event"] = "message"
+            obj.update(summary)
+        else:
+            obj["message"] = record.getMessage()
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        text = json.dumps(obj, ensure_ascii=True, default=str)
+        if self.syslog:
+            return f"{getattr(record, 'ident', 'amavisd')}[{record.process}]: {text}"
+        return text
 
 
 def _owner(config: Mapping[str, Any]) -> tuple[int, int] | None:

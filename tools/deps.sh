@@ -13,12 +13,14 @@ VENV=${VENV:-.venv}
 # (Debian's C AM.PDP milter): MTA integration tests; m4/liblockfile1/libwrap0:
 # what the unpacked Sendmail needs (it must not be apt-installed beside Postfix);
 # the rest: real archivers and decoders, for decoding and for making test
-# fixtures (jlha-utils, rpm's rpmbuild, bsdtar and ar only make fixtures).
+# fixtures (jlha-utils, rpm's rpmbuild, bsdtar and ar only make fixtures);
+# prometheus: promtool and a server the metrics tests start privately (the
+# system service is kept from starting, below).
 APT_PACKAGES="clamav-daemon clamav clamdscan clamav-testfiles amavisd-new postfix swaks
   miltertest amavisd-milter m4 liblockfile1 libwrap0
   hyperfine libmagic1 file sharutils macutils unar arj lhasa 7zip cabextract ncompress
   gcab cpio genisoimage zip unzip xz-utils zstd lz4 lzip bzip2 arc nomarch tnef
-  jlha-utils rpm libarchive-tools binutils"
+  jlha-utils rpm libarchive-tools binutils prometheus"
 
 missing=""
 for pkg in $APT_PACKAGES; do
@@ -35,7 +37,21 @@ if [ -n "$missing" ]; then
     # Postfix must not configure a live MTA: tests run private instances.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -q
+    # No system Prometheus (it would take port 9090 and scrape nothing of ours):
+    # policy-rc.d keeps its maintainer scripts from starting it, unless the
+    # machine already has a policy (containers' "start nothing").
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# tools/deps.sh, during apt-get only\nfor a; do case "$a" in prometheus|prometheus.service) exit 101;; esac; done\nexit 0\n' > "$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
     apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends $missing
+    if grep -qs "tools/deps.sh" "$policy"; then rm -f "$policy"; fi
+    trap - EXIT
+    if echo "$missing" | grep -qw prometheus && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # Sendmail for the MTA tests, unpacked (never installed: it would remove
