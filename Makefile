@@ -31,6 +31,12 @@ fuzz: deps
 	AMAVISD_FUZZ=long AMAVISD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout $(FUZZ_TIMEOUT) \
 		$(PY) -m pytest -p no:cacheprovider tests/fuzz $(PYTEST_ARGS)
 
+# The SMTP content filter under load (root): smtp-source through Postfix, ours and
+# Debian's amavisd-new in the same run (bench/smtp_throughput.py).
+.PHONY: bench-smtp
+bench-smtp: deps
+	$(PY) bench/smtp_throughput.py $(BENCH_ARGS)
+
 check: deps
 	$(PY) tools/check.py
 
@@ -42,3 +48,8 @@ sample: deps
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache .hypothesis
+
+# Milter throughput through a private Postfix (root): no milter, ours, Debian's C one.
+.PHONY: bench-milter
+bench-milter: deps
+	$(PY) bench/milter_throughput.py $(BENCH_ARGS)

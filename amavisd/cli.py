@@ -1,4 +1,5 @@
-"""The `amavisd` command: run, scan, check-config.
+"""The `amavisd` command: run, scan, check-config, quarantine, check-scanners,
+import-config, status.
 
 Exit statuses follow sysexits.h: 64 usage, 66 missing input, 71 cannot bind,
 75 could not scan, 78 configuration error. `scan` adds 0 all clean, 1 any
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--json", action="store_true", help="one JSON object a line per file")
     scan.add_argument("--tree", action="store_true", help="show the part tree")
     scan.add_argument("-v", "--verbose", action="store_true", help="log every message")
+    scan.add_argument("--policy-bank", action="append", default=[], metavar="NAME[,NAME]",
+                      help="apply these policy banks ([policy_banks.NAME]), in order, as a "
+                           "client's policy_bank= would; repeatable")
     scan.add_argument("paths", nargs="+", metavar="PATH")
 
     quarantine = sub.add_parser("quarantine", parents=[common],
@@ -66,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("check-scanners", parents=[common],
                             help="ask each configured scanner for its version and signatures")
     configuration.add_flags(health, only=["clamd", "primary_scanners"])
+
+    status = sub.add_parser("status", parents=[common],
+                            help="what the running daemon is doing: workers, totals, scanners "
+                                 "(from its metrics_listen)")
+    configuration.add_flags(status, only=["metrics_listen"])
+    status.add_argument("--json", action="store_true", help="the daemon's report as JSON")
+
+    importer = sub.add_parser("import-config",
+                              help="print an amavisd-new configuration as amavisd TOML")
+    importer.add_argument("-D", "--define", action="append", default=[], metavar="NAME=VALUE",
+                          help="the value of a variable the files compute by running a "
+                               "command, e.g. -D mydomain=example.com (wins over the files)")
+    importer.add_argument("paths", nargs="*", metavar="DIR_OR_FILE",
+                          help="conf.d directories or amavisd.conf files, read in order "
+                               "(default: Debian's /usr/share/amavis/conf.d and "
+                               "/etc/amavis/conf.d)")
     return parser
 
 
@@ -117,17 +137,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from amavisd import daemonize, logs, pidfile, preload, privileges
-    from amavisd.actions.notify import load_templates
+    from amavisd import daemonize, logs, metrics, pidfile, preload, privileges
+    from amavisd.actions.notify import load_templates, template_dirs
     from amavisd.listeners import ListenerError, bind_all
     from amavisd.master import Arbiter
+    from amavisd.observe import exporter
 
     cfg = load_config(args)
     logs.setup(cfg)
     # Resolve now: after dropping root the resolver's lazy imports may be unreadable.
     cfg = cfg.replace(myhostname=cfg.hostname)
+    metrics.setup(cfg)  # the library's multiprocess storage, before anything imports it
     preload.preload()  # all a worker may import, before the drop and the first fork
-    load_templates(cfg.template_dir)  # and the notice templates it may read
+    load_templates(*template_dirs(cfg))  # and the notice templates it may read
     try:
         daemonize.prepare_dirs(cfg)
         listeners = bind_all(cfg)
@@ -139,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemonize.detach(cfg, listeners)
         stderr = False
         logs.setup(cfg, stderr=False)
+    exporter.bind(cfg)  # the metrics dir and listener, as root; a failure only turns them off
     try:
         if cfg.pidfile:
             pidfile.write(cfg.pidfile)
@@ -159,11 +182,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from amavisd.envelope import Job
+    from amavisd.envelope import Envelope, Job
     from amavisd.pipeline import Pipeline
+    from amavisd.policy.banks import bank_tables, split_names
     from amavisd.verdict import Category
 
     cfg = load_config(args)
+    names = [name for given in args.policy_bank for name in split_names(given)]
+    unknown = [name for name in names if name not in bank_tables(cfg)]
+    if unknown:  # a client's unknown bank is ignored; ours is a typo
+        print(f"amavisd: no policy bank named {unknown[0]!r}", file=sys.stderr)
+        return sysexits.EX_USAGE
+    banks = ",".join(names)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="amavisd: %(message)s", stream=sys.stderr)
     missing = [p for p in args.paths if not os.path.isfile(p)]
@@ -173,7 +203,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     pipeline = Pipeline(cfg, name_types=args.tree or args.json)
     results = []
     for number, path in enumerate(args.paths, 1):
-        result = pipeline.process(Job(log_id=f"scan-{number:02d}", mail_path=path))
+        result = pipeline.process(Job(log_id=f"scan-{number:02d}", mail_path=path,
+                                      envelope=Envelope(policy_bank=banks)))
         results.append(result)
         if args.json:
             print(json.dumps(result_json(path, result)), flush=True)
@@ -205,6 +236,7 @@ def result_json(path: str, result: Any) -> dict[str, Any]:
         "parts": len(result.parts),
         "size": result.size,
         "elapsed_ms": round(result.elapsed_ms, 2),
+        "policy_banks": list(result.policy_banks),
         "tree": result.tree.describe() if result.tree is not None else None,
     }
 
@@ -291,5 +323,72 @@ def cmd_check_scanners(args: argparse.Namespace) -> int:
     return 0 if all_ok else 1
 
 
+# -- status ---------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask the running daemon (GET /status on metrics_listen). Exit 0 healthy,
+    1 unhealthy, 69 (EX_UNAVAILABLE) when it cannot be reached."""
+    from amavisd.observe.status import StatusError, fetch, render
+
+    cfg = load_config(args)
+    if not cfg.metrics_listen:
+        print("amavisd: status: metrics_listen is empty, so the daemon serves no status",
+              file=sys.stderr)
+        return sysexits.EX_UNAVAILABLE
+    try:
+        report = fetch(cfg.metrics_listen)
+    except StatusError as err:
+        print(f"amavisd: status: {err}", file=sys.stderr)
+        return sysexits.EX_UNAVAILABLE
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        sys.stdout.write(render(report))
+    return 0 if report.get("healthy") else 1
+
+
 COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "scan": cmd_scan,
             "check-scanners": cmd_check_scanners, "quarantine": cmd_quarantine}
+COMMANDS["status"] = cmd_status
+
+
+# -- import-config ------------------------------------------------------------
+
+
+def cmd_import_config(args: argparse.Namespace) -> int:
+    """amavisd-new's Perl configuration, read (never run), as TOML on stdout;
+    what was not translated is listed in comments with file:line. Exit 66: a
+    path is not there; 65: a file is not Perl we can read (file:line said)."""
+    from amavisd.migrate.importer import import_config
+    from amavisd.migrate.lexer import PerlSyntaxError
+    from amavisd.migrate.sources import SourceError
+
+    defines = {}
+    for item in args.define:
+        name, sep, value = item.partition("=")
+        if not sep or not (name.isascii() and name.isidentifier()):
+            print(f"amavisd: --define {item!r}: use NAME=VALUE, e.g. mydomain=example.com",
+                  file=sys.stderr)
+            return sysexits.EX_USAGE
+        defines[name] = value
+    try:
+        imported = import_config(args.paths or None, defines)
+    except SourceError as err:
+        print(f"amavisd: import-config: {err}", file=sys.stderr)
+        return sysexits.EX_NOINPUT
+    except PerlSyntaxError as err:
+        print(f"amavisd: import-config: {err}", file=sys.stderr)
+        return sysexits.EX_DATAERR
+    sys.stdout.write(imported.text)
+    print(f"amavisd: import-config: {len(imported.files)} files read, {imported.translated} "
+          f"settings translated, {imported.untranslated} not (listed at the end)",
+          file=sys.stderr)
+    if imported.load_error:
+        print(f"amavisd: import-config: the result does not load: {imported.load_error}",
+              file=sys.stderr)
+        return sysexits.EX_SOFTWARE
+    return sysexits.EX_OK
+
+
+COMMANDS["import-config"] = cmd_import_config

@@ -57,3 +57,6 @@ class Job:
     # beneath the temp base, checked); the pipeline then reads this descriptor
     # and never looks the client's path up again. -1: open mail_path.
     mail_fd: int = -1
+    # The policy banks of the listener it came in by (interface_policy), set
+    # by the worker, which knows the door; ingresses leave it empty.
+    interface_banks: tuple[str, ...] = ()

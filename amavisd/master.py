@@ -48,10 +48,11 @@ from enum import Enum
 
 from amavisd import config as configuration
 from amavisd import logs, sdnotify, sysexits, wakeup
-from amavisd.actions.notify import load_templates
+from amavisd.actions.notify import load_templates, template_dirs
 from amavisd.config import Config, ConfigError
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import Listener, describe, unlink_if_ours
+from amavisd.observe import exporter
 from amavisd.quarantine import open_store
 from amavisd.worker import EXIT_BOOT_ERROR, Worker
 
@@ -78,7 +79,8 @@ WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
 
 # Settings that only a restart can change (the sockets are bound before dropping root).
 RESTART_ONLY = ("workdir", "socket", "socket_mode", "socket_owner", "socket_group",
-                "tcp_listen", "user", "group", "pidfile", "daemon")
+                "tcp_listen", "smtp_listen", "smtp_listen_remote", "user", "group", "pidfile",
+                "daemon", "metrics_listen", "metrics_dir")
 
 
 class Halt(Exception):
@@ -144,6 +146,7 @@ class Arbiter:
 
     def run(self) -> int:
         self.install_signals()
+        exporter.start(self)  # /metrics, /healthz, /status: a thread beside this loop
         log.info("amavisd master %d starting %d workers on %s", os.getpid(),
                  self.config.workers, ", ".join(describe(s) for s in self.listeners))
         try:
@@ -228,7 +231,7 @@ class Arbiter:
                         ", ".join(changed))
             new = new.replace(**{k: self.config[k] for k in changed})
         sdnotify.notify("RELOADING=1")
-        load_templates(new.template_dir)  # the new workers inherit what was read
+        load_templates(*template_dirs(new))  # the new workers inherit what was read
         try:
             logs.setup(new, stderr=self.log_to_stderr)
         except OSError as err:
@@ -311,6 +314,7 @@ class Arbiter:
                 continue
             worker.heartbeat.close()
             code = os.waitstatus_to_exitcode(status)
+            exporter.reaped(worker, code)  # counts its exit, folds its metric files
             retiring = worker.state is WorkerState.RETIRING
             transition(worker, WorkerState.EXITED, f"exit status {code}")
             if code == EXIT_BOOT_ERROR:
@@ -422,4 +426,5 @@ class Arbiter:
                 worker.heartbeat.close()
                 transition(worker, WorkerState.EXITED,
                            f"exit status {os.waitstatus_to_exitcode(status)}")
+        exporter.stop()
 

@@ -6,6 +6,13 @@ The pipeline knows nothing about sockets or processes: the AM.PDP worker,
 
 It must never pass a message it could not check: any failure to read or to
 scan ends in `Destiny.TEMPFAIL` with a reason, so the MTA keeps the mail.
+
+What applies to a message comes from its policy banks (`amavisd.policies`:
+chosen by listener, client network and the client's names, built once per
+combination) and, recipient by recipient, from `recipient_policy` and the
+bypass lists (`policy.recipients`): each recipient gets its own category and
+destiny, and the message the strictest. Checks every recipient bypasses are
+not run at all.
 """
 
 from __future__ import annotations
@@ -18,17 +25,18 @@ import time
 from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 
-from amavisd.actions.forward import forwarder
+from amavisd import failures, logs, metrics
 from amavisd.actions.headers import header_edits
-from amavisd.actions.notify import Notifier, NotifySettings, Templates
+from amavisd.actions.notify import Notifier
 from amavisd.config import Config
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
 from amavisd.decode.registry import WorkDirFailed
-from amavisd.envelope import Job, angled
-from amavisd.policy.banned import BannedRules
-from amavisd.policy.destinies import destinies
-from amavisd.quarantine import KINDS, QuarantineError, QuarantineStore, open_store
+from amavisd.envelope import Job
+from amavisd.policies import Policies, Policy
+from amavisd.policy.banned import BannedHit
+from amavisd.policy.recipients import RecipientChecks, RecipientOutcome, outcome, strictest
+from amavisd.quarantine import KINDS, QuarantineError, QuarantineStore
 from amavisd.scan.base import Scanner, ScannerError
 from amavisd.scan.scanners import ScannerSet, build_scanner_set
 from amavisd.verdict import Category, Destiny, Result, Unchecked
@@ -66,15 +74,9 @@ class Pipeline:
         elif not isinstance(scanners, ScannerSet):
             scanners = ScannerSet(scanners)
         self.scanners = scanners
-        self.destinies = destinies(config)
-        self.banned_rules = BannedRules.parse(config.banned_rules)
         self.limits = Limits.from_config(config)
-        self.quarantine = quarantine if quarantine is not None else open_store(config)
-        self.quarantined = {c.upper() for c in config.quarantine}
-        self.notifier = Notifier(NotifySettings.from_config(config),
-                                 forwarder(config.notify_method, config.smtp_timeout),
-                                 Templates([config.template_dir] if config.template_dir else []))
-        self.outbox: list[tuple[Result, Job, bytes]] = []  # notices to send after the reply
+        self.policies = Policies(config, quarantine)  # banks: built once a combination
+        self.outbox: list[tuple[Notifier, Result, Job, bytes]] = []  # sent after the reply
         # Large parts spill to per-message dirs in the daemon's own work base
         # (0700: clients, who may write in the temp base, cannot reach them)
         # when it exists (the daemon makes sure it does), else in the system's
@@ -85,34 +87,52 @@ class Pipeline:
     def process(self, job: Job) -> Result:
         started = time.monotonic()
         result = Result(log_id=job.log_id)
+        policy = self.policies.for_job(job)
+        result.policy_banks, result.originating = policy.banks, policy.originating
+        checks = self.policies.recipient_checks(policy, job.envelope.recipients)
         decomposition = None
         try:
             raw = self.spool(job)
+            metrics.lap("spool")
             result.size = len(raw)
             result.headers = top_headers(raw)
-            decomposition = decompose(raw, self.limits, self.spill_base,
-                                      use_magic=self.name_types or self.banned_rules.needs_magic)
-            result.tree = decomposition.root
-            result.parts = decomposition.scannable()
-            result.unchecked.extend(decomposition.unchecked)
-            result.banned_hits = self.banned_rules.check(decomposition.root)
-            result.banned = [hit.label for hit in result.banned_hits]
-            self.scan(result)
-            self.decide(result)
-            self.keep(job, result, raw)
+            banned = [c for c in checks if not c.bypass_banned]
+            scanned = not all(c.bypass_virus for c in checks)
+            hits: dict[int, list[BannedHit]] = {}
+            if banned or scanned:  # else there is nothing to look for
+                magic = self.name_types or any(c.policy.banned_rules.needs_magic
+                                               for c in banned)
+                decomposition = decompose(raw, self.limits, self.spill_base, use_magic=magic)
+                result.tree = decomposition.root
+                result.parts = decomposition.scannable()
+                result.unchecked.extend(decomposition.unchecked)
+                hits = self.check_banned(result, decomposition.root, banned)
+                metrics.lap("decode")
+            if scanned:
+                self.scan(result)
+                metrics.lap("scan")
+            else:
+                result.bypassed_virus_checks = True
+            outcomes = self.decide(result, checks, hits)
+            self.keep(job, result, raw, policy, checks, outcomes)
+            metrics.lap("act")
         except MessageTooLarge as err:  # not read at all: the verdict needs no bytes
             result.size = err.size
             result.unchecked.append(Unchecked(str(err), "limit"))
-            self.decide(result)
+            self.decide(result, checks, {}, bypassable=False)
         except (MessageUnreadable, ScannerError, QuarantineFailed, WorkDirFailed, OSError,
                 MemoryError) as err:
-            result.category = None
-            result.destiny = Destiny.TEMPFAIL
-            result.tempfail_reason = str(err) or type(err).__name__
+            # The reply names the class of failure only (amavisd.failures);
+            # the detail (paths, errno, addresses) is for this log line.
+            result.tempfail(failures.detail(err), failures.public_reason(err))
+            log.warning("(%s) tempfail, %s: %s", job.log_id, result.public_reason,
+                        result.tempfail_reason)
         finally:
             if decomposition is not None:
                 decomposition.cleanup()
-        result.header_edits = header_edits(self.config, result)
+        if result.category is None:  # a failure, not a decision: no recipient's outcome stands
+            result.recipient_destinies, result.recipient_categories = {}, {}
+        result.header_edits = header_edits(policy.config, result)
         result.elapsed_ms = (time.monotonic() - started) * 1000
         log_result(job, result)
         return result
@@ -153,7 +173,9 @@ class Pipeline:
                 raise
             result.unchecked.append(Unchecked("not scanned: no virus scanner answered",
                                               "unscanned"))
-            result.alerts.append(f"NOT SCANNED: {err}")
+            # the header travels with the mail: the class only, the detail is logged
+            log.warning("no virus scanner answered, passing as configured: %s", err)
+            result.alerts.append(f"NOT SCANNED: {failures.public_reason(err)}")
             result.force_destiny = Destiny.PASS
             return
         result.findings.extend(outcome.findings)
@@ -161,38 +183,61 @@ class Pipeline:
         result.unchecked.extend(Unchecked(f"not scanned: {path} ({why})", "unscanned")
                                 for path, why in outcome.missed.items())
 
-    def keep(self, job: Job, result: Result, raw: bytes) -> None:
-        """Quarantine what the postmaster wants kept, and queue the notices.
-        Mail we would discard or reject is never dropped unkept: if the
-        quarantine cannot take it, the answer becomes a tempfail."""
-        if self.quarantine is not None and result.verdict in self.quarantined:
+    def check_banned(self, result: Result, root, checks: list[RecipientChecks]
+                     ) -> dict[int, list[BannedHit]]:
+        """Each set of banned rules the recipients' policies name, applied
+        once; the message shows every hit that counts for someone."""
+        hits: dict[int, list[BannedHit]] = {}
+        for check in checks:
+            rules = check.policy.banned_rules
+            if id(rules) not in hits:
+                hits[id(rules)] = rules.check(root)
+                result.banned_hits += [h for h in hits[id(rules)] if h not in result.banned_hits]
+        result.banned = [hit.label for hit in result.banned_hits]
+        return hits
+
+    def keep(self, job: Job, result: Result, raw: bytes, policy: Policy,
+             checks: list[RecipientChecks], outcomes: list[RecipientOutcome]) -> None:
+        """Quarantine what the postmaster wants kept (for the message, or for
+        any recipient's policy), and queue the notices. Mail we would discard
+        or reject is never dropped unkept: if the quarantine cannot take it,
+        the answer becomes a tempfail."""
+        store = policy.quarantine
+        wanted = result.verdict in policy.quarantined or any(
+            o.category.name in c.policy.quarantined for c, o in zip(checks, outcomes, strict=True))
+        if store is not None and wanted:
             try:
-                qid = self.quarantine.store(raw, job.envelope, result)
+                qid = store.store(raw, job.envelope, result)
                 result.quarantine_id = f"{KINDS[result.category]}-{qid}"
+                metrics.quarantine_write(True)
             except (OSError, QuarantineError) as err:
-                raise QuarantineFailed(f"quarantine {self.quarantine.location}: "
+                metrics.quarantine_write(False)
+                raise QuarantineFailed(f"quarantine {store.location}: "
                                        f"{getattr(err, 'strerror', None) or err}") from None
         if result.category is not Category.CLEAN:
-            self.outbox.append((result, job, raw))
+            self.outbox.append((policy.notifier, result, job, raw))
 
     def send_notices(self) -> None:
         """Admin alerts and sender/recipient notices for the messages just
         answered; called after the reply, so a slow MTA never delays a verdict."""
         outbox, self.outbox = self.outbox, []
-        for result, job, raw in outbox:
-            self.notifier.notify(result, job.envelope, raw, result.quarantine_id)
+        for notifier, result, job, raw in outbox:
+            for _, sent in notifier.notify(result, job.envelope, raw, result.quarantine_id):
+                metrics.notification(sent)
 
-    def decide(self, result: Result) -> None:
-        category = Category.CLEAN
-        if result.unchecked:
-            category = Category.UNCHECKED
-        if result.banned:
-            category = Category.BANNED
-        if result.findings:
-            category = Category.INFECTED
-        result.category = category
-        result.destiny = result.force_destiny or self.destinies.destiny(category,
-                                                                        result.unchecked)
+    def decide(self, result: Result, checks: list[RecipientChecks],
+               hits: dict[int, list[BannedHit]], bypassable: bool = True
+               ) -> list[RecipientOutcome]:
+        """Each recipient's category and destiny; the message's are the
+        worst category and the strictest destiny (policy.recipients)."""
+        outcomes = [outcome(c, bool(result.findings), bool(hits.get(id(c.policy.banned_rules))),
+                            result.unchecked, result.force_destiny, bypassable)
+                    for c in checks]
+        result.category = max(o.category for o in outcomes)
+        result.destiny = strictest(o.destiny for o in outcomes)
+        result.recipient_destinies = {o.address: o.destiny for o in outcomes if o.address}
+        result.recipient_categories = {o.address: o.category for o in outcomes if o.address}
+        return outcomes
 
 
 def read_message(fd: int, name: str, limit: int) -> bytes:
@@ -235,31 +280,7 @@ def top_headers(raw: bytes) -> dict[str, str]:
     return found
 
 
-ACTIONS = {
-    Destiny.PASS: "Passed",
-    Destiny.DISCARD: "Blocked",
-    Destiny.BOUNCE: "Blocked",
-    Destiny.REJECT: "Blocked",
-    Destiny.TEMPFAIL: "Tempfailed",
-}
-
-
 def log_result(job: Job, result: Result) -> None:
-    """The one line per message, amavisd-new style: log id, what was done and
-    why, the envelope, queue id, Message-ID, quarantine id, size, time."""
-    env = job.envelope
-    fields = [f"({job.log_id}) {ACTIONS[result.destiny]} {result.summary()}",
-              f"{{{result.destiny.value}}}"]
-    client = f"[{env.client_address}] " if env.client_address else ""
-    fields.append(f"{client}{angled(env.sender)} -> "
-                  + (",".join(angled(r) for r in env.recipients) or "-"))
-    if env.queue_id:
-        fields.append(f"Queue-ID: {env.queue_id}")
-    if result.headers.get("Message-ID"):
-        fields.append(f"Message-ID: {result.headers['Message-ID']}")
-    if result.quarantine_id:
-        fields.append(f"quarantine: {result.quarantine_id}")
-    fields.append(f"size: {result.size}")
-    fields.append(f"{result.elapsed_ms:.0f} ms")
-    level = logging.WARNING if result.destiny is Destiny.TEMPFAIL else logging.INFO
-    log.log(level, "%s", ", ".join(fields[:1]) + " " + ", ".join(fields[1:]))
+    """The one line per message, amavisd-new style (or a JSON object, with
+    log_format = "json"): logs.log_summary builds both from the same fields."""
+    logs.log_summary(log, job, result)

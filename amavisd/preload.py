@@ -53,6 +53,10 @@ MODULES: dict[str, str] = {
     "amavisd.policy.banned": "config validation on HUP",
     "amavisd.scan.scanners": "config validation on HUP",
     "amavisd.actions.forward": "config validation on HUP",
+    # metrics (after metrics.setup() chose the library's multiprocess storage)
+    "prometheus_client": "the metrics library, for every process",
+    "prometheus_client.multiprocess": "the master merges and folds the workers' files",
+    "amavisd.observe.exporter": "the master's /metrics, /healthz and /status thread",
     # the standard library
     "email.generator": "Message.as_bytes() imports it on first use (notices, DSNs)",
     "email.iterators": "Message.walk()",

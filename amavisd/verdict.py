@@ -77,7 +77,9 @@ class Result:
     banned: list[str] = field(default_factory=list)
     banned_hits: list = field(default_factory=list)  # policy.banned.BannedHit: part, rule
     unchecked: list[Unchecked] = field(default_factory=list)
-    tempfail_reason: str | None = None
+    tempfail_reason: str | None = None  # the detail, for the log line only
+    # The class of the failure (amavisd.failures), the only part a reply shows.
+    public_reason: str | None = None
     header_edits: list[HeaderEdit] = field(default_factory=list)
     parts: list = field(default_factory=list)  # decode.parts.Part: what the scanners saw
     tree: object | None = None  # decode.parts.Part root
@@ -88,6 +90,14 @@ class Result:
     quarantine_id: str = ""
     size: int = 0
     elapsed_ms: float = 0.0
+    # Policy banks and recipients (policy/banks.py, policy/recipients.py):
+    policy_banks: tuple[str, ...] = ()  # the banks applied, in order
+    originating: bool = False  # mail from our own users (MYNETS, ORIGINATING)
+    # Each recipient's own destiny and category; `destiny` is the strictest
+    # of them. Empty: every recipient shares `destiny` (a tempfail, no recipients).
+    recipient_destinies: dict[str, Destiny] = field(default_factory=dict)
+    recipient_categories: dict[str, Category] = field(default_factory=dict)
+    bypassed_virus_checks: bool = False  # every recipient bypasses them: nothing was scanned
 
     @property
     def viruses(self) -> list[str]:
@@ -97,10 +107,21 @@ class Result:
     def verdict(self) -> str:
         return self.category.name if self.category is not None else "TEMPFAIL"
 
+    def tempfail(self, detail: str, public: str) -> None:
+        """We could not decide: the MTA keeps the mail. `detail` is for the log
+        (paths, errno); `public` names the class of failure for the reply."""
+        self.category = None
+        self.destiny = Destiny.TEMPFAIL
+        self.tempfail_reason = detail
+        self.public_reason = public
+
     def summary(self) -> str:
-        """Short reason text for replies and logs, e.g. 'INFECTED: Eicar-Test-Signature'."""
+        """Short reason text for replies, e.g. 'INFECTED: Eicar-Test-Signature'.
+        A tempfail names its class of failure only; the detail is in
+        `tempfail_reason`, for the log."""
         if self.category is None:
-            return f"TEMPFAIL: {self.tempfail_reason or 'unknown error'}"
+            # failures.LOCAL_PROBLEM, spelled here: the settings read this module
+            return f"TEMPFAIL: {self.public_reason or 'temporary local problem'}"
         if self.category is Category.INFECTED:
             return "INFECTED: " + ", ".join(self.viruses)
         if self.category is Category.BANNED:

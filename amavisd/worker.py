@@ -22,6 +22,7 @@ stays up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -31,12 +32,13 @@ import signal
 import socket
 import stat
 
-from amavisd import logs, wakeup
+from amavisd import failures, logs, metrics, wakeup
 from amavisd.config import Config
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import Listener, describe
 from amavisd.pipeline import Pipeline
+from amavisd.policy.banks import listener_keys
 from amavisd.protocol import registry
 from amavisd.protocol.loop import ConnectionLimits, send_last_words, serve
 from amavisd.protocol.session import Session
@@ -75,6 +77,7 @@ class Worker:
         self.requests = 0
         self.log_ids = 0
         self.session: Session | None = None  # of the connection being served
+        self.interface_banks: tuple[str, ...] = ()  # interface_policy banks of its door
         self.connection_limits = ConnectionLimits.from_config(config)
         self.reopen_logs = False
         jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
@@ -171,20 +174,27 @@ class Worker:
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue  # another worker won the race
                 try:
-                    self.handle(conn, listener.protocol)
+                    self.handle(conn, listener.protocol,
+                                self.pipeline.policies.banks.for_listener(listener_keys(conn)))
                 except Exception:  # one connection's trouble must not cost the worker
                     log.exception("worker %d: error serving a connection", os.getpid())
 
-    def handle(self, conn: socket.socket, protocol: str) -> None:
-        """Serve one accepted connection in the protocol its listener speaks."""
+    def handle(self, conn: socket.socket, protocol: str, banks: tuple[str, ...] = ()) -> None:
+        """Serve one accepted connection in the protocol its listener speaks;
+        `banks`: the policy banks its listener loads (interface_policy, keyed
+        by the address the client reached, as amavisd-new keys them)."""
         conn.setblocking(True)
         self.heartbeat.notify()
+        self.interface_banks = banks
+        metrics.connected(protocol)  # the ingress label of this connection's messages
         try:
             self.session = registry.session_class(protocol)(conn, self)
             serve(self.session, self.connection_limits)
         finally:
             self.session = None
+            self.interface_banks = ()
             conn.close()
+            metrics.worker_idle()
 
     # -- the handler: what sessions call (protocol.session.Handler) -------------
 
@@ -193,24 +203,37 @@ class Worker:
         return f"{os.getpid()}-{self.log_ids:02d}"
 
     def handle_message(self, job: Job) -> Result:
+        metrics.worker_busy(job.log_id, job.envelope.queue_id)  # `amavisd status` shows it
+        result = self.check_message(job)
+        metrics.finished(result)  # counted before the reply: a kill after it loses nothing
+        return result
+
+    def check_message(self, job: Job) -> Result:
         self.heartbeat.notify()  # child_timeout counts from the start of the request
         self.requests += 1
         assert self.pipeline is not None
         self.ensure_dirs()
-        if self.dirs_problem is not None:
+        if self.dirs_problem is not None:  # logged by ensure_dirs, with the path
             return Result(log_id=job.log_id, destiny=Destiny.TEMPFAIL,
-                          tempfail_reason=self.dirs_problem)
+                          tempfail_reason=self.dirs_problem,
+                          public_reason=failures.LOCAL_PROBLEM)
+        if self.interface_banks:
+            job = dataclasses.replace(job, interface_banks=self.interface_banks)
         try:
             return self.pipeline.process(job)
         except Exception as err:  # a bug must tempfail the message, not lose it
             log.exception("(%s) internal error", job.log_id)
             return Result(log_id=job.log_id, destiny=Destiny.TEMPFAIL,
-                          tempfail_reason=f"internal error: {type(err).__name__}")
+                          tempfail_reason=f"internal error: {type(err).__name__}",
+                          public_reason=failures.INTERNAL_ERROR)
 
     def handle_release(self, name: ReleaseRequest, recipients: list[str],
                        log_id: str) -> ReleaseOutcome:
         self.heartbeat.notify()
-        return release_quarantined(self.config, name, recipients, log_id)
+        # The listener's banks apply (Debian's AM.PDP-SOCK bank sets auth_required_release)
+        config = (self.pipeline.policies.config_for(self.interface_banks)
+                  if self.pipeline is not None else self.config)
+        return release_quarantined(config, name, recipients, log_id)
 
     def handle_reply_sent(self) -> None:
         """Notifications for the message just answered; never fatal."""
@@ -223,6 +246,7 @@ class Worker:
 
     def keep_going(self) -> bool:
         self.heartbeat.notify()
+        metrics.worker_idle()  # the reply is out and the notices sent
         if self.max_requests and self.requests >= self.max_requests and self.alive:
             log.info("worker %d retiring after %d requests", os.getpid(), self.requests)
             self.alive = False
@@ -240,7 +264,7 @@ class Worker:
         # Last words of a worker the master found stuck: the client must hear
         # "tempfail" rather than see the connection drop.
         if self.session is not None:
-            send_last_words(self.session, "processing exceeded child_timeout")
+            send_last_words(self.session, failures.TIME_EXCEEDED)
         os._exit(EXIT_ABORTED)
 
 

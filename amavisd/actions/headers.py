@@ -15,10 +15,13 @@ def scanned_header(config: Config) -> HeaderEdit:
 
 def header_edits(config: Config, result: Result) -> list[HeaderEdit]:
     """Passed mail gets X-Virus-Scanned, and an X-Amavis-Alert per problem it
-    was passed with (not scanned, unchecked parts), so users and filters see it."""
+    was passed with (not scanned, unchecked parts), so users and filters see it.
+    `config` is the one in force for the message (its policy banks laid over).
+    Mail whose every recipient bypasses virus checks was not scanned, and no
+    header says it was."""
     if result.destiny is not Destiny.PASS or result.category is None:
         return []
-    edits = [scanned_header(config)]
+    edits = [] if result.bypassed_virus_checks else [scanned_header(config)]
     alerts = list(result.alerts)
     if not alerts and result.unchecked:
         alerts.append("UNCHECKED: " + "; ".join(result.unchecked))

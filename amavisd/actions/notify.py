@@ -9,6 +9,10 @@ Who is told (amavisd-new's rules, backscatter first):
   forged), only to senders of a local domain unless `sender_notify_remote`,
   and never to the null sender, a mailer-daemon, or mail marked bulk/list/
   junk or auto-submitted (RFC 3834). A suppressed bounce is a discard;
+  and, for originating mail (from our own users: the MYNETS or ORIGINATING
+  policy bank, `originating`), when it is discarded too, since no one else
+  tells them: still only to a sender of a local domain, so mail a stranger
+  sent through us (a forward) never brings them backscatter;
 - each local recipient, for the categories in `recipient_notify` (default
   none), when the mail was not delivered.
 
@@ -41,6 +45,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from amavisd.actions.forward import Forwarder
 from amavisd.envelope import Envelope, angled, bare_address
@@ -143,19 +148,29 @@ def check_fields(name: str, text: str) -> None:
 _LOADED: dict[str, str] = {}
 
 
-def load_templates(template_dir: str = "") -> int:
+def template_dirs(config: Mapping[str, Any]) -> list[str]:
+    """The template dirs a daemon may read: the base config's, then each bank's."""
+    banks = config.get("policy_banks", {}) or {}
+    return [config["template_dir"], *(bank["template_dir"] for bank in banks.values()
+                                      if bank.get("template_dir"))]
+
+
+def load_templates(*template_dirs: str) -> int:
     """Read every template now, into the cache workers inherit; returns how
-    many were read. A missing one is left for `Templates.get` to report."""
-    templates = Templates([template_dir])
+    many were read. Each dir is a site's set (the base config's and each
+    policy bank's `template_dir`: a bank's is read after privileges drop
+    otherwise). A missing one is left for `Templates.get` to report."""
     _LOADED.clear()
-    for filename in set(TEMPLATES.values()) | set(ROLE_TEMPLATES.values()):
-        for directory in templates.directories:
-            source = directory / filename
-            try:
-                _LOADED[str(source)] = source.read_text(encoding="utf-8")
-                break
-            except OSError:
-                continue
+    for template_dir in dict.fromkeys(template_dirs or ("",)):
+        templates = Templates([template_dir] if template_dir else [])
+        for filename in set(TEMPLATES.values()) | set(ROLE_TEMPLATES.values()):
+            for directory in templates.directories:
+                source = directory / filename
+                try:
+                    _LOADED[str(source)] = source.read_text(encoding="utf-8")
+                    break
+                except OSError:
+                    continue
     return len(_LOADED)
 
 
@@ -211,6 +226,7 @@ class NotifySettings:
     sender_notify_remote: bool = False
     recipient_notify: list[str] = field(default_factory=list)
     notify_from: str = ""  # empty: "Content-filter at HOST" <postmaster@HOST>
+    originating: bool = False  # the mail is from our own users (policy banks)
 
     @classmethod
     def from_config(cls, config: Mapping) -> NotifySettings:
@@ -383,13 +399,14 @@ def sender_notice_blocker(settings: NotifySettings, result: Result, envelope: En
                           headers: Message) -> str | None:
     """Why the sender must not be told (backscatter), or None."""
     sender = bare_address(envelope.sender)
-    if result.destiny is not Destiny.BOUNCE:
+    told_of_discard = settings.originating and result.destiny is Destiny.DISCARD
+    if result.destiny is not Destiny.BOUNCE and not told_of_discard:
         return f"destiny is {result.destiny.value}, not bounce"
     if not settings.wants("sender", result.category):
         return f"sender_notify excludes {result.verdict.lower()}"
     if not sender or sender.lower().startswith("mailer-daemon@"):
         return "null sender"
-    if not settings.sender_notify_remote and not settings.is_local(sender):
+    if not settings.is_local(sender) and (told_of_discard or not settings.sender_notify_remote):
         return "sender not in local_domains"
     if _header(headers, "Precedence").strip().lower() in BULK_PRECEDENCE:
         return "bulk mail (Precedence)"
@@ -429,7 +446,7 @@ class Notifier:
             notices.append(Notice("sender", [bare_address(envelope.sender)],
                                   dsn(self.settings, template, values, result, envelope,
                                       block, arrival)))
-        elif result.destiny is Destiny.BOUNCE:
+        elif result.destiny is Destiny.BOUNCE or self.settings.originating:
             log.info("(%s) no DSN to %s: %s", result.log_id, envelope.sender or "<>", why_not)
         if self.settings.wants("recipient", category) and result.destiny in NOT_DELIVERED:
             template = self.templates.for_role(category, "recipient")

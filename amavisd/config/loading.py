@@ -15,6 +15,7 @@ from typing import Any
 
 from amavisd.config.setting import ConfigError, coerce
 from amavisd.config.table import BY_NAME, SECTIONS, SETTINGS, TABLE_SECTIONS
+from amavisd.config.validators import BUILTIN_BANKS
 from amavisd.config.values import Config
 from amavisd.scan.definitions import BUILTIN
 
@@ -25,6 +26,7 @@ def defaults() -> dict[str, Any]:
     values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default)
               for s in SETTINGS}
     values["scanners"] = {}
+    values["policy_banks"] = {}
     return values
 
 
@@ -84,6 +86,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         flag = setting.flags[0] if setting.flags else key
         values[key] = coerce(setting, value, flag)
     check_scanner_names(values, source)
+    check_bank_names(values, source)
     config = Config(values, source)
     check_work_base(config)
     return config
@@ -109,3 +112,23 @@ def check_scanner_names(values: dict[str, Any], source: str | None) -> None:
                                   f"(define it in a [scanners.{name}] table)")
     if not values["primary_scanners"]:
         raise ConfigError(f"{source + ': ' if source else ''}scan.primary_scanners is empty")
+
+
+def check_bank_names(values: dict[str, Any], source: str | None) -> None:
+    """A bank the config itself names (by listener, by recipient) must be
+    defined: a typo would silently switch a policy off. Names a client sends
+    (AM.PDP policy_bank=) are another matter: unknown ones are ignored then,
+    as amavisd-new does."""
+    banks = values.get("policy_banks", {})
+    known = set(BUILTIN_BANKS) | set(banks)
+    places = [("daemon.interface_policy", values.get("interface_policy", [])),
+              ("policy.recipient_policy", values.get("recipient_policy", []))]
+    places += [(f"policy_banks.{bank}.recipient_policy", table["recipient_policy"])
+               for bank, table in banks.items() if "recipient_policy" in table]
+    for where, entries in places:
+        for entry in entries:
+            name = entry.rpartition("=")[2]
+            if name not in known:
+                place = f"{source}: {where}" if source else where
+                raise ConfigError(f"{place}: no policy bank named {name!r} "
+                                  f"(define it in a [policy_banks.{name}] table)")

@@ -50,6 +50,10 @@ def render(config: Mapping[str, Any] | None = None, commented: bool = True) -> s
         lines.append(f'[scanners."{name}"]' if not name.isidentifier() else f"[scanners.{name}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in spec.items()]
         lines.append("")
+    for name, overrides in values.get("policy_banks", {}).items():
+        lines.append(f'[policy_banks."{name}"]')
+        lines += [f"{key} = {toml_value(value)}" for key, value in overrides.items()]
+        lines.append("")
     return "\n".join(lines)
 
 

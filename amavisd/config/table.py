@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from amavisd.actions.methods import client_networks, listen_specs
 from amavisd.config.setting import Setting
 from amavisd.config.validators import (
     absolute_path,
@@ -31,6 +32,11 @@ from amavisd.config.validators import (
     scanner_names,
     scanner_tables,
 )
+from amavisd.config.validators import address_specs as bank_address_specs
+from amavisd.config.validators import interface_policy as bank_interface_policy
+from amavisd.config.validators import networks as bank_networks
+from amavisd.config.validators import policy_bank_tables as bank_tables_check
+from amavisd.config.validators import recipient_policy as bank_recipient_policy
 from amavisd.policy.banned import DEFAULT_RULES as BANNED_DEFAULTS
 
 DESTINIES = ("pass", "discard", "bounce", "reject", "tempfail")
@@ -39,6 +45,32 @@ DESTINIES = ("pass", "discard", "bounce", "reject", "tempfail")
 TABLE_SECTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "scanners": scanner_tables,
 }
+
+def metrics_listen(value: str) -> str:
+    """[metrics] metrics_listen: host:port, or empty for off."""
+    from amavisd_client.wire.address import AddressError, parse_host_port
+
+    if value:
+        try:
+            parse_host_port(value)
+        except AddressError:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9825, or empty") from None
+    return value
+
+
+def milter_listen(value: str) -> str:
+    """[milter] milter_listen: the spellings amavisd-milter takes (its options.py):
+    unix:/path, inet:host:port (Postfix), inet:port@host (Sendmail)."""
+    from amavisd_client.wire.address import AddressError, parse
+
+    scheme, _, rest = value.partition(":")
+    spelled = "tcp:" + rest if scheme in ("inet", "inet6") and "@" not in rest else value
+    try:
+        parse(spelled, accept=("unix", "local", "inet", "inet6", "tcp"))
+    except AddressError:
+        raise ValueError("must be unix:/path, inet:host:port or inet:port@host") from None
+    return value
+
 
 SETTINGS: tuple[Setting, ...] = (
     # [daemon] -- the process model
@@ -57,6 +89,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tcp_listen", "daemon", str, "",
             "Also serve AM.PDP on this loopback host:port (e.g. 127.0.0.1:9998); empty is off.",
             loopback_listen, ("--tcp-listen",), metavar="HOST:PORT"),
+    Setting("interface_policy", "daemon", list, [],
+            "Policy banks by the listener a message came in on, KEY=BANK: SOCK (every Unix "
+            "socket), a socket path, a port or host:port, e.g. [\"SOCK=AM.PDP-SOCK\", "
+            "\"10026=ORIGINATING\"] (amavisd-new's %interface_policy).",
+            bank_interface_policy),
     Setting("tempbase", "daemon", str, "",
             "Where clients spool messages and workers keep per-message dirs; "
             "empty means <workdir>/tmp. mail_file/tempdir outside it are refused.",
@@ -111,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
             absolute_path_or_empty, ("--log-file",), metavar="PATH"),
     Setting("log_level", "log", str, "info", "Least severe level logged.",
             one_of("debug", "info", "warning", "error")),
+    Setting("log_format", "log", str, "text",
+            "text: amavisd-new's line per message; json: one JSON object per record (the "
+            "message's with the line's fields), for log shippers.", one_of("text", "json")),
     Setting("syslog_facility", "log", str, "mail", "Syslog facility.",
             one_of("mail", "daemon", "user", "local0", "local1", "local2", "local3",
                    "local4", "local5", "local6", "local7")),
@@ -118,6 +158,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("syslog_socket", "log", str, "/dev/log",
             "The local syslog daemon's socket (a chroot or container may put it elsewhere).",
             absolute_path),
+    # [metrics] -- Prometheus /metrics, /healthz and /status (amavisd status): observe/
+    Setting("metrics_listen", "metrics", str, "127.0.0.1:9825",
+            "Where the master serves /metrics, /healthz and /status (host:port); empty turns "
+            "metrics and `amavisd status` off. Keep it off the Internet.",
+            metrics_listen, ("--metrics-listen",), metavar="HOST:PORT"),
+    Setting("metrics_dir", "metrics", str, "",
+            "The workers' metric files (0700, emptied at start); empty means "
+            "<workdir>/metrics.", absolute_path_or_empty),
     # [scan]
     Setting("clamd", "scan", str, "unix:/var/run/clamav/clamd.ctl",
             "clamd to ask: unix:/path or tcp:host:port.", scanner_address, ("--clamd",),
@@ -200,6 +248,27 @@ SETTINGS: tuple[Setting, ...] = (
             "mime, type (detected: exe, elf, zip...), magic (libmagic); OP: ~ regex, = equal, "
             "!~ !=; case-insensitive. Write them as TOML literal strings ('...').",
             banned_rules),
+    # policy banks ([policy_banks.NAME] tables) and per-recipient settings
+    Setting("mynetworks", "policy", list,
+            ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "10.0.0.0/8",
+             "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+            "Our networks: a client address in them loads the built-in policy bank MYNETS "
+            "(originating mail). CIDRs, first match wins, !CIDR excludes.", bank_networks),
+    Setting("originating", "policy", bool, False,
+            "Mail from our own users (set by the MYNETS and ORIGINATING banks): a local "
+            "sender is told when such mail is discarded, strangers never."),
+    Setting("bypass_virus_checks", "policy", list, [],
+            "Recipients whose mail is not virus-checked: user@domain, domain, .domain "
+            "(it and its subdomains), !... excludes; the most specific match wins. If every "
+            "recipient is listed the message is not scanned.", bank_address_specs),
+    Setting("bypass_banned_checks", "policy", list, [],
+            "Recipients for whom banned_rules are not applied (same syntax).",
+            bank_address_specs),
+    Setting("recipient_policy", "policy", list, [],
+            "Policy banks per recipient, ADDRESS=BANK (user@domain, domain or .domain), e.g. "
+            "[\"example.org=STRICT\"]: each recipient's destiny comes from its bank; over "
+            "AM.PDP the strictest recipient's destiny answers for the message.",
+            bank_recipient_policy),
     # [notify] -- notifications, and where released mail goes
     Setting("notify_method", "notify", str, "smtp:[127.0.0.1]:10025",
             "How notifications are sent: smtp:HOST:PORT (the MTA's re-injection port) or "
@@ -240,6 +309,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("template_dir", "notify", str, "",
             "Directory of site templates (virus-admin.txt, banned-sender.txt, dsn.txt, ...); "
             "a file missing there comes from the shipped set.", absolute_path_or_empty),
+    # [smtp] -- the SMTP/LMTP content filter: Postfix in on smtp_listen, out to forward_method
+    Setting("smtp_listen", "smtp", list, [],
+            "SMTP/LMTP listeners of the workers (the after-queue content filter): HOST:PORT, "
+            "lmtp:HOST:PORT, unix:/path or lmtp:unix:/path, e.g. [\"127.0.0.1:10024\"]; "
+            "empty is off. Loopback only unless smtp_listen_remote.",
+            listen_specs, ("--smtp-listen",), metavar="ADDR[,ADDR...]"),
+    Setting("smtp_listen_remote", "smtp", bool, False,
+            "Allow smtp_listen addresses that are not loopback (smtp_allow then says who "
+            "may connect)."),
+    Setting("smtp_allow", "smtp", list, ["127.0.0.0/8", "::1"],
+            "Client addresses or networks allowed to talk SMTP/LMTP to us; others get 554.",
+            client_networks),
+    Setting("forward_method", "smtp", str, "smtp:[127.0.0.1]:10025",
+            "Where checked mail goes next: smtp:HOST:PORT (the MTA's re-injection port), "
+            "lmtp:HOST:PORT, smtp:unix:/path, lmtp:unix:/path or pipe:/usr/sbin/sendmail. "
+            "Our 250 waits for its answer.", method_spec, ("--forward",), metavar="METHOD"),
+    Setting("forward_timeout", "smtp", float, 120.0,
+            "Seconds each step of forwarding may take (connect, a command, a block of the "
+            "message, the final reply); past it our client hears 451.", positive),
+    Setting("smtp_max_recipients", "smtp", int, 1000,
+            "Recipients one SMTP/LMTP transaction may have; more are answered 452 "
+            "(the client sends them again in another transaction).", positive),
+    Setting("smtp_idle_timeout", "smtp", float, 300.0,
+            "Seconds an SMTP/LMTP client may be silent before its next command, and "
+            "have to send a whole command line; then the worker hangs up (RFC 5321's "
+            "5 minutes; amavisd-new's $smtpd_timeout is 480). AM.PDP keeps "
+            "client_idle_timeout and request_timeout.", positive),
+    Setting("smtp_data_timeout", "smtp", float, 600.0,
+            "Seconds an SMTP/LMTP client has for a whole DATA, from the 354 to the final "
+            "\".\", however slowly it trickles (max_connection_time still bounds the "
+            "connection).", positive),
     # [headers]
     Setting("myhostname", "headers", str, "",
             "This host's name in headers and replies; empty asks the system."),
@@ -247,7 +347,38 @@ SETTINGS: tuple[Setting, ...] = (
             "Header field added to mail that was scanned and passed."),
     Setting("x_header_line", "headers", str, "by amavisd {version} at {myhostname}",
             "Its text; {version} and {myhostname} are filled in."),
+    # [milter] -- read by amavisd-milter (amavisd_client/milter/options.py), not the daemon
+    Setting("milter_listen", "milter", str, "unix:/var/lib/amavis/amavisd-milter.sock",
+            "Where amavisd-milter listens for the MTA: unix:/path, inet:host:port (Postfix "
+            "spelling) or inet:port@host (Sendmail's).", milter_listen),
+    Setting("milter_socket_mode", "milter", str, "0660",
+            "Permissions of the milter's Unix socket (octal); the MTA reaches it through "
+            "milter_socket_group.", file_mode),
+    Setting("milter_socket_group", "milter", str, "",
+            "Group of the milter's Unix socket: the MTA's (postfix; Sendmail connects as "
+            "root); empty means the milter's group."),
+    Setting("milter_daemon_timeout", "milter", float, 600.0,
+            "Seconds the milter waits for the daemon's verdict on one message before "
+            "milter_on_error applies.", positive),
+    Setting("milter_progress_interval", "milter", float, 10.0,
+            "Seconds between the milter's keep-alives to the MTA while the daemon works, so "
+            "the MTA's content timeout does not fire on a slow scan.", positive),
+    Setting("milter_on_error", "milter", str, "tempfail",
+            "What the MTA is told when there is no verdict (daemon down, too slow, bad reply, "
+            "spool failure): tempfail, reject or accept (passes unscanned mail: not "
+            "recommended).", one_of("tempfail", "reject", "accept")),
+    Setting("milter_policy_bank", "milter", str, "",
+            "AM.PDP policy_bank the milter sends: comma-separated names; {daemon_name} (any "
+            "{macro}) stands for that milter macro's value. SMTP_AUTH is added for "
+            "authenticated clients."),
+    Setting("milter_quarantine", "milter", list, [],
+            "Verdicts (return values discard, reject) the milter turns into the MTA's hold "
+            "queue instead (Postfix: postsuper -H to release); empty: none.",
+            categories("discard", "reject")),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
+# [policy_banks.NAME]: overrides of the [policy], [notify] and [headers] settings, each
+# value checked by its own row (so the validator needs the finished table).
+TABLE_SECTIONS["policy_banks"] = bank_tables_check(BY_NAME)

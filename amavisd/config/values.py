@@ -45,6 +45,13 @@ class Config(Mapping[str, Any]):
             values[key] = coerce(BY_NAME[key], value, f"{key}")
         return Config(values, self.source)
 
+    def overlay(self, changes: Mapping[str, Any]) -> Config:
+        """These settings with `changes` laid over them: a policy bank's
+        values, each already checked by its row when the bank was loaded, so
+        nothing is coerced again (a bank combination is built once, then
+        cached by the pipeline)."""
+        return Config({**self._values, **changes}, self.source)
+
     # Derived paths: the Debian layout, <workdir>/amavisd.sock and <workdir>/tmp.
     @property
     def socket_path(self) -> str:

@@ -98,3 +98,10 @@ REPLIES: dict[Destiny, Reply] = {
     Destiny.TEMPFAIL: Reply("tempfail", sysexits.EX_TEMPFAIL, "451", "4.5.0",
                             "Temporary failure, id={log_id} - {summary}", "tempfail"),
 }
+
+# A request we will not or cannot act on (AM.PDP: a bad request, a release
+# refused or failed): amavisd-new answers each of these with 450 4.5.0
+# "Failure: ...", return_value=tempfail, exit_code=75. {summary} is the
+# public text (amavisd.failures), never a path.
+REFUSED = Reply("tempfail", sysexits.EX_TEMPFAIL, "450", "4.5.0", "Failure: {summary}",
+                "tempfail")

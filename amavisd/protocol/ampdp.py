@@ -14,9 +14,18 @@ may connect): a request's files are opened and checked by
 `max_connection_requests` a connection; a client that does not read its
 replies is hung up on).
 
-Every error a client can provoke is answered with a tempfail reply and a
-clear reason, logged once a connection: the MTA keeps the mail, nothing is
-dropped, and a flood of bad requests does not flood the log.
+Every error a client can provoke is answered as amavisd-new answers a
+request it cannot act on, "450 4.5.0 Failure: request refused: <which
+rule>" (return_value=tempfail, exit_code=75), logged once a connection: the
+MTA keeps the mail, nothing is dropped, and a flood of bad requests does not
+flood the log. Replies name the class of a failure only, never a path,
+errno or address (`amavisd.failures`); the detail is in the log line.
+
+Requests, by their `request` attribute (`REQUESTS`): AM.PDP (a message to
+check; with delivery_care_of=server we also forward it, see
+`protocol.server_delivery`), release and requeue (quarantine.release), and
+report, amavisd-new's spam/abuse reporting, which this server does not do:
+it is refused the way amavisd-new refuses what is not enabled.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from amavisd import failures
 from amavisd.beneath import Base, OutsideBase, components
 from amavisd.envelope import Envelope, Job
-from amavisd.policy.destinies import REPLIES
+from amavisd.policy.destinies import REFUSED, REPLIES
 from amavisd.protocol import session
 from amavisd.protocol.handover import (
     HandOver,
@@ -36,14 +47,16 @@ from amavisd.protocol.handover import (
     peer_uid,
     printable_path,
 )
+from amavisd.protocol.server_delivery import Answer, ServerDelivery, Snapshot
 from amavisd.protocol.session import Handler
-from amavisd.quarantine.release import ReleaseRequest
+from amavisd.quarantine.release import ReleaseOutcome, ReleaseRequest
 from amavisd.verdict import Destiny, HeaderEdit, Result
 from amavisd_client.wire.ampdp import Block, Decoder, encode_block
 
 log = logging.getLogger("amavisd.ampdp")
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+CARE_OF = ("client", "server")  # delivery_care_of: who delivers a passed message
 
 
 @dataclass
@@ -52,6 +65,7 @@ class MessageRequest:
     tempdir: str | None
     remove_tempdir: bool
     mail_file: str | None = None  # None: the protocol's default, email.txt in tempdir
+    care_of_server: bool = False  # delivery_care_of=server: we forward passed mail
 
 
 def within(path: str, tempbase: str, what: str) -> str:
@@ -62,7 +76,8 @@ def within(path: str, tempbase: str, what: str) -> str:
     try:
         names = components(path, base, os.path.realpath(base))
     except OutsideBase as err:
-        raise RequestError(f"{what} {printable_path(path)} is outside the temp base "
+        raise RequestError(failures.refused(f"{what} is outside the temp base"),
+                           f"{what} {printable_path(path)} is outside the temp base "
                            f"{tempbase} ({err})") from None
     return os.path.join(base, *names)
 
@@ -70,16 +85,20 @@ def within(path: str, tempbase: str, what: str) -> str:
 def parse_message_request(block: Block, tempbase: str, log_id: str) -> MessageRequest:
     if block.errors:
         more = block.error_count - 3
-        raise RequestError("protocol error: " + "; ".join(block.errors[:3])
+        # the codec's words about the client's own bytes: nothing of ours
+        raise RequestError(failures.refused(f"protocol error: {block.errors[0][:100]}"),
+                           "protocol error: " + "; ".join(block.errors[:3])
                            + (f" (and {more} more)" if more > 0 else ""))
     tempdir_raw = block.get("tempdir")
     mail_file_raw = block.get("mail_file")
     if not tempdir_raw and not mail_file_raw:
-        raise RequestError("request names neither tempdir nor mail_file")
+        raise RequestError(failures.refused("request names neither tempdir nor mail_file"))
     tempdir = within(tempdir_raw, tempbase, "tempdir") if tempdir_raw else None
     mail_file = within(mail_file_raw, tempbase, "mail_file") if mail_file_raw else None
-    if block.get("delivery_care_of", "client") == "server":
-        raise RequestError("delivery_care_of=server is not configured on this server")
+    care_of = (block.get("delivery_care_of", "client") or "client").lower()
+    if care_of not in CARE_OF:
+        raise RequestError(failures.refused("delivery_care_of must be client or server"),
+                           f"delivery_care_of={printable_path(care_of)[:60]}")
     removed_by = block.get("tempdir_removed_by", "server")  # the protocol's default
     envelope = Envelope(
         sender=block.get("sender", "<>") or "<>",
@@ -97,6 +116,7 @@ def parse_message_request(block: Block, tempbase: str, log_id: str) -> MessageRe
         tempdir=tempdir,
         remove_tempdir=removed_by == "server" and tempdir is not None,
         mail_file=mail_file,
+        care_of_server=care_of == "server",
     )
 
 
@@ -111,12 +131,13 @@ def header_attribute(edit: HeaderEdit) -> tuple[str, list[str]]:
 
 
 _HEADER_ORDER = {"delete": 0, "change": 1, "insert": 2, "add": 3}  # version 2 ordering
+Attributes = list[tuple[str, str | list[str]]]
 
 
 def encode_reply(log_id: str, destiny: Destiny, summary: str,
                  edits: list[HeaderEdit] | None = None) -> bytes:
     reply = REPLIES[destiny]
-    attrs: list[tuple[str, str | list[str]]] = [("version_server", "2"), ("log_id", log_id)]
+    attrs: Attributes = [("version_server", "2"), ("log_id", log_id)]
     for edit in sorted(edits or [], key=lambda e: _HEADER_ORDER[e.op]):
         attrs.append(header_attribute(edit))
     attrs.append(("return_value", reply.ampdp))
@@ -131,7 +152,41 @@ def reply_for(result: Result) -> bytes:
 
 
 def tempfail_reply(log_id: str, reason: str) -> bytes:
-    return encode_reply(log_id, Destiny.TEMPFAIL, reason)
+    """A tempfail for what went wrong on our side; `reason` is a public class
+    of failure (amavisd.failures), never a detail."""
+    return encode_reply(log_id, Destiny.TEMPFAIL, f"TEMPFAIL: {reason}")
+
+
+def refusal_reply(log_id: str, public: str) -> bytes:
+    """amavisd-new's answer to a request it cannot act on: 450 4.5.0 Failure: ..."""
+    return encode_block([("version_server", "2"), ("log_id", log_id),
+                         ("setreply", [REFUSED.smtp, REFUSED.enhanced,
+                                       REFUSED.text.format(log_id=log_id, summary=public)]),
+                         ("return_value", REFUSED.ampdp),
+                         ("exit_code", str(REFUSED.exit_code))])
+
+
+def answer_reply(log_id: str, answer: Answer) -> bytes:
+    """A message we forwarded ourselves (delivery_care_of=server): no header
+    edits (they are in the forwarded bytes)."""
+    return encode_block([("version_server", "2"), ("log_id", log_id),
+                         ("setreply", [answer.smtp, answer.enhanced, answer.text]),
+                         ("return_value", answer.row.ampdp),
+                         ("exit_code", str(answer.row.exit_code))])
+
+
+def release_reply(log_id: str, outcome: ReleaseOutcome) -> bytes:
+    """amavisd-new's: the next hop's reply for each recipient, setreply lines
+    only; a refusal or failure is one "450 4.5.0 Failure: ..." with
+    return_value=tempfail and exit_code=75."""
+    attrs: Attributes = [("version_server", "2"), ("log_id", log_id)]
+    if outcome.replies:
+        attrs += [("setreply", list(reply)) for reply in outcome.replies]
+    else:
+        attrs.append(("setreply", [outcome.smtp, outcome.enhanced, outcome.text]))
+    if not outcome.ok and not outcome.replies:
+        attrs += [("return_value", REFUSED.ampdp), ("exit_code", str(REFUSED.exit_code))]
+    return encode_block(attrs)
 
 
 class Session(session.Session):
@@ -151,7 +206,10 @@ class Session(session.Session):
         super().__init__(conn, handler)
         self.tempbase = handler.config.tempbase_path
         self.work_base = handler.config.work_base_path
-        self.peer_uid = peer_uid(conn)  # None over TCP: nobody to check ownership against
+        # who owns the files a request names: SO_PEERCRED, or the owner of the
+        # client's end of a loopback TCP connection; None: unknown, nobody to check
+        self.peer_uid = peer_uid(conn)
+        self.over_tcp = conn.family != socket.AF_UNIX
         self.decoder = Decoder()
         self.pending: list[Block] = []
         self.in_flight: str | None = None  # log id of the request being worked on
@@ -172,7 +230,8 @@ class Session(session.Session):
         return self.answer_block(self.pending.pop(0))
 
     def oversize(self) -> bytes:
-        return self._refuse(self.handler.next_log_id(), "request too large")
+        return self._refuse(self.handler.next_log_id(),
+                            RequestError(failures.refused("request too large")))
 
     def last_words(self, reason: str) -> bytes:
         return b"" if self.in_flight is None else tempfail_reply(self.in_flight, reason)
@@ -192,15 +251,16 @@ class Session(session.Session):
         try:
             request = block.get("request")
             if block.first_name != "request":
-                return self._refuse(log_id, "the first attribute must be 'request'")
-            if request in ("release", "requeue"):
-                return self.answer_release(block, log_id)
-            if request != "AM.PDP":
-                return self._refuse(log_id, f"unsupported request {request!r}")
-            return self.answer_message(block, log_id)
-        except Exception as err:
+                return self._refuse(log_id, RequestError(
+                    failures.refused("the first attribute must be 'request'")))
+            answer = REQUESTS.get(request or "")
+            if answer is None:
+                return self._refuse(log_id, RequestError(failures.refused(
+                    f"unsupported request {printable_path(request)[:40]!r}")))
+            return answer(self, block, log_id)
+        except Exception:
             log.exception("(%s) internal error handling an AM.PDP request", log_id)
-            return tempfail_reply(log_id, f"internal error: {type(err).__name__}")
+            return tempfail_reply(log_id, failures.INTERNAL_ERROR)
         finally:
             self.in_flight = None
 
@@ -208,23 +268,30 @@ class Session(session.Session):
         try:
             message = parse_message_request(block, self.tempbase, log_id)
         except RequestError as err:
-            return self._refuse(log_id, str(err))
+            return self._refuse(log_id, err)
+        if message.care_of_server and self.peer_uid is None:
+            # we would deliver a file of anyone's to recipients the client names
+            return self._refuse(log_id, RequestError(failures.refused(
+                "delivery_care_of=server needs the client's uid (not found)")))
         avoid = [self.work_base] if self.work_base else []
         try:
             base = Base(self.tempbase, avoid)
         except OSError as err:
             log.error("(%s) temp base %s unusable: %s", log_id, self.tempbase, err.strerror)
-            return tempfail_reply(log_id, f"temp base unusable: {err.strerror}")
+            return tempfail_reply(log_id, failures.LOCAL_PROBLEM)
         with base:
-            handed = HandOver(base, self.peer_uid)
+            handed = HandOver(base, self.peer_uid, self.over_tcp)
             try:
                 try:
                     handed.open(message.tempdir, message.mail_file, message.job.mail_path)
+                    if message.care_of_server:
+                        reply = self.check_and_forward(message, handed.mail_fd)
+                    else:
+                        job = Job(log_id=message.job.log_id, mail_path=message.job.mail_path,
+                                  envelope=message.job.envelope, mail_fd=handed.mail_fd)
+                        reply = reply_for(self.handler.handle_message(job))
                 except RequestError as err:
-                    return self._refuse(log_id, str(err))
-                job = Job(log_id=message.job.log_id, mail_path=message.job.mail_path,
-                          envelope=message.job.envelope, mail_fd=handed.mail_fd)
-                reply = reply_for(self.handler.handle_message(job))
+                    return self._refuse(log_id, err)
                 if message.remove_tempdir:
                     # while its descriptor is still held: the identity it was
                     # checked under cannot pass to a new dir (inode reuse)
@@ -233,22 +300,67 @@ class Session(session.Session):
                 handed.close()
             return reply
 
+    def check_and_forward(self, message: MessageRequest, mail_fd: int) -> bytes:
+        """delivery_care_of=server: scan a private copy of the message, and
+        forward that very copy if it passes (protocol.server_delivery)."""
+        log_id = message.job.log_id
+        config = self.handler.config
+        try:
+            snapshot = Snapshot(mail_fd, config.max_message_size)
+        except OSError as err:  # our memfd: memory, descriptors
+            log.error("(%s) cannot copy the message: %s", log_id, err.strerror or err)
+            return tempfail_reply(log_id, failures.LOCAL_PROBLEM)
+        with snapshot:
+            job = Job(log_id=log_id, mail_path=message.job.mail_path,
+                      envelope=message.job.envelope, mail_fd=snapshot.fd)
+            result = self.handler.handle_message(job)
+            if result.destiny is not Destiny.PASS:  # nothing to forward
+                return reply_for(result)
+            via, client = self._where_from()
+            delivery = ServerDelivery(config, via, client)
+            return answer_reply(log_id, delivery.deliver(result, job.envelope,
+                                                         snapshot.bytes()))
+
+    def _where_from(self) -> tuple[str, str]:
+        """How this connection reached us, for our Received: line."""
+        if self.conn.family == socket.AF_UNIX:
+            return "unix socket", ""
+        try:
+            return f"port {self.conn.getsockname()[1]}", self.conn.getpeername()[0]
+        except OSError:
+            return "tcp", ""
+
     def answer_release(self, block: Block, log_id: str) -> bytes:
         """amavisd-release sends mail_id (and mail_file, the name it was given),
         secret_id, and optional recipient=... to override the original
-        recipients. The secret travels inside the ReleaseRequest, which the
-        worker passes on as the name; quarantine.release checks it."""
+        recipients; other clients may add requested_by (the Resent-From:).
+        The secret travels inside the ReleaseRequest, which the worker passes
+        on as the name; quarantine.release checks it."""
         name = block.get("mail_file") or block.get("mail_id") or ""
-        request = ReleaseRequest(os.path.basename(name), block.get("secret_id"))
+        via, client = self._where_from()
+        request = ReleaseRequest(os.path.basename(name), block.get("secret_id"),
+                                 block.get("requested_by") or "", via, client)
         outcome = self.handler.handle_release(request, block.getall("recipient"), log_id)
-        attrs: list[tuple[str, str | list[str]]] = [
-            ("version_server", "2"), ("log_id", log_id),
-            ("setreply", [outcome.smtp, outcome.enhanced, outcome.text]),
-            ("exit_code", "0" if outcome.ok else "75" if outcome.temporary else "69")]
-        return encode_block(attrs)
+        return release_reply(log_id, outcome)
 
-    def _refuse(self, log_id: str, reason: str) -> bytes:
+    def answer_report(self, block: Block, log_id: str) -> bytes:
+        """amavisd-new's request=report sends a spam/abuse report (ARF) about
+        a quarantined message; we do no spam reporting, and say so as
+        amavisd-new says that a feature is not enabled: 450 4.5.0 Failure."""
+        return self._refuse(log_id, RequestError(
+            "spam/abuse reporting (request=report) not enabled on this server"))
+
+    def _refuse(self, log_id: str, err: RequestError) -> bytes:
         self.refused += 1
         if self.refused == 1:  # one log line a connection, however many bad requests
-            log.warning("(%s) AM.PDP request refused: %s", log_id, reason)
-        return tempfail_reply(log_id, reason)
+            log.warning("(%s) AM.PDP request refused: %s", log_id, err)
+        return refusal_reply(log_id, err.public)
+
+
+# request=... -> how it is answered (amavisd-new's names; any other is refused)
+REQUESTS: dict[str, Callable[[Session, Block, str], bytes]] = {
+    "AM.PDP": Session.answer_message,
+    "release": Session.answer_release,
+    "requeue": Session.answer_release,
+    "report": Session.answer_report,
+}

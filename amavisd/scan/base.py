@@ -17,7 +17,10 @@ from amavisd.verdict import Finding
 
 
 class ScannerError(Exception):
-    """The scanner could not check the parts (down, timeout, limit, protocol error)."""
+    """The scanner could not check the parts (down, timeout, limit, protocol error).
+
+    Its text is for the log (it names sockets, errno, the scanner's output);
+    a reply says only "virus scanner unavailable" (amavisd.failures)."""
 
 
 @dataclass

@@ -87,11 +87,14 @@ class ScannerSet:
         # A resting scanner is still tried when nothing else in its list is awake.
         candidates = awake or list(scanners)
         for scanner in candidates:
+            started = time.monotonic()
             try:
                 report = scanner.scan(parts)
             except ScannerError as err:
+                metrics.scanner_request(scanner.name, time.monotonic() - started, err)
                 self._failed(scanner, str(err), outcome)
                 continue
+            metrics.scanner_request(scanner.name, time.monotonic() - started)
             if scanner.name in self.resting:
                 log.info("scanner %s answers again", scanner.name)
                 del self.resting[scanner.name]

@@ -378,9 +378,16 @@ def test_root_is_dropped_and_a_worker_boot_failure_halts_the_master(short_tmp,
             assert uids == [str(nobody.pw_uid)] * 2
         sock = os.stat(daemon.socket_path)
         assert oct(sock.st_mode & 0o777) == "0o660" and sock.st_uid == nobody.pw_uid
-        # A message the daemon's user cannot read is tempfailed, never passed.
+        # The client run as root (Sendmail's F=S mailer) gives its spool the
+        # daemon's group, so the dropped workers can read it.
         message = write(short_tmp / "m.eml", clean_message())
-        assert daemon.client(str(message)).returncode == 75
+        assert daemon.client(str(message)).returncode == 0
+        # A message the daemon's user cannot read is tempfailed, never passed.
+        path = spool(daemon, clean_message())
+        path.chmod(0o600)  # root's, closed to nobody
+        reply = ampdp(daemon.socket_path, [("request", "AM.PDP"), ("mail_file", str(path)),
+                                           ("tempdir", str(path.parent))])
+        assert reply is not None and reply.get("return_value") == "tempfail", reply
     finally:
         daemon.stop()
     # Now a temp base the workers cannot use: the master must halt, not respawn forever.

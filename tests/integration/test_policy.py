@@ -90,6 +90,19 @@ def test_banned_names_at_the_top_level(pipeline, tmp_path, filename):
     assert result.destiny.value == "discard"
 
 
+def test_a_banned_part_is_not_passed_when_the_scanners_are_down(pipeline, tmp_path):
+    """when_scanners_fail=pass is about the virus scan only: banned rules
+    did their work, and their verdict stands."""
+    dead = f"unix:{tmp_path}/no-clamd.sock"
+    result = process(pipeline(clamd=dead, when_scanners_fail="pass"),
+                     attachment_message("invoice.pdf.exe", b"harmless bytes"), tmp_path)
+    assert result.verdict == "BANNED", result.summary()
+    assert result.destiny.value == "discard"
+    clean = process(pipeline(clamd=dead, when_scanners_fail="pass"),
+                    attachment_message("notes.txt", b"harmless bytes"), tmp_path)
+    assert (clean.verdict, clean.destiny.value) == ("UNCHECKED", "pass")
+
+
 @pytest.mark.parametrize("fmt", sorted(ARCHIVERS))
 def test_banned_names_inside_archives(pipeline, tmp_path, fmt):
     raw_archive = ARCHIVERS[fmt]({"readme.txt": b"hi", "invoice.pdf.exe": b"MZ fake"}, tmp_path)
@@ -315,7 +328,9 @@ def test_release_with_the_cli_delivers_with_the_original_envelope(quarantined):
     got = sink.wait(1)[0]
     assert got.mail_from == "alice@example.test"
     assert sorted(got.rcpt_tos) == ["bob@example.test", "carol@example.test"]
-    assert got.data.replace(b"\r\n", b"\n") == eicar_message()
+    # the stored bytes, under amavisd-new's Resent-* block and a Received: line
+    assert got.data.startswith(b"Resent-From: ")
+    assert got.data.replace(b"\r\n", b"\n").endswith(eicar_message())
     bad = subprocess.run(run + ["release", "../../etc/passwd"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 1 and "not a quarantine id" in bad.stdout + bad.stderr

@@ -109,6 +109,9 @@ def test_sites_may_pass_unscanned_mail_with_an_alert_header(clamd, tmp_path):
     assert result.destiny.value == "pass" and result.verdict == "UNCHECKED"
     alerts = [e.value for e in result.header_edits if e.name == "X-Amavis-Alert"]
     assert alerts and alerts[0].startswith("NOT SCANNED")
+    # the header goes out with the mail: the class of failure, never clamd's path or errno
+    assert alerts[0] == "NOT SCANNED: virus scanner unavailable", alerts
+    assert str(clamd.address).split(":", 1)[-1] not in alerts[0]
 
 
 def test_both_down_through_the_client_and_ampdp(short_tmp, clamd):
@@ -127,7 +130,9 @@ def test_both_down_through_the_client_and_ampdp(short_tmp, clamd):
         reply = ampdp(daemon.socket_path, [("request", "AM.PDP"), ("mail_file", str(path)),
                                            ("tempdir", str(path.parent))])
         assert reply.get("return_value") == "tempfail"
-        assert "no virus scanner answered" in reply.get("setreply")
+        # the class of the failure; which scanners and why is in the log (issue 12)
+        assert reply.get("setreply").endswith("TEMPFAIL: virus scanner unavailable")
+        assert "no virus scanner answered" in daemon.log_text()
 
 
 def test_primary_mode_first_stops_at_the_first_answer(clamd, tmp_path):

@@ -67,6 +67,11 @@ class DaemonInstance:
             "graceful_timeout": 10.0,
             # no backup unless a test asks: "clamd down" must mean "no scanner"
             "backup_scanners": [],
+            # notices go nowhere unless a test gives them a sink: never to
+            # 127.0.0.1:10025, where a real MTA or amavisd may listen (port 9 refuses)
+            "notify_method": "smtp:[127.0.0.1]:9",
+            # no metrics port unless a test asks: parallel daemons would race for 9825
+            "metrics_listen": "",
         }
         self.settings.update(settings)
         self.config_path = self.workdir / "amavisd.toml"

@@ -140,6 +140,7 @@ def test_the_forwarder_reads_smtp_methods_through_it():
     for bad, said in [("smtp:[::1]", "smtp method must be smtp:HOST:PORT"),
                       ("smtp:host:0", "smtp method must be smtp:HOST:PORT"),
                       ("pipe:sendmail", "pipe method must be pipe:/absolute/path"),
-                      ("lmtp:host:24", "unknown method 'lmtp:host:24'")]:
+                      ("lmtp:host", "lmtp method must be lmtp:HOST:PORT"),
+                      ("lmtpx:host:24", "unknown method 'lmtpx:host:24'")]:
         with pytest.raises(ValueError, match=f"^{said}"):
             forwarder(bad)

@@ -37,7 +37,8 @@ def test_every_method_the_settings_accept_has_a_forwarder():
     from amavisd.actions.forward import FORWARDERS
     from amavisd.actions.methods import PARSERS
 
-    examples = {"smtp": "smtp:[127.0.0.1]:10025", "pipe": "pipe:/usr/sbin/sendmail"}
+    examples = {"smtp": "smtp:[127.0.0.1]:10025", "lmtp": "lmtp:[127.0.0.1]:24",
+                "pipe": "pipe:/usr/sbin/sendmail"}
     assert set(PARSERS) == set(examples)
     assert {type(PARSERS[k](spec.partition(":")[2])) for k, spec in examples.items()} == set(
         FORWARDERS)
@@ -54,3 +55,21 @@ def test_every_method_the_settings_accept_has_a_forwarder():
 def test_values_checked_by_other_parts_vocabularies(key, value, said):
     with pytest.raises(config.ConfigError, match=said):
         config.load(None, {key: value})
+
+
+def test_check_config_output_keeps_policy_banks(tmp_path):
+    """`check-config` prints the effective config; it must load back as it is,
+    banks included (they were dropped, so a printed config lost them)."""
+    from amavisd.config import load
+    from amavisd.config.rendering import render
+
+    source = tmp_path / "a.toml"
+    source.write_text('[policy]\nvirus_destiny = "discard"\n\n'
+                      '[policy_banks.STRICT]\nvirus_destiny = "reject"\n'
+                      'banned_rules = [\'deny name ~ \\.exe$\']\n')
+    config = load(str(source))
+    printed = tmp_path / "printed.toml"
+    printed.write_text(render(config, commented=False))
+    again = load(str(printed))
+    assert again["policy_banks"] == config["policy_banks"]
+    assert again["policy_banks"]["STRICT"]["virus_destiny"] == "reject"

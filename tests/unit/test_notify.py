@@ -291,3 +291,29 @@ def test_templates_read_before_the_drop_are_used_when_the_files_are_gone(tmp_pat
     finally:
         site.chmod(0o755)
         notify_module.load_templates("")
+
+
+def test_a_policy_banks_templates_are_read_before_the_drop_too(tmp_path):
+    """A bank's own template_dir is read with the base one (as root, before
+    the fork), so a worker serving that bank never needs the files."""
+    from amavisd.actions import notify as notify_module
+    from amavisd.config import load
+
+    base, bank = tmp_path / "base", tmp_path / "bank"
+    for directory, subject in ((base, "base admin"), (bank, "bank admin")):
+        directory.mkdir()
+        (directory / "admin.txt").write_text(f"Subject: {subject}\n\nfound\n")
+    source = tmp_path / "a.toml"
+    source.write_text(f'[notify]\ntemplate_dir = "{base}"\n\n'
+                      f'[policy_banks.OUT]\ntemplate_dir = "{bank}"\n')
+    try:
+        notify_module.load_templates(*notify_module.template_dirs(load(str(source))))
+        for directory in (base, bank):
+            (directory / "admin.txt").unlink()
+            directory.chmod(0)
+        assert notify_module.Templates([str(bank)]).get("admin.txt").subject == "bank admin"
+        assert notify_module.Templates([str(base)]).get("admin.txt").subject == "base admin"
+    finally:
+        base.chmod(0o755)
+        bank.chmod(0o755)
+        notify_module.load_templates("")

@@ -200,8 +200,8 @@ def test_a_listener_whose_tag_names_no_protocol_halts_the_boot(home):
     code = reap(master, 20.0)
     assert code == EXIT_HALTED
     log_text = (home / "amavisd.log").read_text()
-    assert f"listener unix:{path}: no protocol registered as 'nosuch' (known: ampdp)" \
-        in log_text
+    assert (f"listener nosuch:unix:{path}: no protocol registered as 'nosuch' "
+            "(known: ampdp, lmtp, smtp)") in log_text
 
 
 def test_a_tag_is_registered_once(line_protocol):
@@ -211,7 +211,7 @@ def test_a_tag_is_registered_once(line_protocol):
         registry.register("ampdp", LineSession)
     assert registry.session_class("line") is LineSession
     with pytest.raises(registry.UnknownProtocol):
-        registry.session_class("smtp")
+        registry.session_class("nosuch")
 
 
 def free_port() -> int:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import stat
 import time
 from pathlib import Path
 
 import pytest
 
-from amavisd.actions.forward import PipeForwarder, SMTPForwarder, forwarder
+from amavisd.actions.forward import ForwardError, PipeForwarder, SMTPForwarder, forwarder
 from amavisd.envelope import Envelope
 from amavisd.quarantine.entry import ID_PATTERN, QuarantineError, UnknownEntry
 from amavisd.quarantine.file import FileStore
@@ -149,7 +150,7 @@ def test_release_resends_the_original_envelope_and_bytes(tmp_path: Path, sink: S
     store = FileStore(str(tmp_path), gzip=True)
     qid = store.store(RAW, envelope(), infected())
     host, port = sink.address
-    assert resend(store, qid, forward=forwarder(f"smtp:[{host}]:{port}")) == {}
+    assert resend(store, qid, forward=forwarder(f"smtp:[{host}]:{port}")).refused == {}
     [got] = sink.wait(1)
     assert got.mail_from == "alice@example.com"
     assert got.rcpt_tos == ["bob@example.org", "carol@example.org"]
@@ -168,10 +169,10 @@ def test_release_reports_refused_recipients_and_fails_when_all_are(tmp_path: Pat
     with SMTPSink(refuse=["carol@example.org"]) as partial:
         store = FileStore(str(tmp_path))
         qid = store.store(RAW, envelope(), infected())
-        refused = resend(store, qid, forward=SMTPForwarder(*partial.address))
+        refused = resend(store, qid, forward=SMTPForwarder(*partial.address)).refused
         assert list(refused) == ["carol@example.org"] and refused["carol@example.org"][:3] == "550"
         assert partial.wait(1)[0].rcpt_tos == ["bob@example.org"]
-        with pytest.raises(QuarantineError, match="all recipients refused"):
+        with pytest.raises(ForwardError, match="all recipients refused"):
             resend(store, qid, recipients=["carol@example.org"],
                           forward=SMTPForwarder(*partial.address))
 
@@ -179,7 +180,7 @@ def test_release_reports_refused_recipients_and_fails_when_all_are(tmp_path: Pat
 def test_release_to_an_unreachable_port_is_one_error(tmp_path: Path):
     store = FileStore(str(tmp_path))
     qid = store.store(RAW, envelope(), infected())
-    with pytest.raises(QuarantineError, match=f"release of {qid} failed: smtp:"):
+    with pytest.raises(ForwardError, match="smtp:.*cannot connect"):
         resend(store, qid, forward=SMTPForwarder("127.0.0.1", 9, timeout=2))
 
 
@@ -214,10 +215,13 @@ def test_a_release_request_cannot_forge_log_lines(tmp_path: Path, sink: SMTPSink
     caplog.set_level("INFO", logger="amavisd.release")
     outcome = release(config, qid, ["<admin@example.org>\r\namavisd[1]: Passed CLEAN"],
                       local=True)
-    assert outcome.ok, outcome
-    assert len(sink.wait(1)) == 1
-    [line] = [r.getMessage() for r in caplog.records if "released" in r.getMessage()]
-    assert "\n" not in line and "\r" not in line and "??amavisd[1]" in line
+    # The line breaks became "?", and what is left closes the angle brackets:
+    # refused for good (553 5.1.3 from our SMTP client), nothing sent.
+    assert not outcome.ok and not outcome.temporary, outcome
+    assert not sink.wait(0, timeout=0.5)
+    lines = [r.getMessage() for r in caplog.records if "release of" in r.getMessage()]
+    assert lines and all("\n" not in line and "\r" not in line for line in lines)
+    assert any("??amavisd[1]" in line for line in lines)
 
 
 # -- release authorisation (secret_id, release_to_others) ---------------------------------
@@ -260,11 +264,13 @@ def test_a_remote_release_needs_the_right_secret(releasing, sink: SMTPSink, capl
     secret = store.get(qid).secret_id
     caplog.set_level("INFO", logger="amavisd.release")
     missing = rel.release(config(), qid, [], "r-1")
-    wrong = rel.release(config(), qid, [], "r-2", secret=secret[:-1] + "x")
+    wrong = rel.release(config(), qid, [], "r-2",
+                        secret=secret[:-1] + ("y" if secret.endswith("x") else "x"))
     as_request = rel.release(config(), rel.ReleaseRequest(f"virus-{qid}", "nope"), [], "r-3")
-    for outcome in (missing, wrong, as_request):
+    for outcome in (missing, wrong, as_request):  # amavisd-new's: 450 4.5.0 Failure, exit 75
         assert (outcome.ok, outcome.smtp, outcome.enhanced, outcome.temporary) == (
-            False, "550", "5.7.1", False)
+            False, "450", "4.5.0", True)
+        assert outcome.text == "Failure: " + rel.REFUSED_TEXT
     assert sink.wait(0, timeout=0.3) == []
     logged = " | ".join(r.getMessage() for r in caplog.records)
     assert "(r-1) release of" in logged and "no secret_id in the request" in logged
@@ -318,7 +324,7 @@ def test_other_recipients_take_release_to_others(releasing, sink):
     secret = store.get(qid).secret_id
     outsider = rel.release(config(), qid, ["bob@example.org", "<mallory@evil.test>"], "r",
                            secret=secret)
-    assert (outsider.ok, outsider.smtp, outsider.enhanced) == (False, "550", "5.7.1")
+    assert (outsider.ok, outsider.smtp, outsider.enhanced) == (False, "450", "4.5.0")
     assert "release_to_others" in outsider.text and "mallory@evil.test" in outsider.text
     # a subset of the original recipients is no privilege (the domain's case does not count)
     subset = rel.release(config(), qid, ["<carol@EXAMPLE.org>"], "r", secret=secret)
@@ -339,6 +345,47 @@ def test_a_damaged_entry_is_refused_remotely_like_an_unknown_one(releasing, tmp_
     (tmp_path / "q" / f"virus-{qid}.json").write_bytes(b"{damaged")
     remote = rel.release(config(), qid, [], "r", secret="x" * 16)
     unknown = rel.release(config(), "AAAAAAAAAAAA", [], "r", secret="x" * 16)
-    assert (remote.smtp, remote.text) == (unknown.smtp, unknown.text) == ("550", rel.REFUSED_TEXT)
+    assert (remote.smtp, remote.text) == (unknown.smtp, unknown.text) == (
+        "450", "Failure: " + rel.REFUSED_TEXT)
     local = rel.release(config(), qid, [], "cli", local=True)  # the admin is told why
     assert local.temporary and "damaged sidecar" in local.text
+
+
+# -- the trace on released mail (amavisd-new's Resent-* block and Received:) ----------
+
+
+def test_the_resent_block_is_amavisd_news_and_names_who_asked(releasing, sink):
+    store, qid, config, rel = releasing
+    ok = rel.release(config(myhostname="mx.example.org"),
+                     rel.ReleaseRequest(qid, store.get(qid).secret_id, "boss@example.org"),
+                     ["carol@example.org"], "r-9")
+    assert ok.ok, ok
+    [got] = sink.wait(1)
+    head, _, rest = got.data.partition(b"\r\nFrom: Alice")
+    fields = [f.split(b":")[0] for f in head.replace(b"\r\n ", b" ").split(b"\r\n")]
+    assert fields == [b"Resent-From", b"Resent-Sender", b"Resent-To", b"Resent-Date",
+                      b"Resent-Message-ID", b"Received", b"Return-Path"]  # then the stored mail
+    unfolded = head.replace(b"\r\n ", b" ").decode()
+    assert "Resent-From: <boss@example.org>\r\n" in unfolded
+    assert 'Resent-Sender: "Content-filter at mx.example.org" <postmaster@mx.example.org>' \
+        in unfolded
+    assert "Resent-To: <carol@example.org>\r\n" in unfolded
+    assert re.search(rf"Resent-Message-ID: <{qid}-[A-Za-z0-9_-]{{12}}@mx.example.org>", unfolded)
+    assert re.search(r"Received: from unknown by localhost \(amavisd, unix socket\) id "
+                     r"[A-Za-z0-9_-]{12} for <carol@example.org>; \w\w\w, ", unfolded)
+    assert b"Return-Path: <alice@example.com>" + b"\r\nFrom: Alice" + rest == RAW
+
+
+def test_client_values_cannot_add_header_fields_to_the_trace():
+    from amavisd.quarantine import resent
+
+    hostile = "<carol@example.org>\r\nBcc: everyone@example.net"
+    fields = [*resent.resent("AAAAAAAAAAAA", "BBBBBBBBBBBB", [hostile], myhostname="h\r\nX: y",
+                             from_header="f", requested_by="a@b\nSubject: spam"),
+              resent.received("BBBBBBBBBBBB", [hostile], client="1.2.3.4\r\nX-Evil: 1")]
+    out = resent.prepend(b"Subject: s\n\nbody\n", fields).decode()
+    names = [line.split(":")[0] for line in out.split("\n\n")[0].split("\n")
+             if line[:1] not in (" ", "\t")]
+    assert names == ["Resent-From", "Resent-Sender", "Resent-To", "Resent-Date",
+                     "Resent-Message-ID", "Received", "Subject"]
+    assert all(len(line) <= 78 for line in out.split("\n") if "@" not in line)
