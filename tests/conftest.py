@@ -72,25 +72,32 @@ def small_tmpfs():
     os.rmdir(path)
 
 
-@pytest.fixture
-def postfix_factory(short_tmp):
-    """make(**options) -> a started private Postfix (tests/rigs/postfix.py,
-    options as PostfixInstance's), each with its own dir; all stopped at the end."""
-    from tests.rigs import postfix as postfix_rig
-
-    reason = postfix_rig.skip_reason()
+def _mta_factory(rig, make_instance, short_tmp, prefix):
+    """Yield make(**options) -> a started private MTA from `rig` (its
+    skip_reason() decides whether there is one here), each in its own dir
+    under `short_tmp`; all stopped at the end."""
+    reason = rig.skip_reason()
     if reason:
         pytest.skip(reason)
-    made: list[postfix_rig.PostfixInstance] = []
+    made = []
 
-    def make(**options) -> postfix_rig.PostfixInstance:
-        instance = postfix_rig.PostfixInstance(short_tmp / f"postfix{len(made)}", **options)
+    def make(**options):
+        instance = make_instance(short_tmp / f"{prefix}{len(made)}", **options)
         made.append(instance)
         return instance.start()
 
     yield make
     for instance in made:
         instance.stop()
+
+
+@pytest.fixture
+def postfix_factory(short_tmp):
+    """make(**options) -> a started private Postfix (tests/rigs/postfix.py,
+    options as PostfixInstance's), each with its own dir; all stopped at the end."""
+    from tests.rigs import postfix as postfix_rig
+
+    yield from _mta_factory(postfix_rig, postfix_rig.PostfixInstance, short_tmp, "postfix")
 
 
 @pytest.fixture
@@ -105,16 +112,4 @@ def sendmail_factory(short_tmp):
     options as SendmailInstance's), each with its own dir; all stopped at the end."""
     from tests.rigs import sendmail as sendmail_rig
 
-    reason = sendmail_rig.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    made: list[sendmail_rig.SendmailInstance] = []
-
-    def make(**options) -> sendmail_rig.SendmailInstance:
-        instance = sendmail_rig.SendmailInstance(short_tmp / f"sendmail{len(made)}", **options)
-        made.append(instance)
-        return instance.start()
-
-    yield make
-    for instance in made:
-        instance.stop()
+    yield from _mta_factory(sendmail_rig, sendmail_rig.SendmailInstance, short_tmp, "sendmail")

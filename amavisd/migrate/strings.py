@@ -44,45 +44,44 @@ class _Builder:
 
 def interpolate(raw: str, lookup: Lookup, arrays: dict[str, list[Any]]) -> Any:
     """A "..." string: escapes, then $scalar, ${scalar}, @array."""
-    out = _Builder()
-    i = 0
-    while i < len(raw):
-        ch = raw[i]
-        if ch == "\\" and i + 1 < len(raw):
-            piece, i = _escape(raw, i)
-            if isinstance(piece, Unknown):
-                return piece
-        elif ch in "$@" and (match := INTERPOLATED.match(raw, i)):
-            piece = _variable(match, lookup, arrays)
-            if isinstance(piece, Unknown):
-                return piece
-            i = match.end()
-        else:
-            piece, i = ch, i + 1
-        if not out.add(piece):
-            return TOO_LONG
-    return out.text()
+    return _interpolate(raw, lookup, arrays, _string_escape)
 
 
 def interpolate_regex(raw: str, lookup: Lookup, arrays: dict[str, list[Any]]) -> Any:
     """qr/.../ with variables in it: only $name, ${name} and @name are
     replaced; the regex's own escapes stay as they are."""
+    return _interpolate(raw, lookup, arrays, _regex_escape)
+
+
+def _interpolate(raw: str, lookup: Lookup, arrays: dict[str, list[Any]],
+                 escape: Callable[[str, int], tuple[str | Unknown, int]]) -> Any:
+    """The one scan both kinds share: `escape` reads a backslash sequence."""
     out = _Builder()
     i = 0
     while i < len(raw):
         ch = raw[i]
         if ch == "\\":
-            piece, i = raw[i:i + 2], i + 2
+            piece, i = escape(raw, i)
         elif ch in "$@" and (match := INTERPOLATED.match(raw, i)):
             piece = _variable(match, lookup, arrays)
-            if isinstance(piece, Unknown):
-                return piece
             i = match.end()
         else:
             piece, i = ch, i + 1
+        if isinstance(piece, Unknown):
+            return piece
         if not out.add(piece):
             return TOO_LONG
     return out.text()
+
+
+def _string_escape(raw: str, i: int) -> tuple[str | Unknown, int]:
+    """A "..." string's escape; a lone backslash at the end is itself."""
+    return _escape(raw, i) if i + 1 < len(raw) else ("\\", i + 1)
+
+
+def _regex_escape(raw: str, i: int) -> tuple[str | Unknown, int]:
+    """A regex keeps its escapes, backslash and all."""
+    return raw[i:i + 2], i + 2
 
 
 def _escape(raw: str, i: int) -> tuple[str | Unknown, int]:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from amavisd import failures
+from amavisd.actions.edits import milter_edits
 from amavisd.beneath import Base, OutsideBase, components
 from amavisd.envelope import Envelope, Job
 from amavisd.policy.destinies import REFUSED, REPLIES
@@ -120,17 +121,6 @@ def parse_message_request(block: Block, tempbase: str, log_id: str) -> MessageRe
     )
 
 
-def header_attribute(edit: HeaderEdit) -> tuple[str, list[str]]:
-    if edit.op == "insert":
-        return "insheader", [str(edit.index), edit.name, edit.value]
-    if edit.op == "add":
-        return "addheader", [edit.name, edit.value]
-    if edit.op == "change":
-        return "chgheader", [str(edit.index), edit.name, edit.value]
-    return "delheader", [str(edit.index), edit.name]
-
-
-_HEADER_ORDER = {"delete": 0, "change": 1, "insert": 2, "add": 3}  # version 2 ordering
 Attributes = list[tuple[str, str | list[str]]]
 
 
@@ -138,8 +128,7 @@ def encode_reply(log_id: str, destiny: Destiny, summary: str,
                  edits: list[HeaderEdit] | None = None) -> bytes:
     reply = REPLIES[destiny]
     attrs: Attributes = [("version_server", "2"), ("log_id", log_id)]
-    for edit in sorted(edits or [], key=lambda e: _HEADER_ORDER[e.op]):
-        attrs.append(header_attribute(edit))
+    attrs += milter_edits(edits or [])  # in the order a milter MTA applies them
     attrs.append(("return_value", reply.ampdp))
     text = reply.text.format(log_id=log_id, summary=summary)
     attrs.append(("setreply", [reply.smtp, reply.enhanced, text]))

@@ -21,7 +21,6 @@ hold one of the daemon's workers.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import subprocess
@@ -33,6 +32,7 @@ import pytest
 from amavisd.testing.eicar import EICAR
 from amavisd.testing.messages import clean_message
 from tests.rigs.daemon import CLIENT_LAUNCHER, DaemonInstance, client_argv
+from tests.rigs.mailboxes import ensure_group, ensure_user
 
 pytestmark = pytest.mark.integration
 
@@ -84,27 +84,6 @@ while time.monotonic() < deadline:
         swaps += exchange(decoy, victim)
 print(swaps, attempts)
 """
-
-
-def ensure_group(name: str) -> int:
-    for _ in range(20):  # other test sessions may be creating it too
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            subprocess.run(["groupadd", "--system", name], capture_output=True)
-            time.sleep(0.1)
-    return grp.getgrnam(name).gr_gid
-
-
-def ensure_user(name: str, group: str) -> pwd.struct_passwd:
-    for _ in range(20):
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", "--gid", group, name], capture_output=True)
-            time.sleep(0.1)
-    return pwd.getpwnam(name)
 
 
 @pytest.fixture(scope="module")

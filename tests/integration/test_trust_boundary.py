@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import grp
 import io
 import json
 import os
@@ -24,7 +23,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
 import threading
 import time
 import traceback
@@ -39,6 +37,7 @@ from amavisd.testing.messages import clean_message, eicar_message
 from amavisd_client import client as amavisd_client
 from amavisd_client.wire.ampdp import Decoder, encode_block
 from tests.rigs.daemon import DaemonInstance
+from tests.rigs.mailboxes import ensure_user
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users")]
@@ -53,25 +52,10 @@ REJECTING = {"virus_destiny": "reject"}
 # -- accounts and running code as the attacker --------------------------------------------
 
 
-def ensure_account(name: str, group: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", "--gid", group, name],
-                       check=False, capture_output=True)
-        return pwd.getpwnam(name)
-
-
 @pytest.fixture(scope="session")
 def accounts():
     """The daemon's user and an attacker, both in the socket's group (idempotent)."""
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", GROUP], check=False, capture_output=True)
-        grp.getgrnam(GROUP)
-    return {"daemon": ensure_account(DAEMON_USER, GROUP), "evil": ensure_account(ATTACKER, GROUP)}
+    return {"daemon": ensure_user(DAEMON_USER, GROUP), "evil": ensure_user(ATTACKER, GROUP)}
 
 
 class AsUser:
