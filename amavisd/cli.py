@@ -167,6 +167,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             pidfile.write(cfg.pidfile)
             privileges.chown_to(cfg.pidfile, cfg.user, cfg.group)
         privileges.drop(cfg.user, cfg.group)
+        if cfg.tool_network == "isolated":  # probed once, as the user; workers inherit it
+            from amavisd.decode import external
+
+            external.isolation_failure()
     except (pidfile.PidfileError, privileges.PrivilegeError, OSError) as err:
         log.error("cannot start: %s", err)
         return sysexits.EX_OSERR

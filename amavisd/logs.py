@@ -17,7 +17,10 @@ One line per message, amavisd-new's (`log_summary`), or with `log_format =
 carries the same fields as the line, as fields; other records carry their
 text. ASCII only (json escapes the rest), so a hostile address or
 Message-ID can neither split a record nor forge one. Never a body, nor a
-header beyond the Message-ID the line shows.
+header beyond the Message-ID the line shows: not the Subject either (it is
+content, often personal), nor an attachment's name unless it is why the
+mail was BANNED, nor a secret_id (tests/integration/test_logs_no_content.py,
+at log_level debug).
 """
 
 from __future__ import annotations

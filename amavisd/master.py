@@ -11,6 +11,10 @@ byte); the main loop drains the queue and calls `handle_<signal>()`.
   waits in the backlog instead of being refused.
 - USR1: reopen logs (and tell the workers to); a log file that cannot be
   reopened is logged and survived.
+Workers accept nothing: the doorman (`amavisd.doorman`, a thread of this
+process) accepts and hands them only connections whose request is whole, so
+silent or trickling clients cannot hold the workers; it is restarted if it
+dies of a bug.
 A worker that exits with the boot-error code before any worker has booted
 halts the master (exit 78): what was wrong at start would only fail again,
 as fast as the loop turns. Once workers have booted and served, the same
@@ -41,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -50,6 +55,7 @@ from amavisd import config as configuration
 from amavisd import logs, sdnotify, sysexits, wakeup
 from amavisd.actions.notify import load_templates, template_dirs
 from amavisd.config import Config, ConfigError
+from amavisd.doorman import Doorman
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import Listener, describe, unlink_if_ours
 from amavisd.observe import exporter
@@ -141,6 +147,8 @@ class Arbiter:
         self.boot_failures = 0  # in a row, since the last worker that booted
         self.spawn_after = 0.0  # monotonic time before which no worker is forked
         self._wakeup_r = self._wakeup_w = -1
+        self.doorman = Doorman(listeners, config.client_idle_timeout,
+                               config.max_pending_connections, config.request_timeout)
 
     # -- main loop -----------------------------------------------------------
 
@@ -150,6 +158,7 @@ class Arbiter:
         log.info("amavisd master %d starting %d workers on %s", os.getpid(),
                  self.config.workers, ", ".join(describe(s) for s in self.listeners))
         try:
+            self.doorman.start()
             self.manage_workers()
             sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
             while True:
@@ -157,6 +166,7 @@ class Arbiter:
                 while self.signal_queue:
                     name = SIGNAL_NAMES[self.signal_queue.pop(0)]
                     getattr(self, f"handle_{name}")()
+                self.doorman.watch()
                 self.reap_workers()
                 self.watch_boots()
                 self.murder_workers()
@@ -237,6 +247,8 @@ class Arbiter:
         except OSError as err:
             log.error("HUP: cannot open the new log targets (%s); keeping the old ones", err)
         self.config = new
+        self.doorman.configure(new.client_idle_timeout, new.max_pending_connections,
+                               new.request_timeout)
         self.generation += 1
         self.manage_workers()  # the new generation first: never a moment without workers
         for worker in list(self.workers.values()):
@@ -278,7 +290,8 @@ class Arbiter:
         # after the fork. Blocked here, it stays pending until Worker.boot().
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
-            pid = os.fork()
+            with self.doorman.forking():
+                pid = os.fork()
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             raise
@@ -294,10 +307,11 @@ class Arbiter:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
+            self.doorman.forget_in_child()
             for other in self.workers.values():
                 other.heartbeat.close()
             Worker(self.worker_age, self.generation, os.getppid(), self.config,
-                   self.listeners, heartbeat, unblocked).run()
+                   self.listeners, heartbeat, unblocked, self.doorman.queue).run()
         finally:
             os._exit(1)
 
@@ -313,6 +327,7 @@ class Arbiter:
             if worker is None:
                 continue
             worker.heartbeat.close()
+            self.remove_work_of(pid)
             code = os.waitstatus_to_exitcode(status)
             exporter.reaped(worker, code)  # counts its exit, folds its metric files
             retiring = worker.state is WorkerState.RETIRING
@@ -327,10 +342,33 @@ class Arbiter:
                 continue
             if code < 0:
                 log.error("worker %d killed by %s", pid, signal.Signals(-code).name)
+                self.sweep_quarantine()
             elif code and not retiring:
                 log.warning("worker %d exited with status %d", pid, code)
             else:
                 log.info("worker %d exited", pid)
+
+    def sweep_quarantine(self) -> None:
+        """A worker killed while quarantining leaves a message without its sidecar."""
+        try:
+            store = open_store(self.config)
+            removed = store.sweep_incomplete() if hasattr(store, "sweep_incomplete") else []
+        except Exception as err:  # noqa: BLE001 - the master must not die of a sweep
+            log.warning("cannot sweep the quarantine: %s", err)
+            return
+        for name in removed:
+            log.warning("removed %s from the quarantine: its worker died storing it", name)
+
+    def remove_work_of(self, pid: int) -> None:
+        """A worker killed mid-message leaves its per-message dirs behind (named
+        amavisd-<pid>-*, decode.registry): nobody else will ever remove them."""
+        base = self.config.work_base_path
+        try:
+            names = [n for n in os.listdir(base) if n.startswith(f"amavisd-{pid}-")]
+        except OSError:
+            return
+        for name in names:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
     def watch_boots(self) -> None:
         """A worker whose heartbeat moved since the fork has booted: from then
@@ -339,7 +377,7 @@ class Arbiter:
             if worker.booted:
                 continue
             try:
-                moved = worker.heartbeat.last_update() > worker.born
+                moved = worker.heartbeat.last_update() != worker.born  # the clock may go back
             except OSError:
                 continue
             if moved:
@@ -397,6 +435,7 @@ class Arbiter:
         self.stopping = True
         sdnotify.notify("STOPPING=1")
         unix_paths = [listener.unix_path for listener in self.listeners if listener.unix_path]
+        self.doorman.stop()  # before the listeners close: it polls them
         for listener in self.listeners:
             listener.close()
         for path in unix_paths:  # new clients now fail fast and their MTA retries
@@ -426,5 +465,6 @@ class Arbiter:
                 worker.heartbeat.close()
                 transition(worker, WorkerState.EXITED,
                            f"exit status {os.waitstatus_to_exitcode(status)}")
+        self.doorman.close()
         exporter.stop()
 

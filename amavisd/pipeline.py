@@ -13,14 +13,20 @@ combination) and, recipient by recipient, from `recipient_policy` and the
 bypass lists (`policy.recipients`): each recipient gets its own category and
 destiny, and the message the strictest. Checks every recipient bypasses are
 not run at all.
+
+A big message is never read whole: it is mapped read-only (`decode.window`)
+and every stage reads it a window at a time (the splitter, the decoders,
+the quarantine); what needs only its header block gets that, bounded.
 """
 
 from __future__ import annotations
 
 import email.policy
+import errno
 import logging
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Sequence
 from email.parser import BytesHeaderParser
@@ -29,6 +35,7 @@ from amavisd import failures, logs, metrics
 from amavisd.actions.headers import header_edits
 from amavisd.actions.notify import Notifier
 from amavisd.config import Config
+from amavisd.decode import window
 from amavisd.decode.engine import decompose
 from amavisd.decode.limits import Limits
 from amavisd.decode.registry import WorkDirFailed
@@ -91,6 +98,7 @@ class Pipeline:
         result.policy_banks, result.originating = policy.banks, policy.originating
         checks = self.policies.recipient_checks(policy, job.envelope.recipients)
         decomposition = None
+        raw: window.Buffer = b""
         try:
             raw = self.spool(job)
             metrics.lap("spool")
@@ -130,6 +138,10 @@ class Pipeline:
         finally:
             if decomposition is not None:
                 decomposition.cleanup()
+            if window.mapped(raw):
+                if result.tree is not None:
+                    result.tree.detach()
+                window.close(raw)
         if result.category is None:  # a failure, not a decision: no recipient's outcome stands
             result.recipient_destinies, result.recipient_categories = {}, {}
         result.header_edits = header_edits(policy.config, result)
@@ -139,7 +151,7 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------
 
-    def spool(self, job: Job) -> bytes:
+    def spool(self, job: Job) -> window.Buffer:
         """Read the message, at most max_message_size bytes of a regular file.
 
         An AM.PDP job arrives already opened beneath the temp base
@@ -157,7 +169,8 @@ class Pipeline:
                 raise MessageUnreadable(f"cannot open {job.mail_path}: {err.strerror}") \
                     from None
         try:
-            return read_message(fd, job.mail_path, self.config.max_message_size)
+            return read_message(fd, job.mail_path, self.config.max_message_size,
+                                self.spill_base)
         finally:
             if owned:
                 os.close(fd)
@@ -196,7 +209,7 @@ class Pipeline:
         result.banned = [hit.label for hit in result.banned_hits]
         return hits
 
-    def keep(self, job: Job, result: Result, raw: bytes, policy: Policy,
+    def keep(self, job: Job, result: Result, raw: window.Buffer, policy: Policy,
              checks: list[RecipientChecks], outcomes: list[RecipientOutcome]) -> None:
         """Quarantine what the postmaster wants kept (for the message, or for
         any recipient's policy), and queue the notices. Mail we would discard
@@ -215,7 +228,8 @@ class Pipeline:
                 raise QuarantineFailed(f"quarantine {store.location}: "
                                        f"{getattr(err, 'strerror', None) or err}") from None
         if result.category is not Category.CLEAN:
-            self.outbox.append((policy.notifier, result, job, raw))
+            # the notices quote the header block only: never keep a big message for them
+            self.outbox.append((policy.notifier, result, job, header_block(raw)))
 
     def send_notices(self) -> None:
         """Admin alerts and sender/recipient notices for the messages just
@@ -240,16 +254,20 @@ class Pipeline:
         return outcomes
 
 
-def read_message(fd: int, name: str, limit: int) -> bytes:
-    """The whole regular file behind `fd`, from its start. A file larger than
-    `limit` is not read (MessageTooLarge: UNCHECKED); one that changes size
-    while read is a tempfail: never a partial message scanned as the whole."""
+def read_message(fd: int, name: str, limit: int, copy_dir: str | None = None
+                 ) -> window.Buffer:
+    """The whole regular file behind `fd`, from its start: bytes, or past
+    window.MAP_ABOVE a read-only mapping (the caller closes it). A file larger
+    than `limit` is not read (MessageTooLarge: UNCHECKED); one that changes
+    size while read is a tempfail: never a partial message scanned as the whole."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise MessageUnreadable(f"{name} is not a regular file")
         if st.st_size > limit:
             raise MessageTooLarge(st.st_size, limit)
+        if st.st_size > window.MAP_ABOVE:
+            return map_message(fd, st.st_size, name, copy_dir)
         with os.fdopen(os.dup(fd), "rb") as fh:
             fh.seek(0)
             raw = fh.read(st.st_size + 1)
@@ -260,19 +278,79 @@ def read_message(fd: int, name: str, limit: int) -> bytes:
     return raw
 
 
-def top_headers(raw: bytes) -> dict[str, str]:
+def map_message(fd: int, size: int, name: str, copy_dir: str | None) -> window.Buffer:
+    """A big message mapped read-only. Only a file nobody else can change is
+    mapped in place (our SMTP spool, a memfd): a client's file could be cut
+    short under the mapping, and reading past its new end kills the worker
+    (SIGBUS). Any other is first copied into a nameless file of ours."""
+    if window.private(fd):
+        return window.map_fd(fd, size)
+    copy = private_copy(fd, size, name, copy_dir)
+    try:
+        return window.map_fd(copy, size)
+    finally:
+        os.close(copy)  # the mapping holds its own reference
+
+
+def private_copy(fd: int, size: int, name: str, directory: str | None) -> int:
+    """`size` bytes of `fd` in an anonymous file (O_TMPFILE) only we hold,
+    copied in the kernel; a file that changes size meanwhile is a tempfail."""
+    directory = directory or tempfile.gettempdir()
+    try:
+        copy = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        copy, path = tempfile.mkstemp(prefix="msg-", dir=directory)
+        os.unlink(path)
+    try:
+        done = 0
+        while done < size + 1:
+            sent = os.sendfile(copy, fd, done, size + 1 - done)
+            if not sent:
+                break
+            done += sent
+        if done != size or os.fstat(fd).st_size != size:
+            raise MessageUnreadable(f"{name} changed size while being read")
+    except BaseException:
+        os.close(copy)
+        raise
+    return copy
+
+
+HEADER_BLOCK = 1024 * 1024  # what notices may quote of a message's header (actions.notify)
+
+
+def header_block(raw: window.Buffer) -> bytes:
+    """The message's header block and the blank line after it, as bytes,
+    at most HEADER_BLOCK of them: all the notices read of the message."""
+    end = raw.find(b"\n\n", 0, HEADER_BLOCK)
+    crlf = raw.find(b"\r\n\r\n", 0, HEADER_BLOCK)
+    if crlf >= 0 and (end < 0 or crlf < end):
+        return raw[:crlf + 4]
+    return raw[:end + 2] if end >= 0 else raw[:HEADER_BLOCK]
+
+
+def top_headers(raw: window.Buffer) -> dict[str, str]:
     """Message-ID, Subject, From and Date of the message itself, for the log
     line and notifications: unfolded, decoded, one line each, bounded."""
-    end = raw.find(b"\n\n")
-    crlf = raw.find(b"\r\n\r\n")
+    end = raw.find(b"\n\n", 0, 64 * 1024)
+    crlf = raw.find(b"\r\n\r\n", 0, 64 * 1024)
     if crlf >= 0 and (end < 0 or crlf < end):
         end = crlf
     block = raw[: end if end >= 0 else 64 * 1024][: 64 * 1024]
-    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(block)
+    # compat32 splits the block without parsing any field (the default policy
+    # would parse Content-Type on close); only the four wanted fields get the
+    # default policy's structured parse, exactly as `get` would give them
+    parsed = BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
+    first: dict[str, tuple[str, str]] = {}
+    for name, value in parsed.raw_items():
+        first.setdefault(name.lower(), (name, value))
     found = {}
     for name in ("Message-ID", "Subject", "From", "Date"):
         try:
-            value = parsed.get(name)
+            item = first.get(name.lower())
+            value = None if item is None else email.policy.default.header_fetch_parse(*item)
         except Exception:  # a hostile header the parser cannot represent
             value = None
         if value is not None:

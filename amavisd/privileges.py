@@ -1,4 +1,10 @@
-"""Dropping root: after the sockets are bound, before any message is read."""
+"""Dropping root: after the sockets are bound, before any message is read.
+
+For good: groups, gid, then uid (real, effective and saved, which
+setuid() as root sets together), and then proved: setuid(0) must fail and
+no capability may be left, or the start stops. A daemon that could become
+root again would give a decoder bug the whole machine.
+"""
 
 from __future__ import annotations
 
@@ -43,9 +49,35 @@ def drop(user: str, group: str) -> None:
     os.initgroups(name, gid)
     os.setgid(gid)
     os.setuid(uid)
-    if os.getuid() == 0 or os.geteuid() == 0:
+    if 0 in os.getresuid() or 0 in os.getresgid() or _can_regain_root():
         raise PrivilegeError("still root after dropping privileges")
+    leftover = capabilities()
+    if leftover:
+        raise PrivilegeError(f"capabilities left after dropping privileges: {leftover:#x}")
     log.info("dropped privileges to %s (uid %d, gid %d)", name, uid, gid)
+
+
+def _can_regain_root() -> bool:
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return False
+    return True
+
+
+def capabilities(pid: str = "self") -> int:
+    """The capabilities PID has or may take up again (CapPrm, CapEff, CapAmb
+    of /proc/PID/status, or-ed; 0 where /proc is not there). Permitted counts:
+    with PR_SET_KEEPCAPS a setuid() leaves them, to be made effective later."""
+    found = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("CapPrm:", "CapEff:", "CapAmb:")):
+                    found |= int(line.split()[1], 16)
+    except OSError:
+        pass
+    return found
 
 
 def chown_to(path: str, user: str, group: str) -> None:

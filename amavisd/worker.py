@@ -6,6 +6,13 @@ calls `handle_message`, `handle_release`, ...) and drives it with the one
 blocking loop of `protocol.loop`. So the worker knows no protocol: a new
 ingress is a registry row, not an edit here.
 
+Workers accept nothing themselves: the master's doorman (`amavisd.doorman`)
+accepts, keeps silent and trickling clients away from us, and passes each
+connection whose request is whole (SMTP/LMTP: at once), with the index of
+its listener, into one queue every idle worker waits on. A connection
+taken from the queue is served, even by a worker asked to leave meanwhile;
+a worker only takes one while it is alive.
+
 One request at a time, so one stuck message stalls one worker only. The
 worker touches its heartbeat while idle and when a request starts; the
 master kills it if a request outlives `child_timeout`. Asked to abort
@@ -65,8 +72,10 @@ class BootError(Exception):
 class Worker:
     def __init__(self, age: int, generation: int, ppid: int, config: Config,
                  listeners: list[Listener], heartbeat: Heartbeat,
-                 signal_mask: set[signal.Signals] | None = None):
+                 signal_mask: set[signal.Signals] | None = None,
+                 queue: socket.socket | None = None):
         self.age = age
+        self.queue = queue  # the doorman's: connections whose request is whole, one a message
         self.signal_mask = signal_mask  # restored once our handlers are in
         self.generation = generation
         self.ppid = ppid
@@ -105,6 +114,11 @@ class Worker:
         except Exception:
             log.exception("worker %d crashed", os.getpid())
             os._exit(EXIT_CRASHED)
+        if self.pipeline is not None:
+            try:
+                self.pipeline.scanners.close()  # END clamd's kept session
+            except Exception:  # noqa: BLE001 - leaving anyway; the kernel closes it
+                log.debug("closing the scanners failed", exc_info=True)
         os._exit(EXIT_OK)
 
     def boot(self) -> None:
@@ -125,6 +139,8 @@ class Worker:
                 registry.session_class(listener.protocol)
             except registry.UnknownProtocol as err:
                 raise BootError(f"listener {describe(listener)}: {err}") from None
+        for listener in self.listeners:  # the doorman accepts; we keep only the tags
+            listener.close()
         self.ensure_dirs()
         if self.dirs_problem is not None and self.at_start:
             raise BootError(self.dirs_problem)
@@ -158,26 +174,50 @@ class Worker:
                 log.warning("worker %d: master went away, leaving", os.getpid())
                 return
             try:
-                ready, _, _ = select.select(self.listeners + [self._wakeup_r], [], [], 1.0)
+                ready, _, _ = select.select([self.queue, self._wakeup_r], [], [], 1.0)
             except OSError as err:
                 if err.errno in (errno.EINTR, errno.EBADF):
                     continue
                 raise
             if self._wakeup_r in ready:
-                ready.remove(self._wakeup_r)
                 wakeup.drain(self._wakeup_r)
-            for listener in ready:
-                if not self.alive:
-                    break
-                try:
-                    conn, _ = listener.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    continue  # another worker won the race
-                try:
-                    self.handle(conn, listener.protocol,
-                                self.pipeline.policies.banks.for_listener(listener_keys(conn)))
-                except Exception:  # one connection's trouble must not cost the worker
-                    log.exception("worker %d: error serving a connection", os.getpid())
+            if self.queue not in ready or not self.alive:
+                continue
+            try:
+                taken = self.take()
+            except EOFError:
+                log.warning("worker %d: master went away, leaving", os.getpid())
+                return
+            if taken is None:
+                continue  # another worker took it
+            conn, listener = taken
+            try:
+                self.handle(conn, listener.protocol,
+                            self.pipeline.policies.banks.for_listener(listener_keys(conn)))
+            except Exception:  # one connection's trouble must not cost the worker
+                log.exception("worker %d: error serving a connection", os.getpid())
+
+    def take(self) -> tuple[socket.socket, Listener] | None:
+        """One connection from the doorman's queue and its listener; None if
+        another worker was quicker. EOFError: the master (the queue's other
+        end) is gone. MSG_DONTWAIT, not O_NONBLOCK: the queue's file flags are
+        shared with the master and every other worker."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.queue, 16, 1, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not fds:
+            if not data:
+                raise EOFError
+            return None
+        conn = socket.socket(fileno=fds[0])
+        conn.set_inheritable(False)  # recvmsg gives it without close-on-exec
+        if not data or data[0] >= len(self.listeners):
+            log.error("worker %d: a connection for unknown listener %r: closed",
+                      os.getpid(), data[:1])
+            conn.close()
+            return None
+        return conn, self.listeners[data[0]]
 
     def handle(self, conn: socket.socket, protocol: str, banks: tuple[str, ...] = ()) -> None:
         """Serve one accepted connection in the protocol its listener speaks;

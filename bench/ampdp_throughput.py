@@ -61,7 +61,8 @@ CORPUS_SAMPLE = 200
 TICK = os.sysconf("SC_CLK_TCK")
 ROWS = ("ours", "amavisd-new", "clamd", "process")
 TITLES = {"ours": "ours (AM.PDP)", "amavisd-new": "amavisd-new (AM.PDP)",
-          "clamd": "raw clamd (INSTREAM)", "process": "one process per message"}
+          "clamd": "raw clamd (INSTREAM)", "process": "one process per message",
+          "clamd-whole": "clamd decomposing (INSTREAM, ScanMail+ScanArchive)"}
 TIMEOUT = 120.0
 
 
@@ -259,6 +260,7 @@ class AmpdpRow(Row):
                 if blocks:
                     break
         reply = blocks[0]
+        self.last_reply = reply.get("setreply")  # why, for a caller that shows it
         verdict = reply.get("return_value")
         if reply.errors or verdict in (None, "tempfail"):
             raise RowError(f"return_value={verdict}: {reply.get('setreply')} {reply.errors}")
@@ -274,16 +276,20 @@ class AmpdpRow(Row):
 class Ours(AmpdpRow):
     name = "ours"
 
-    def __init__(self, base: Path, clamd: ClamdInstance):
+    def __init__(self, base: Path, clamd: ClamdInstance, workers: int | None = None,
+                 **settings):
         self.base, self.clamd, self.daemon = base, clamd, None
+        self.workers, self.settings = workers, settings  # workers: None = concurrency
 
     def start(self, concurrency: int) -> None:
+        workers = self.workers or concurrency
         self.daemon = DaemonInstance(
-            self.base / f"ours{concurrency}", self.clamd.address, workers=concurrency,
-            log_to=[], admin_notify=[], sender_notify=[], recipient_notify=[],
-            notify_method="smtp:[127.0.0.1]:9")  # nothing is sent; were it, port 9 refuses
+            self.base / f"ours{workers}-{concurrency}-{time.monotonic_ns()}", self.clamd.address,
+            workers=workers, log_to=[], admin_notify=[], sender_notify=[], recipient_notify=[],
+            notify_method="smtp:[127.0.0.1]:9",  # nothing is sent; were it, port 9 refuses
+            **self.settings)
         self.daemon.start()
-        self.daemon.wait_for_workers(concurrency)
+        self.daemon.wait_for_workers(workers)
         self.socket_path, self.tempbase = self.daemon.socket_path, self.daemon.tempbase
 
 
@@ -304,10 +310,13 @@ class AmavisdNew(AmpdpRow):
 
 
 class RawClamd(Row):
+    """The whole message by zINSTREAM: clamd `nodecomp` is the floor, `full` (name
+    clamd-whole) is clamd doing the whole decomposition with its C unpackers."""
+
     name = "clamd"
 
-    def __init__(self, clamd: ClamdInstance):
-        self.clamd = clamd
+    def __init__(self, clamd: ClamdInstance, name: str = "clamd"):
+        self.clamd, self.name = clamd, name
 
     def prepare(self, messages: list[Message], tag: str) -> list:
         return [m.data for m in messages]
@@ -365,19 +374,24 @@ class RunResult:
     rate: float = 0.0
     p50: float = 0.0
     p95: float = 0.0
+    p99: float = 0.0
     server_ms: float = 0.0  # CPU per message of the row's own processes
     clamd_ms: float = 0.0
+    client_ms: float = 0.0  # CPU per message of this process (the client threads)
     busy: float = 0.0  # % of all CPUs
     others: float = 0.0  # % of all CPUs used by processes not part of this run
     load: float = 0.0
     wall: float = 0.0
     left: int = 0
     verdicts: collections.Counter = field(default_factory=collections.Counter)
+    rates: list[float] = field(default_factory=list)  # every run's, for the spread
 
 
 def drive(row: Row, messages: list[Message], concurrency: int, clamd: ClamdInstance,
           tag: str) -> RunResult:
-    """Send every message once, `concurrency` at a time; time it and check every reply."""
+    """Send every message once, `concurrency` at a time; time it and check every reply.
+    CPU is metered on the row's own clamd when it has one (the whole-message one)."""
+    clamd = getattr(row, "clamd", None) or clamd
     jobs = row.prepare(messages, tag)
     latencies: list[float] = [0.0] * len(jobs)
     verdicts: collections.Counter = collections.Counter()
@@ -427,8 +441,10 @@ def drive(row: Row, messages: list[Message], concurrency: int, clamd: ClamdInsta
     return RunResult(
         rate=count / wall, p50=statistics.median(ordered) * 1e3,
         p95=ordered[min(count - 1, int(0.95 * count))] * 1e3,
+        p99=ordered[min(count - 1, int(0.99 * count))] * 1e3,
         server_ms=(server1 - server0) / TICK / count * 1e3,
         clamd_ms=(clamd1 - clamd0) / TICK / count * 1e3,
+        client_ms=(self1 - self0) / TICK / count * 1e3,
         busy=100 * (busy1 - busy0) / cpu, others=max(0.0, 100 * (busy1 - busy0 - ours) / cpu),
         load=os.getloadavg()[0], wall=wall, left=left, verdicts=verdicts)
 
@@ -440,8 +456,10 @@ def median_result(results: list[RunResult]) -> RunResult:
     def med(attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in results)
 
-    merged = RunResult(**{a: med(a) for a in ("rate", "p50", "p95", "server_ms", "clamd_ms",
-                                              "busy", "others", "load", "wall")})
+    merged = RunResult(**{a: med(a) for a in ("rate", "p50", "p95", "p99", "server_ms",
+                                              "clamd_ms", "client_ms", "busy", "others",
+                                              "load", "wall")})
+    merged.rates = [r.rate for r in results]
     for r in results:
         merged.verdicts.update(r.verdicts)
     return merged
@@ -553,7 +571,7 @@ def run_concurrency(rows: list[Row], concurrency: int, args: argparse.Namespace,
         if isinstance(r, str):
             print(f"| {TITLES[row.name]} | {r} | | | | | | | |")
             continue
-        server = "" if row.name == "clamd" else f"{r.server_ms:.1f}"
+        server = "" if row.name.startswith("clamd") else f"{r.server_ms:.1f}"
         print(f"| {TITLES[row.name]} | {r.rate:.1f} | {r.p50:.1f} | {r.p95:.1f} | {server} "
               f"| {r.clamd_ms:.1f} | {r.busy:.0f} | {r.others:.0f} | {verdict_text(r.verdicts)} |")
     return outcome, messages

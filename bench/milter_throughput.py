@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
+from tests.rigs.amavisd_new import AMAVIS_USER  # noqa: E402
 from tests.rigs.daemon import DaemonInstance  # noqa: E402
 from tests.rigs.mailboxes import ensure_user  # noqa: E402
 from tests.rigs.milter import MilterInstance  # noqa: E402
@@ -63,8 +64,10 @@ def smtp_sink(workdir: Path):
 
 
 @contextlib.contextmanager
-def c_milter(workdir: Path, daemon: DaemonInstance):
-    account = pwd.getpwnam(DAEMON_USER)
+def c_milter(workdir: Path, daemon, user: str = DAEMON_USER):
+    """Debian's C amavisd-milter in front of `daemon` (ours, or an AmavisdNewInstance:
+    then as user amavis, who must read the spool it writes into the daemon's tempbase)."""
+    account = pwd.getpwnam(user)
     workdir.mkdir()
     os.chown(workdir, account.pw_uid, account.pw_gid)
     sock = workdir / "milter.sock"
@@ -104,6 +107,9 @@ def milter_for(row: str, base: Path, daemon: DaemonInstance):
             milter.stop()
     elif row == "c-milter":
         with c_milter(base / "c", daemon) as address:
+            yield address
+    elif row == "c-milter+amavisd-new":  # daemon is an AmavisdNewInstance
+        with c_milter(base / "c", daemon, AMAVIS_USER) as address:
             yield address
     else:
         raise SystemExit(f"unknown row {row!r}")

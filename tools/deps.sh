@@ -15,12 +15,13 @@ VENV=${VENV:-.venv}
 # the rest: real archivers and decoders, for decoding and for making test
 # fixtures (jlha-utils, rpm's rpmbuild, bsdtar and ar only make fixtures);
 # prometheus: promtool and a server the metrics tests start privately (the
-# system service is kept from starting, below).
+# system service is kept from starting, below); faketime: libfaketime, the
+# wall-clock jump of tests/integration/test_faults_clock.py.
 APT_PACKAGES="clamav-daemon clamav clamdscan clamav-testfiles amavisd-new postfix swaks
   miltertest amavisd-milter m4 liblockfile1 libwrap0
   hyperfine libmagic1 file sharutils macutils unar arj lhasa 7zip cabextract ncompress
   gcab cpio genisoimage zip unzip xz-utils zstd lz4 lzip bzip2 arc nomarch tnef
-  jlha-utils rpm libarchive-tools binutils prometheus"
+  jlha-utils rpm libarchive-tools binutils prometheus faketime"
 
 missing=""
 for pkg in $APT_PACKAGES; do

@@ -46,19 +46,25 @@ def edit_bytes(data: bytes, edits: Iterable[HeaderEdit]) -> bytes:
     return edit_message(data, milter_edits(edits))
 
 
-def edit_spool(spool: BinaryIO, size: int, edits: Iterable[HeaderEdit]) -> BinaryIO | Prefixed:
+def edit_spool(spool: BinaryIO, size: int, edits: Iterable[HeaderEdit],
+               top: bytes = b"") -> BinaryIO | Prefixed:
     """A spooled message of `size` bytes with `edits`, to be read from its
     start: the edited header block in memory, the rest streamed from the
-    spool. A header block longer than MAX_HEADER is edited up to the last
-    whole line within it (our edits go on top); never cut mid-line, which
-    would end the header there and send the rest of it as body."""
+    spool. `top`: whole header lines put on top of it first (our Received:),
+    which the edits see as part of the header. A header block longer than
+    MAX_HEADER is edited up to the last whole line within it (our edits go
+    on top); never cut mid-line, which would end the header there and send
+    the rest of it as body."""
     spool.seek(0)
     wire = milter_edits(edits)
-    if not wire:
+    if not wire and not top:
         return spool
-    head = spool.read(min(size, MAX_HEADER))
+    read = spool.read(min(size, MAX_HEADER))
+    head = top + read
     split = header_end(head)
-    if split == len(head) and len(head) < size:  # no end of the header block within reach
+    if split == len(head) and len(read) < size:  # no end of the header block within reach
         split = head.rfind(b"\n") + 1
-    spool.seek(split)
-    return Prefixed(apply_edits(head[:split], wire), spool, size - split)
+    split = max(split, len(top))
+    spool.seek(split - len(top))
+    return Prefixed(apply_edits(head[:split], wire) if wire else head[:split], spool,
+                    size - (split - len(top)))

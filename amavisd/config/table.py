@@ -118,6 +118,11 @@ SETTINGS: tuple[Setting, ...] = (
             "its next request starts; then the worker hangs up.", positive),
     Setting("request_timeout", "daemon", float, 30.0,
             "Seconds a client has to send one whole request, from its first byte.", positive),
+    Setting("max_pending_connections", "daemon", int, 256,
+            "AM.PDP connections the master holds whose first request is not whole yet "
+            "(no worker is given one before); past it the oldest is closed, silent ones "
+            "first.",
+            between(1, 65536)),
     Setting("max_connection_requests", "daemon", int, 100,
             "Requests served on one connection before the worker closes it.", positive),
     Setting("max_connection_time", "daemon", float, 600.0,
@@ -213,6 +218,11 @@ SETTINGS: tuple[Setting, ...] = (
             "never more than what is left of max_decode_time.", positive),
     Setting("tool_memory", "decode", int, 1024 * 1024 * 1024,
             "Address-space limit (bytes) of one external unpacker.", positive),
+    Setting("tool_network", "decode", str, "isolated",
+            "isolated: each external unpacker runs in its own network namespace (no "
+            "network at all; best effort: where the kernel refuses, one warning at start and "
+            "tools keep the host's network); inherit: the host's network.",
+            one_of("isolated", "inherit")),
     # [policy]
     Setting("virus_destiny", "policy", str, "discard",
             "What happens to INFECTED mail: pass, discard, bounce, reject or tempfail. "
@@ -338,7 +348,8 @@ SETTINGS: tuple[Setting, ...] = (
             "client_idle_timeout and request_timeout.", positive),
     Setting("smtp_data_timeout", "smtp", float, 600.0,
             "Seconds an SMTP/LMTP client has for a whole DATA, from the 354 to the final "
-            "\".\", however slowly it trickles (max_connection_time still bounds the "
+            "\".\", or for all the BDAT chunks of a message, from the first to the LAST, "
+            "however slowly it trickles (max_connection_time still bounds the "
             "connection).", positive),
     # [headers]
     Setting("myhostname", "headers", str, "",

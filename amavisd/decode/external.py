@@ -6,6 +6,13 @@ old rar, cab's LZX); for them a real tool runs, and it runs boxed in:
 - its own session, so a timeout kills it and anything it forked;
 - rlimits: CPU seconds, file size (no single file beyond the part allowance),
   address space, no core dumps;
+- no network (`tool_network = "isolated"`, the default): a new user and
+  network namespace, so only a loopback that is down; an unarchiver that
+  was made to run hostile code cannot fetch more or call home. Defence in
+  depth, so best effort: where the kernel or a sandbox refuses namespaces
+  (a sysctl, AppArmor, systemd's RestrictNamespaces=) tools run with the
+  host's network and that is logged once (`isolation_failure`), not
+  failed closed on. Unix sockets reached by path stay reachable;
 - a private 0700 directory as cwd and output dir, watched while it runs: when
   the bytes written there pass the budget's allowance the tool is killed;
 - output read back by `members.harvest`, which never follows a link.
@@ -22,6 +29,9 @@ which (freeze) imports compressed.py.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import resource
 import shutil
@@ -40,6 +50,15 @@ DISK_FULL = ("No space left on device", "Disk quota exceeded")  # strerror(ENOSP
 LOW_SPACE = 64 * 1024  # free bytes under which a tool's failure is taken for a full disk
 POLL = 0.02  # seconds between disk-use checks while a tool runs
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+# unshare(2) flags: a user namespace lets an unprivileged process own the new
+# network namespace (os.unshare is Python 3.12's; this is 3.11's way)
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+NO_NETWORK = CLONE_NEWUSER | CLONE_NEWNET
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded now: the child must not dlopen
+
+log = logging.getLogger("amavisd")
+_isolation: dict[str, str | None] = {}  # "failure": why tools cannot be isolated, or None
 
 
 @dataclass
@@ -97,6 +116,36 @@ class SevenZipReport:
         return " ".join(self.failed + self.wrong_password or self.crc_failed)[:limit]
 
 
+def unshare(flags: int) -> int:
+    """unshare(2); 0 or the errno. Safe between fork and exec."""
+    if _LIBC.unshare(ctypes.c_int(flags)) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EPERM
+
+
+def isolation_failure() -> str | None:
+    """Why tools cannot get their own network namespace here, or None if they
+    can. Tried once per process, in a forked child, as the daemon's user (the
+    master calls it after dropping root, so workers inherit the answer and it
+    is logged once); a failure is logged as a warning."""
+    if "failure" not in _isolation:
+        pid = os.fork()
+        if pid == 0:  # the child: nothing but the call, whatever happens
+            try:
+                code = unshare(NO_NETWORK)
+            finally:
+                os._exit(code if 0 <= code < 256 else errno.EPERM)  # noqa: B012
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        failure = None if code == 0 else (os.strerror(code) if code > 0 else f"signal {-code}")
+        _isolation["failure"] = failure
+        if failure:
+            log.warning("external tools cannot be cut off from the network here "
+                        "(unshare(CLONE_NEWUSER|CLONE_NEWNET): %s); they keep the host's "
+                        "network (tool_network = \"isolated\" is best effort)", failure)
+    return _isolation["failure"]
+
+
 def available(tool: str) -> bool:
     return shutil.which(tool, path=ENV["PATH"]) is not None
 
@@ -126,6 +175,9 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
         raise LimitExceeded(f"decoding took longer than {ctx.limits.max_time:g}s")
     cpu = max(1, int(limit) + 1)
     memory = ctx.limits.tool_memory
+    # "isolated" unless the admin chose to inherit (or the kernel refuses)
+    isolate = (getattr(ctx.limits, "tool_network", "isolated") == "isolated"
+               and isolation_failure() is None)
 
     def confine() -> None:  # runs in the child between fork and exec
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -133,6 +185,8 @@ def run_tool(ctx: Context, argv: list[str], cwd: str, watch: str | None = None,
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.umask(0o077)
+        if isolate:  # the probe succeeded; a failure now (namespaces used up) is not fatal
+            unshare(NO_NETWORK)
 
     # never in cwd: a tool writing members there must not meet its own logs
     logs = tempfile.mkdtemp(prefix="log-", dir=ctx.workdir())

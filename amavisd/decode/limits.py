@@ -37,6 +37,7 @@ class Limits:
     max_memory: int = 32 * MiB  # all of a message's parts held in memory; the rest spill
     tool_timeout: float = 30.0  # one external unpacker run
     tool_memory: int = 1024 * MiB  # its address space
+    tool_network: str = "isolated"  # or "inherit": the host's network (external.py)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Limits:
@@ -50,6 +51,7 @@ class Limits:
             max_memory=config["max_memory"],
             tool_timeout=config["tool_timeout"],
             tool_memory=config["tool_memory"],
+            tool_network=config["tool_network"],
         )
 
     def quota(self, message_size: int) -> int:

@@ -21,6 +21,11 @@ Multipart nesting inside one message does not add depth; the message's
 entities are one layer below it. Broken MIME (missing boundaries, bad
 base64, bare CR line ends, NULs, huge header lines) is read as the stdlib
 reads it, and bad transfer encodings are flagged, never fatal.
+
+A big message comes as a read-only mapping (`decode.window`): a span that
+would be spilled anyway is copied or decoded straight into its part's file
+(`parts.add_streamed`), never sliced whole into memory; smaller ones take
+the in-memory path, which is faster.
 """
 
 from __future__ import annotations
@@ -31,16 +36,17 @@ import re
 from collections.abc import Callable
 from email.message import Message
 
-from amavisd.decode import mimesplit
+from amavisd.decode import mimesplit, window
 from amavisd.decode.mimesplit import Body, Close, Entity, Open, Reread, Text, TooDeep
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, register
-from amavisd.decode.transfer import decode_body
+from amavisd.decode.registry import Context, DecodeError, add_streamed, register
+from amavisd.decode.transfer import NotStreamable, decode_body, stream_body
 
 _BOUNDARY = re.compile(r"""boundary\s*=\s*(?:"([^"]*)"|([^;\s]+))""", re.I)
 _TYPE_OR_ENCODING = re.compile(rb"(?i)content-(type|transfer-encoding)\s*:")
 MAX_READINGS = 8  # alternative readings of one entity, and rereads in one message
 _WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.strip() strips of ASCII
+_NOT_WHITESPACE = re.compile(b"[^" + re.escape(_WHITESPACE) + b"]")
 
 
 @register("mail")
@@ -48,13 +54,14 @@ def decode_mail(part: Part, ctx: Context) -> None:
     if part.parent is None or part.mime_type.startswith("message/"):
         # A text part that merely looks like mail is also scanned as it is.
         part.flags.add("expanded")
-    MessageParts(part, part.read(), ctx).add_all()
+    with part.mapped() as data:
+        MessageParts(part, data, ctx).add_all()
 
 
 class MessageParts:
     """The parts of one message, added as the splitter's events come."""
 
-    def __init__(self, mail: Part, data: bytes, ctx: Context) -> None:
+    def __init__(self, mail: Part, data: window.Buffer, ctx: Context) -> None:
         self.mail = mail
         self.data = data
         self.ctx = ctx
@@ -81,12 +88,37 @@ class MessageParts:
     def on_close(self, event: Close) -> None:
         self.containers.pop()
 
+    def add_span(self, parent: Part, start: int, end: int, layer: bool,
+                 head: bytes = b"", **fields) -> Part:
+        """A child holding `head` + data[start:end]: sliced when it may stay
+        in memory, else copied to its file a window at a time."""
+        if self.ctx.may_hold(len(head) + end - start):
+            return self.ctx.add(parent, head + self.data[start:end], layer=layer, **fields)
+        body = window.chunks(self.data, start, end)
+        return add_streamed(self.ctx, parent, itertools.chain([head], body), layer, **fields)
+
+    def add_decoded(self, parent: Part, start: int, end: int, encoding: str, layer: bool,
+                    **fields) -> tuple[Part, bool]:
+        """A leaf's body transfer-decoded: whole in memory when it may stay
+        there, else streamed to its file (the same bytes, see transfer)."""
+        allowance = self.ctx.budget.allowance()
+        stream = None if self.ctx.may_hold(end - start) else \
+            stream_body(self.data, start, end, encoding, allowance)
+        if stream is not None:
+            try:
+                return add_streamed(self.ctx, parent, stream, layer, **fields), stream.clean
+            except DecodeError:  # uuencode beyond the budget: kept as it is, as decode_body does
+                return self.add_span(parent, start, end, layer, **fields), False
+            except NotStreamable:
+                pass
+        data, clean = decode_body(self.data, start, end, encoding, allowance)
+        return self.ctx.add(parent, data, layer=layer, **fields), clean
+
     def on_text(self, event: Text) -> None:
         parent, layer = self.parent()
-        text = self.data[event.start:event.end]
-        if text.strip(_WHITESPACE):
-            self.ctx.add(parent, text, layer=layer,
-                         mime_type="text/plain", name=event.name)
+        if window.search(_NOT_WHITESPACE, self.data, event.start, event.end, 1) is not None:
+            self.add_span(parent, event.start, event.end, layer,
+                          mime_type="text/plain", name=event.name)
 
     def on_body(self, event: Body) -> None:
         parent, layer = self.parent()
@@ -95,20 +127,19 @@ class MessageParts:
         content_type = entity.content_type
         if content_type == "message/partial":
             # Scanned as it is, never re-parsed: a fragment of a message is not a message.
-            fragment = self.ctx.add(parent, self.data[entity.start:event.end], layer=layer,
-                                    mime_type=content_type, detected="partial")
+            fragment = self.add_span(parent, entity.start, event.end, layer,
+                                     mime_type=content_type, detected="partial")
             fragment.flags.add("partial")
             self.ctx.note_unchecked(fragment, "message/partial fragment", kind="partial")
         elif entity.headers.get_content_maintype() == "message":
             # message/rfc822 (and message/global...): decomposed again, one layer down.
-            self.ctx.add(parent, self.data[event.start:event.end], layer=layer,
-                         mime_type=content_type, name=filename(entity.headers))
+            self.add_span(parent, event.start, event.end, layer,
+                          mime_type=content_type, name=filename(entity.headers))
         else:
             encoding = str(entity.headers.get("content-transfer-encoding", "")).lower()
-            data, clean = decode_body(self.data, event.start, event.end, encoding,
-                                      self.ctx.budget.allowance())
-            child = self.ctx.add(parent, data, layer=layer, mime_type=content_type,
-                                 name=filename(entity.headers))
+            child, clean = self.add_decoded(parent, event.start, event.end, encoding, layer,
+                                            mime_type=content_type,
+                                            name=filename(entity.headers))
             if not clean:
                 child.flags.add("decode-error")
 
@@ -116,8 +147,8 @@ class MessageParts:
         parent, layer = self.parent()
         self.add_readings(parent, event.entity, lambda: event.end)
         # Scanned raw, never decoded further (a type no decoder takes).
-        child = self.ctx.add(parent, self.data[event.start:event.end], layer=layer,
-                             mime_type=event.entity.content_type, detected="multipart")
+        child = self.add_span(parent, event.start, event.end, layer,
+                              mime_type=event.entity.content_type, detected="multipart")
         child.flags.add("too-deep")
         self.ctx.note_unchecked(
             child, f"multiparts nested deeper than {self.splitter.max_nesting} levels")
@@ -131,9 +162,8 @@ class MessageParts:
                 self.ctx.note_unchecked(parent, f"more than {MAX_READINGS} multiparts "
                                         "cut short by an outer boundary")
             return
-        self.ctx.add(parent, self.data[event.start:event.end], layer=True,
-                     mime_type="message/rfc822", name="(read past an outer boundary)",
-                     detected="mail")
+        self.add_span(parent, event.start, event.end, True, mime_type="message/rfc822",
+                      name="(read past an outer boundary)", detected="mail")
 
     def add_readings(self, parent: Part, entity: Entity, body_end: Callable[[], int]) -> None:
         """Other readings of an entity with conflicting headers (its body's end
@@ -143,13 +173,13 @@ class MessageParts:
                                     "Content-* header fields in one entity")
         if not conflicting(entity.headers):
             return
-        readings = alternative_readings(entity.headers, self.data[entity.start:entity.header_end],
-                                        self.data[entity.body_start:body_end()])
-        if readings:
+        heads = reading_heads(entity.headers, self.data[entity.start:entity.header_end])
+        if heads:
             parent.flags.add("ambiguous")
-        for number, data in enumerate(readings, 1):
-            self.ctx.add(parent, data, layer=True, mime_type="message/rfc822",
-                         name=f"(alternative reading {number})", detected="mail")
+            end = body_end()
+        for number, head in enumerate(heads, 1):
+            self.add_span(parent, entity.body_start, end, True, head, mime_type="message/rfc822",
+                          name=f"(alternative reading {number})", detected="mail")
 
 
 HANDLERS = {
@@ -174,6 +204,11 @@ def alternative_readings(headers: Message, head: bytes, body: bytes) -> list[byt
     """The same entity as other parsers could read it: one variant per combination
     of its conflicting Content-Type / Content-Transfer-Encoding / boundary.
     `headers` holds its Content-* fields; `head` is its raw header block."""
+    return [reading + body for reading in reading_heads(headers, head)]
+
+
+def reading_heads(headers: Message, head: bytes) -> list[bytes]:
+    """The header block (blank line included) of each alternative reading."""
     types = _distinct(headers.get_all("content-type") or [])
     encodings = _distinct(headers.get_all("content-transfer-encoding") or [])
     boundaries = _distinct(b for value in (headers.get_all("content-type") or [])
@@ -194,7 +229,7 @@ def alternative_readings(headers: Message, head: bytes, body: bytes) -> list[byt
         lines = kept + [f"Content-Type: {ctype}".encode("utf-8", "surrogateescape")]
         if cte:
             lines.append(f"Content-Transfer-Encoding: {cte}".encode("utf-8", "surrogateescape"))
-        readings.append(b"\n".join(lines) + b"\n\n" + body)
+        readings.append(b"\n".join(lines) + b"\n\n")
         if len(readings) >= MAX_READINGS:
             break
     return readings

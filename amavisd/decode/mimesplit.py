@@ -7,7 +7,10 @@ line (a 64 MB message of short lines took 2 GB). This one works on offsets
 into the message's bytes, iteratively, with an explicit stack of the open
 multiparts, and uses the stdlib only to parse one entity's Content-* fields
 at a time. Sans-IO: bytes in, events out; it decodes no transfer encoding,
-never recurses and never raises on any input.
+never recurses and never raises on any input. The bytes may be a read-only
+mapping of a big message (`decode.window`): boundaries are looked for a
+window at a time, its pages given back behind each, so splitting a 50 MiB
+message does not hold 50 MiB.
 
 It reads structure as the stdlib's compat32 parser does, so that the part
 tree stays the one the rest of the code and its tests know:
@@ -44,6 +47,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
+
+from amavisd.decode import window
 
 MAX_NESTING = 100  # multiparts inside one message; deeper ones are handed back raw
 MAX_FIELDS = 100  # Content-* header fields read in one entity
@@ -204,7 +209,7 @@ def _line_pattern(boundaries: tuple[bytes, ...]) -> re.Pattern[bytes]:
 class Splitter:
     """Walks one message's bytes and yields its structure as events."""
 
-    def __init__(self, data: bytes, max_nesting: int = MAX_NESTING,
+    def __init__(self, data: window.Buffer, max_nesting: int = MAX_NESTING,
                  tick: Callable[[], None] | None = None) -> None:
         self.data = data
         self.end = len(data)
@@ -325,7 +330,7 @@ class Splitter:
         cut, _ = self.next_boundary(pos, bounds, run_end)
         header_end = min(cut, run_end)
         last = self.last_line_start(pos, header_end)
-        if last > pos and data.startswith(b"From ", last):
+        if last > pos and data[last:last + 5] == b"From ":
             header_end = body_start = last  # the stdlib's first line of the body
         elif cut < run_end:
             body_start = cut
@@ -371,7 +376,8 @@ class Splitter:
         if not len(bounds):
             return self.end, None
         pattern = bounds.pattern
-        while (match := pattern.search(data, pos, end)) is not None:
+        margin = bounds.longest + 8  # "--", the boundary, "--", a line end: then it is found
+        while (match := window.search(pattern, data, pos, end, margin)) is not None:
             line = match.start()
             self.count_line()
             if line == 0 or data[line - 1] in b"\r\n":
@@ -391,7 +397,7 @@ class Splitter:
     def boundary_at(self, line: int, bounds: Boundaries) -> Hit | None:
         """The boundary line at `line`, if it is one of an open multipart's."""
         data = self.data
-        if not len(bounds) or not data.startswith(b"--", line):
+        if not len(bounds) or data[line:line + 2] != b"--":
             return None
         start = line + 2
         content_end = _LINE.match(data, start).end()
@@ -430,14 +436,14 @@ def boundary_of(headers: Message) -> bytes | None:
         return boundary.encode("utf-8", "surrogateescape")
 
 
-def eol_length(data: bytes, pos: int) -> int:
+def eol_length(data: window.Buffer, pos: int) -> int:
     """Length of the line end at `pos` (0 if none)."""
-    if data.startswith(b"\r\n", pos):
+    if data[pos:pos + 2] == b"\r\n":
         return 2
     return 1 if data[pos:pos + 1] in (b"\r", b"\n") else 0
 
 
-def eol_before(data: bytes, pos: int) -> int:
+def eol_before(data: window.Buffer, pos: int) -> int:
     """Length of the line end just before `pos` (0 if none)."""
     if pos >= 2 and data[pos - 2:pos] == b"\r\n":
         return 2

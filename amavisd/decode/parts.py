@@ -6,16 +6,22 @@ its declared name and MIME type, the type detected from its content, its size
 and flags (encrypted, truncated, decode-error, ambiguous, ...).
 
 Bytes stay in memory while small; a large part is spilled to the message's
-work dir, so a message whose parts are all small never touches the disk.
+work dir, so a message whose parts are all small never touches the disk. A
+big message's root holds a read-only mapping of it (`decode.window`), and a
+big part is written to its file as it is decoded (`add_streamed`), never
+built whole in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from amavisd.decode import window
 
 CHUNK = 256 * 1024
 
@@ -37,7 +43,7 @@ def create_private(path: str) -> BinaryIO:
 @dataclass(eq=False)
 class Part:
     id: str
-    data: bytes = b""
+    data: window.Buffer = b""  # bytes, or for a big message's root a read-only mmap
     name: str = ""  # declared file name (MIME filename, archive member name, ...)
     mime_type: str = ""  # declared MIME type
     detected: str = ""  # short type found from the content ("zip", "mail", "text", ...)
@@ -51,7 +57,7 @@ class Part:
 
     @property
     def size(self) -> int:
-        return self.spilled_size if self.spill_path else len(self.data)
+        return len(self.data) or self.spilled_size  # spilled, or detached (see detach)
 
     @property
     def path(self) -> str:
@@ -81,16 +87,36 @@ class Part:
                 while chunk := fh.read(CHUNK):
                     yield chunk
         else:
-            view = memoryview(self.data)
-            for start in range(0, len(view), CHUNK):
-                yield bytes(view[start:start + CHUNK])
+            yield from window.chunks(self.data, 0, len(self.data), CHUNK)
 
     def open(self) -> BinaryIO:
         """The bytes as a seekable binary file, for readers that seek
-        (archive directories): the spill file, or a view of memory."""
+        (archive directories): the spill file, or a view of memory (of a
+        mapping too: a BytesIO of it would copy it whole)."""
         if self.spill_path:
             return open(self.spill_path, "rb")
+        if window.mapped(self.data):
+            return io.BufferedReader(_MappedReader(self.data))  # type: ignore[arg-type]
         return io.BytesIO(self.data)
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[window.Buffer]:
+        """The bytes for decoders that search them (mail, text): in memory as
+        they are, a big spill file mapped read-only for the time of the block."""
+        if not self.spill_path:
+            yield self.data
+            return
+        data = window.map_file(self.spill_path)
+        try:
+            yield data
+        finally:
+            window.close(data)
+
+    def detach(self) -> None:
+        """Drop a mapping about to be closed (the message's, after the
+        pipeline), keeping the size the tree reports."""
+        if window.mapped(self.data):
+            self.spilled_size, self.data = len(self.data), b""
 
     def read(self) -> bytes:
         if self.spill_path:
@@ -148,6 +174,34 @@ class Part:
             "flags": sorted(self.flags - {"expanded"}),
             "children": [c.describe() for c in self.children],
         }
+
+
+class _MappedReader(io.RawIOBase):
+    """A seekable file over a mapping that copies only what is read."""
+
+    def __init__(self, data: window.Buffer) -> None:
+        super().__init__()
+        self._data, self._pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        chunk = self._data[self._pos:self._pos + len(buffer)]
+        buffer[:len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class PartNumbering:

@@ -13,7 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from amavisd.decode.limits import Budget, Limits
@@ -98,7 +98,8 @@ class Context:
         """The message's private work dir, created only when something needs it."""
         if self._workdir is None:
             with work_dir_io("cannot create a work dir"):
-                self._workdir = tempfile.mkdtemp(prefix="amavisd-", dir=self.tempbase)
+                self._workdir = tempfile.mkdtemp(prefix=f"amavisd-{os.getpid()}-",
+                                                 dir=self.tempbase)
         return self._workdir
 
     def new_part(self, data: bytes = b"", **fields) -> Part:
@@ -198,3 +199,29 @@ class Sink:
         if truncated:
             child.flags.add("truncated")
         return child
+
+
+def add_streamed(ctx: Context, parent: Part, chunks: Iterable[bytes], layer: bool = True,
+                 **fields) -> Part:
+    """A child of `parent` decoded chunk by chunk straight into a file of the
+    work dir (a big MIME body), never whole in memory. It is charged once
+    written, with the checks `Context.add` makes, so the tree and the limits
+    are those of the in-memory path; the file is at most as big as the span
+    it came from, so writing before charging cannot be a bomb."""
+    with work_dir_io(f"cannot spill {parent.path}'s child"):
+        fd, path = tempfile.mkstemp(prefix="d", dir=ctx.workdir())
+    size = 0
+    try:
+        with work_dir_io(f"cannot spill {parent.path}'s child"), os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                size += len(chunk)
+        ctx.budget.charge_part()
+        ctx.budget.check_part_size(size, parent.path)
+        ctx.budget.charge_bytes(size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    child = parent.add(ctx.new_part(b"", **fields), layer=layer)
+    child.spill_path, child.spilled_size = path, size
+    return child

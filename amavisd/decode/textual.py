@@ -5,18 +5,28 @@
 - BinHex 4.0: as an attachment, or pasted into a text body.
 - base64 with no headers at all (a body that is nothing but base64 lines).
 - TNEF (winmail.dat): attached files, bodies and embedded messages.
+
+A big text part (a spilled one, mapped: `decode.window`) is searched a
+window at a time and its uuencoded blocks and MIME readings are written
+to their parts' files as they are decoded, never held whole.
 """
 
 from __future__ import annotations
 
 import binascii
+import itertools
 import re
+from collections.abc import Iterator
 
+from amavisd.decode import window
 from amavisd.decode.parts import Part
-from amavisd.decode.registry import Context, DecodeError, register
+from amavisd.decode.registry import Context, DecodeError, add_streamed, register
 
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +([0-7]{3,4}) +([^\r\n]*)\r?$", re.M)
 _UU_END = re.compile(rb"^end\r?$", re.M)
+# A begin line at the very start of a span: a body after a bare-CR header end
+# is a line start that `^` (after LF only) does not see in the whole message.
+_UU_BEGIN_HERE = re.compile(_UU_BEGIN.pattern[1:], re.M)
 MAX_TEXT_SCAN = 64 * 1024 * 1024  # text bodies larger than this are not searched for blocks
 
 
@@ -24,14 +34,46 @@ _MIME_BOUNDARY = re.compile(
     rb"^--([ -~]{1,70}?)[ \t]*\r?\n(?:[!-9;-~]+:[^\n]*\r?\n(?:[ \t][^\n]*\r?\n)*)*?"
     rb"content-(?:type|transfer-encoding|disposition)[ \t]*:", re.I | re.M)
 MAX_BOUNDARIES = 4
+# Where a match of each may start: a bounded prefix, found exactly by windows.
+# The patterns themselves have unbounded runs (spaces, header lines) that a
+# window edge would cut, so each start is then tried against the real end.
+_STARTS = {_UU_BEGIN: re.compile(rb"^begin", re.M), _MIME_BOUNDARY: re.compile(rb"^--", re.M)}
+# _MIME_BOUNDARY's parts: a "--" line, then the run of header lines after it
+_BOUNDARY_LINE = re.compile(rb"--[ -~]{1,70}?[ \t]*\r?\n")
+_HEADER_LINES = re.compile(rb"(?:[!-9;-~]+:[^\n]*\r?\n(?:[ \t][^\n]*\r?\n)*)*+")
+
+
+def _search(pattern: re.Pattern[bytes], data: window.Buffer, pos: int = 0,
+            end: int | None = None) -> re.Match[bytes] | None:
+    """`pattern.search` of a line-anchored pattern of unbounded length: each
+    possible start found (a window at a time on a mapping: window.search
+    alone misses a match whose unbounded run straddles a window edge by more
+    than its overlap), then tried against the real end. Linear: a "--" line
+    whose run of header lines has no Content-* field fails, and so does
+    every "--" line inside that run (its run is a tail of the same one), so
+    they are skipped; the plain regex search tried each of them, quadratic
+    (48 KB of "--a:b" lines took 6 s, a 1 MiB text most of an hour)."""
+    end = len(data) if end is None else end
+    starts = _STARTS[pattern]
+    while (start := (window.search(starts, data, pos, end, 8) if window.mapped(data)
+                     else starts.search(data, pos, end))) is not None:
+        at = start.start()
+        if (match := pattern.match(data, at, end)) is not None:
+            return match
+        pos = at + 1
+        if pattern is _MIME_BOUNDARY and (line := _BOUNDARY_LINE.match(data, at, end)):
+            pos = max(pos, _HEADER_LINES.match(data, line.end(), end).end())
+    return None
 
 
 def has_embedded(part: Part) -> bool:
     if part.size > MAX_TEXT_SCAN:
         return False
-    data = part.read()
-    return (_UU_BEGIN.search(data) is not None or b"(This file must be converted" in data
-            or (b"\n--" in data and _MIME_BOUNDARY.search(data) is not None))
+    with part.mapped() as data:
+        return (_search(_UU_BEGIN, data) is not None
+                or window.find(data, b"(This file must be converted") >= 0
+                or (window.find(data, b"\n--") >= 0
+                    and _search(_MIME_BOUNDARY, data) is not None))
 
 
 def _inside_reading(part: Part) -> bool:
@@ -47,30 +89,112 @@ def mime_readings(data: bytes) -> list[bytes]:
     """Boundary-delimited MIME parts inside a text body: the structure a mail
     client may see where our parser saw none (e.g. `Content-Type(x):` header
     tricks). Each boundary found gives one multipart reading to decode."""
-    boundaries = list(dict.fromkeys(m.group(1).rstrip(b"-").strip() or m.group(1)
-                                    for m in _MIME_BOUNDARY.finditer(data)))
+    return [head + data for head in reading_heads(data)]
+
+
+def reading_heads(data: window.Buffer) -> list[bytes]:
+    """The header block of each multipart reading of `data` (see mime_readings)."""
+    found: dict[bytes, None] = {}
+    pos = 0
+    while len(found) < MAX_BOUNDARIES and (
+            m := _search(_MIME_BOUNDARY, data, pos)) is not None:
+        found.setdefault(m.group(1).rstrip(b"-").strip() or m.group(1))
+        pos = m.end()
     return [b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="' + b.replace(
-        b'"', b"") + b'"\n\n' + data for b in boundaries[:MAX_BOUNDARIES]]
+        b'"', b"") + b'"\n\n' for b in found]
 
 
 @register("text", probe=has_embedded)
 def decode_text(part: Part, ctx: Context) -> None:
-    data = part.read()
-    for name, payload, ok in find_uuencoded(data, ctx.budget.allowance()):
-        child = ctx.add(part, payload, name=name, mime_type="application/octet-stream")
-        if not ok:
+    with part.mapped() as data:
+        if window.mapped(data):
+            _decode_big_text(part, data, ctx)
+            return
+        for name, payload, ok in find_uuencoded(data, ctx.budget.allowance()):
+            child = ctx.add(part, payload, name=name, mime_type="application/octet-stream")
+            if not ok:
+                child.flags.add("decode-error")
+        if not _inside_reading(part):  # a reading's own text gets no further readings
+            for reading in mime_readings(data):
+                part.flags.add("ambiguous")
+                child = ctx.add(part, reading, name="(MIME structure found in text)",
+                                mime_type="message/rfc822", detected="mail")
+                child.flags.add("mime-reading")
+        _binhex_in_text(part, data, ctx)
+
+
+def _decode_big_text(part: Part, data: window.Buffer, ctx: Context) -> None:
+    """decode_text for a mapped part: the same children, each streamed to its file."""
+    allowance = ctx.budget.allowance()
+    for name, start, stop, ended in uu_blocks(data, 0, len(data)):
+        decoded = UUDecoding(data, start, stop, allowance, name)
+        child = add_streamed(ctx, part, decoded, name=name,
+                             mime_type="application/octet-stream")
+        if not (decoded.ok and ended):
             child.flags.add("decode-error")
-    if not _inside_reading(part):  # a reading's own text gets no further readings
-        for reading in mime_readings(data):
+    if not _inside_reading(part):
+        for head in reading_heads(data):
             part.flags.add("ambiguous")
-            child = ctx.add(part, reading, name="(MIME structure found in text)",
-                            mime_type="message/rfc822", detected="mail")
+            body = window.chunks(data, 0, len(data))
+            child = add_streamed(ctx, part, itertools.chain([head], body),
+                                 name="(MIME structure found in text)",
+                                 mime_type="message/rfc822", detected="mail")
             child.flags.add("mime-reading")
-    if b"BinHex" in data or b"(This file must be converted" in data:
+    _binhex_in_text(part, data, ctx)
+
+
+def _binhex_in_text(part: Part, data: window.Buffer, ctx: Context) -> None:
+    if window.find(data, b"BinHex") >= 0 or window.find(data, b"(This file must be converted") >= 0:
         from amavisd.decode import binhex
 
+        if window.mapped(data):  # find_binhex wants bytes (`in`); rare: a copy, once
+            data = data[:]
         for start, end in binhex.find_binhex(data):
             add_binhex(part, data[start:end], ctx)
+
+
+def uu_blocks(data: window.Buffer, start: int, end: int
+              ) -> Iterator[tuple[str, int, int, bool]]:
+    """Each `begin` ... `end` block in data[start:end]: (name, where its
+    lines start, where they stop, whether its `end` line was found)."""
+    pos = start
+    while match := (pos == start and _UU_BEGIN_HERE.match(data, pos, end)
+                    or _search(_UU_BEGIN, data, pos, end)):
+        stop_line = window.search(_UU_END, data, match.end(), end)
+        stop = stop_line.start() if stop_line else end
+        name = match.group(2).decode("latin-1").strip().translate(
+            {c: "?" for c in range(32)})[:255]
+        yield name, match.end(), stop, stop_line is not None
+        pos = stop_line.end() if stop_line else end
+
+
+def uudecode_body(data: window.Buffer, start: int, end: int, max_output: int
+                  ) -> Iterator[bytes]:
+    """decode_uuencode's output streamed: its blocks, or without any its lines."""
+    blocks = list(uu_blocks(data, start, end))
+    if not blocks:
+        yield from UUDecoding(data, start, end, max_output)
+    for name, a, b, _ in blocks:
+        yield from UUDecoding(data, a, b, max_output, name)
+
+
+class UUDecoding:
+    """uudecode_lines over data[start:end], a line-aligned window at a time;
+    `ok` once iterated. DecodeError past `max_output`, as uudecode_lines."""
+
+    def __init__(self, data: window.Buffer, start: int, end: int, max_output: int,
+                 name: str = "") -> None:
+        self.data, self.start, self.end = data, start, end
+        self.max_output, self.name = max_output, name
+        self.ok = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        produced = 0
+        for a, b in window.spans(self.data, self.start, self.end):
+            out, ok = uudecode_lines(self.data[a:b], self.max_output - produced, self.name)
+            self.ok &= ok
+            produced += len(out)
+            yield out
 
 
 def find_uuencoded(data: bytes, max_output: int) -> list[tuple[str, bytes, bool]]:
@@ -141,16 +265,39 @@ def add_binhex(parent: Part, block: bytes, ctx: Context) -> None:
                 child.flags.add("truncated")
 
 
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
+
+
 @register("base64")
 def decode_bare_base64(part: Part, ctx: Context) -> None:
-    data = part.read()
-    try:
-        decoded = binascii.a2b_base64(re.sub(rb"[^A-Za-z0-9+/=]", b"", data))
-    except binascii.Error as err:
-        raise DecodeError(f"base64: {err}") from None
+    with part.mapped() as data:
+        if window.mapped(data) and window.find(data, b"=") < 0:
+            child = add_streamed(ctx, part, _bare_base64_windows(data), name=part.name)
+            if child.size:
+                part.flags.add("expanded")
+            else:  # as below: nothing decoded, no child (the budget was charged, as it is)
+                part.children.remove(child)
+            return
+        try:
+            decoded = binascii.a2b_base64(_NOT_BASE64.sub(b"", data))
+        except binascii.Error as err:
+            raise DecodeError(f"base64: {err}") from None
     if decoded:
         ctx.add(part, decoded, name=part.name)
         part.flags.add("expanded")
+
+
+def _bare_base64_windows(data: window.Buffer) -> Iterator[bytes]:
+    """decode_bare_base64 a window at a time, for a body without "=" (where
+    the stdlib's lenient decoder stops is then not a question)."""
+    carry = b""
+    for a, b in window.spans(data, 0, len(data)):
+        digits = carry + _NOT_BASE64.sub(b"", data[a:b])
+        whole = len(digits) - len(digits) % 4
+        carry = digits[whole:]
+        yield binascii.a2b_base64(digits[:whole])
+    if carry:
+        raise DecodeError("base64: Incorrect padding")
 
 
 @register("tnef")

@@ -180,6 +180,11 @@ class Scrape:
         yield workers
         yield GaugeMetricFamily("amavisd_workers_configured", "Workers the master keeps.",
                                 value=self.master.config.workers)
+        doorman = getattr(self.master, "doorman", None)
+        if doorman is not None:
+            yield GaugeMetricFamily("amavisd_pending_connections", "Connections the doorman "
+                                    "holds until their first request is whole.",
+                                    value=doorman.held)
         yield CounterMetricFamily("amavisd_workers_folded", "Dead workers whose counts were "
                                   "folded into the archive since start.",
                                   value=self.store.folded)

@@ -307,8 +307,9 @@ class Session(session.Session):
                 return reply_for(result)
             via, client = self._where_from()
             delivery = ServerDelivery(config, via, client)
-            return answer_reply(log_id, delivery.deliver(result, job.envelope,
-                                                         snapshot.bytes()))
+            with snapshot.open() as source:  # a RequestError is answered by our caller
+                return answer_reply(log_id, delivery.deliver(result, job.envelope, source,
+                                                             snapshot.size))
 
     def _where_from(self) -> tuple[str, str]:
         """How this connection reached us, for our Received: line."""

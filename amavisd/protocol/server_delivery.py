@@ -29,20 +29,25 @@ that the pipeline reads and that is then forwarded, so a client that
 rewrites its file after the scan cannot have us deliver other bytes with
 our X-Virus-Scanned on top. Our header edits are applied to those bytes with
 milter semantics (`actions.edits`, as the SMTP filter does), below a
-Received: line of ours (`quarantine.resent`), as amavisd-new does.
+Received: line of ours (`quarantine.resent`), as amavisd-new does. The copy
+is made in the kernel and forwarded from the file, its edited header block
+in front: a 50 MiB message is never read into the worker's memory here.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import stat
 from dataclasses import dataclass
 from types import TracebackType
+from typing import BinaryIO
 
 from amavisd import failures, metrics
 from amavisd.actions import relay_dsn
-from amavisd.actions.edits import edit_bytes
+from amavisd.actions.edits import MAX_HEADER, edit_bytes, edit_spool
 from amavisd.actions.forward import ForwardError, Handed, Params, forwarder
 from amavisd.actions.relayed import relayed
 from amavisd.envelope import Envelope, bare_address
@@ -73,39 +78,37 @@ class Snapshot:
         self._client = client_fd
         self.size = _size(client_fd)
         self.oversized = self.size > limit
-        data = b"" if self.oversized else self._client_bytes()
         # ENOMEM, EMFILE, EFBIG: our problem, an OSError for the caller
         self._private = os.memfd_create("amavisd-message", os.MFD_CLOEXEC)
         try:
             if self.oversized:
                 os.ftruncate(self._private, self.size)
-            else:
-                _write_all(self._private, data)
-        except OSError:
+            else:  # in the kernel; the client's failures are RequestErrors
+                _copy_all(self._client, self._private, self.size)
+        except BaseException:
             os.close(self._private)
             self._private = -1
             raise
         self.fd = self._private
 
-    def bytes(self) -> bytes:
-        """The message: our copy, the bytes the pipeline scanned; or, over the
-        limit (passed unscanned by a postmaster's destiny), the client's file
-        if it still has the size it was judged by."""
-        if self.oversized:
-            return self._client_bytes()
+    def open(self) -> BinaryIO:
+        """The message from its start, to be forwarded and closed: our copy,
+        the bytes the pipeline scanned; or, over the limit (passed unscanned
+        by a postmaster's destiny), the client's file if it still has the
+        size it was judged by."""
+        fd = self._client if self.oversized else self.fd
         try:
-            return _read_all(self.fd, self.size)
-        except OSError as err:  # our own memfd
-            raise RequestError(failures.MESSAGE_UNREADABLE,
-                               f"cannot read our copy of the message: {err.strerror or err}"
-                               ) from None
-
-    def _client_bytes(self) -> bytes:
-        try:
-            return _read_all(self._client, self.size)
+            if os.fstat(fd).st_size != self.size:
+                raise OSError(0, "the message changed size")
+            return os.fdopen(os.dup(fd), "rb")
         except OSError as err:
             raise RequestError(failures.MESSAGE_UNREADABLE,
                                f"cannot read the message: {err.strerror or err}") from None
+
+    def bytes(self) -> bytes:
+        """The whole message in memory (tests; delivery reads `open()`)."""
+        with self.open() as fh:
+            return fh.read()
 
     def __enter__(self) -> Snapshot:
         return self
@@ -125,32 +128,28 @@ def _size(fd: int) -> int:
                            f"cannot stat the message: {err.strerror or err}") from None
 
 
-def _read_all(fd: int, size: int) -> bytes:
-    """The whole regular file behind `fd`, which must be `size` bytes long
-    and stay so meanwhile."""
-    st = os.fstat(fd)
+def _copy_all(source: int, target: int, size: int) -> None:
+    """The whole regular file behind `source`, which must be `size` bytes
+    long and stay so meanwhile, copied into `target` in the kernel."""
+    st = os.fstat(source)
     if not stat.S_ISREG(st.st_mode):
-        raise OSError(0, "not a regular file")
-    if st.st_size != size:
-        raise OSError(0, "the message changed size")
-    chunks, offset = [], 0
-    while True:
-        chunk = os.pread(fd, min(1 << 20, size + 1 - offset), offset)
-        if not chunk:
+        raise RequestError(failures.MESSAGE_UNREADABLE, "cannot read the message: "
+                           "not a regular file")
+    offset = 0
+    while offset <= size:
+        try:
+            sent = os.sendfile(target, source, offset, size + 1 - offset)
+        except OSError as err:
+            if err.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EMFILE):
+                raise  # our memfd: our problem
+            raise RequestError(failures.MESSAGE_UNREADABLE,
+                               f"cannot read the message: {err.strerror or err}") from None
+        if not sent:
             break
-        chunks.append(chunk)
-        offset += len(chunk)
-        if offset > size:
-            break
-    if offset != size:
-        raise OSError(0, "the message changed size while being read")
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+        offset += sent
+    if offset != size or os.fstat(source).st_size != size:
+        raise RequestError(failures.MESSAGE_UNREADABLE,
+                           "cannot read the message: it changed size while being read")
 
 
 @dataclass(frozen=True)
@@ -170,6 +169,24 @@ def edited(data: bytes, edits: list[HeaderEdit], received: resent.Field) -> byte
     return edit_bytes(resent.prepend(data, [received]), edits)
 
 
+def edited_stream(source: BinaryIO, size: int, edits: list[HeaderEdit],
+                  received: resent.Field) -> BinaryIO:
+    """`edited` for a message in a file: the same bytes, read as they go out."""
+    source.seek(0)
+    sample = source.read(1024)  # its first line says which line ends our Received: gets
+    full = resent.prepend(sample, [received])
+    return edit_spool(source, size, edits, top=full[:len(full) - len(sample)])
+
+
+def _ascii(source: BinaryIO) -> bool:
+    """Whether the message is 7-bit (else BODY=8BITMIME), read a block at a time."""
+    source.seek(0)
+    while block := source.read(256 * 1024):
+        if not block.isascii():
+            return False
+    return True
+
+
 class ServerDelivery:
     """Forward one passed message and say what to answer. `via` and
     `client` describe the AM.PDP connection for our Received: line."""
@@ -182,14 +199,20 @@ class ServerDelivery:
         self.forward = forwarder(method, timeout, getattr(config, "hostname", None) or None)
         self.where = getattr(self.forward, "where", method)
 
-    def deliver(self, result: Result, envelope: Envelope, data: bytes) -> Answer:
+    def deliver(self, result: Result, envelope: Envelope, data: bytes | BinaryIO,
+                size: int | None = None) -> Answer:
+        """Forward `data` (bytes, or a file of `size` bytes read from its start)."""
         log_id = result.log_id
+        if isinstance(data, (bytes, bytearray)):
+            data, size = io.BytesIO(data), len(data)
+        assert size is not None
         recipients = [bare_address(r) for r in envelope.recipients]
-        message = edited(data, result.header_edits,
-                         resent.received(log_id, recipients, via=self.via, client=self.client))
+        received = resent.received(log_id, recipients, via=self.via, client=self.client)
+        eight_bit = not (_ascii(data) and edited(b"", result.header_edits, received).isascii())
+        message = edited_stream(data, size, result.header_edits, received)
         try:
             handed = self.forward.hand_over(envelope.sender, recipients, message,
-                                            params=self.params(envelope, message))
+                                            params=self.params(envelope, eight_bit))
         except ForwardError as err:
             return self.not_taken(log_id, err)
         log.info("(%s) forwarded to %s (delivery_care_of=server): %s%s", log_id,
@@ -197,20 +220,22 @@ class ServerDelivery:
                  f"; refused: {handed.refused}" if handed.refused else "")
         return self.taken(result, envelope, data, handed)
 
-    def params(self, envelope: Envelope, message: bytes) -> Params:
+    def params(self, envelope: Envelope, eight_bit: bool) -> Params:
         xforward = {"NAME": envelope.client_name, "ADDR": envelope.client_address,
                     "HELO": envelope.helo_name, "PROTO": envelope.protocol_name,
                     "IDENT": envelope.queue_id}
-        mail = {} if message.isascii() else {"BODY": "8BITMIME"}
+        mail = {"BODY": "8BITMIME"} if eight_bit else {}
         return Params(mail=mail, xforward={k: v for k, v in xforward.items() if v})
 
-    def taken(self, result: Result, envelope: Envelope, data: bytes,
+    def taken(self, result: Result, envelope: Envelope, data: BinaryIO,
               handed: Handed) -> Answer:
         code, enhanced, text = relayed(handed.where, handed.reply)
         if handed.refused:  # 5xx only: a 4xx made the whole hand-over temporary
             text += f", but {len(handed.refused)} REJECT"
             try:
-                relay_dsn.bounce(self.config, handed.refused, envelope, data, result.log_id)
+                data.seek(0)  # the bounce quotes the header block only
+                relay_dsn.bounce(self.config, handed.refused, envelope, data.read(MAX_HEADER),
+                                 result.log_id)
             except ForwardError as err:
                 if err.temporary:  # as amavisd-new: "temporarily unable to send DSN"
                     log.warning("(%s) DSN for %s refused by %s not sent: %s; tempfail",

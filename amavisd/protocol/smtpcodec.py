@@ -6,14 +6,17 @@ arguments parsed into an address and ESMTP parameters (RFC 5321 4.1.2,
 RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3461 DSN), XFORWARD
 attributes read (Postfix's XFORWARD_README: xtext values), the message
 after DATA dot-unstuffed and streamed to a sink as it arrives (RFC 5321
-4.5.2), and replies formatted (multi-line, no CR/LF a value could smuggle).
+4.5.2), BDAT chunks (RFC 3030 CHUNKING) counted out octet by octet, and
+replies formatted (multi-line, no CR/LF a value could smuggle).
 
 What is hostile here is everything: a line without an end, a parameter
 twice, an address with a control character, a message that ends in the
 middle of a block. Only CRLF "." CRLF ends the DATA: a bare LF never does,
 so no message can carry a second one past us (SMTP smuggling); the
 forwarder writes a bare LF out as CRLF and dot-stuffs after, so the next
-hop never sees one either.
+hop never sees one either. A BDAT chunk is framed by its count alone: its
+octets are never looked at, and a count we cannot read leaves the rest of
+the stream unframeable, so the session hangs up.
 """
 
 from __future__ import annotations
@@ -245,3 +248,42 @@ class DataReader:
             return
         if out:
             self.sink(out)
+
+
+# -- BDAT (RFC 3030) -----------------------------------------------------------------------
+
+_BDAT = re.compile(r"([0-9]{1,20})(?: +(LAST))?\Z", re.IGNORECASE)
+
+
+def parse_bdat(argument: str) -> tuple[int, bool]:
+    """`<count> [LAST]` -> (count, last). SyntaxProblem otherwise: the octets
+    that follow can no longer be told from commands, so the caller hangs up."""
+    match = _BDAT.match(argument)
+    if not match:
+        raise SyntaxProblem("501 5.5.4 Syntax: BDAT count [LAST]")
+    return int(match.group(1)), match.group(2) is not None
+
+
+class ChunkReader:
+    """One BDAT chunk: exactly `size` octets, raw (no dot-stuffing, no line
+    ends looked at), written to `sink` as they come. `feed()` returns None
+    while octets are owed, then the bytes after the chunk (commands); a
+    chunk of 0 is done before it is fed."""
+
+    def __init__(self, size: int, sink: Callable[[bytes], object]):
+        self.size = size
+        self.remaining = size
+        self.sink = sink
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        take = min(len(data), self.remaining)
+        if take:
+            self.sink(data if take == len(data) else data[:take])
+            self.remaining -= take
+        if self.remaining:
+            return None
+        return data[take:]

@@ -18,15 +18,18 @@ file quarantine did not either, and an entry stays releasable again.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import gzip
 import hashlib
 import json
+import mmap
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from amavisd.decode import window
 from amavisd.envelope import Envelope
 from amavisd.quarantine.entry import (
     ID_PATTERN,
@@ -41,6 +44,7 @@ from amavisd.quarantine.entry import (
 from amavisd.verdict import Result
 
 CHUNK = 256 * 1024
+PART = ".part"  # a sidecar being written; never listed
 
 
 class FileStore:
@@ -94,7 +98,7 @@ class FileStore:
 
     # -- storing ---------------------------------------------------------------
 
-    def store(self, message: bytes | str | os.PathLike, envelope: Envelope,
+    def store(self, message: bytes | mmap.mmap | str | os.PathLike, envelope: Envelope,
               result: Result) -> str:
         """Keep the message and what we know about it; returns the id."""
         if result.category is None:
@@ -111,27 +115,34 @@ class FileStore:
             except OSError as err:
                 raise QuarantineError(f"cannot write {self._path(name)}: "
                                       f"{err.strerror}") from None
-            break
+            # Locked until the sidecar is in, so `sweep_incomplete` leaves it
+            # alone while we live; swept between our create and lock: draw again.
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            if os.fstat(out.fileno()).st_nlink:
+                break
+            out.close()
         sidecar = None
         try:
-            with out:
+            with out:  # closed (unlocked) once the sidecar is written
                 size, digest = self._write(out, message)
                 out.flush()
                 os.fsync(out.fileno())
-            entry = QuarantineEntry(
-                id=qid, kind=kind, file=name, gzip=self.gzip, size=size, sha256=digest,
-                date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                log_id=result.log_id, category=result.verdict, sender=envelope.sender,
-                recipients=list(envelope.recipients), queue_id=envelope.queue_id,
-                client_address=envelope.client_address, viruses=result.viruses,
-                banned=[str(b) for b in result.banned],
-                unchecked=[str(u) for u in result.unchecked], secret_id=new_secret())
-            side = self._create(f"{kind}-{qid}.json")
-            sidecar = f"{kind}-{qid}.json"
-            with side:
-                side.write(json.dumps(asdict(entry), indent=1).encode())
-                side.flush()
-                os.fsync(side.fileno())
+                entry = QuarantineEntry(
+                    id=qid, kind=kind, file=name, gzip=self.gzip, size=size, sha256=digest,
+                    date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    log_id=result.log_id, category=result.verdict, sender=envelope.sender,
+                    recipients=list(envelope.recipients), queue_id=envelope.queue_id,
+                    client_address=envelope.client_address, viruses=result.viruses,
+                    banned=[str(b) for b in result.banned],
+                    unchecked=[str(u) for u in result.unchecked], secret_id=new_secret())
+                # written aside and renamed: a sidecar is there whole or not at all
+                sidecar = f"{kind}-{qid}.json{PART}"
+                with self._create(sidecar) as side:
+                    side.write(json.dumps(asdict(entry), indent=1).encode())
+                    side.flush()
+                    os.fsync(side.fileno())
+                os.rename(self._path(sidecar), self._path(f"{kind}-{qid}.json"))
+                sidecar = f"{kind}-{qid}.json"
         except BaseException:
             for leftover in (sidecar, name):
                 if leftover:
@@ -139,7 +150,39 @@ class FileStore:
             raise
         return qid
 
-    def _write(self, out, message: bytes | str | os.PathLike) -> tuple[int, str]:
+    def sweep_incomplete(self) -> list[str]:
+        """Remove what a writer killed mid-store left (SIGKILL skips the cleanup
+        above): a message file without a sidecar that no live writer holds
+        locked. Never listed nor released, it only takes space. One listdir,
+        and a lock tried only on files without a sidecar: cheap enough for
+        the master to run whenever a worker was killed."""
+        try:
+            names = set(os.listdir(self.directory))
+        except OSError:
+            return []
+        removed = []
+        for name in sorted(names):
+            if (name.endswith(".json") or not ID_PATTERN.fullmatch(name)
+                    or name.removesuffix(".gz") + ".json" in names):
+                continue  # not ours, or a sidecar (complete, or its writer's still at it)
+            try:
+                fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer lives
+                self.get(name)  # complete after all (its writer just finished)
+            except BlockingIOError:
+                continue
+            except QuarantineError:  # no sidecar: its writer died
+                self._unlink(name.removesuffix(".gz") + ".json" + PART)
+                self._unlink(name)
+                removed.append(name)
+            finally:
+                os.close(fd)
+        return removed
+
+    def _write(self, out, message: bytes | mmap.mmap | str | os.PathLike) -> tuple[int, str]:
         digest = hashlib.sha256()
         size = 0
         sink = gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) if self.gzip else out
@@ -220,11 +263,11 @@ class FileStore:
             pass
 
 
-def _chunks(message: bytes | str | os.PathLike):
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        view = memoryview(message)
-        for start in range(0, len(view), CHUNK):
-            yield bytes(view[start:start + CHUNK])
+def _chunks(message: bytes | mmap.mmap | str | os.PathLike):
+    """The message a CHUNK at a time: bytes, a big message's mapping (its
+    pages given back as it goes, see decode.window), or a file by path."""
+    if isinstance(message, (bytes, bytearray, memoryview, mmap.mmap)):
+        yield from window.chunks(message, 0, len(message), CHUNK)
         return
     fd = os.open(message, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as fh:

@@ -14,6 +14,7 @@ does not hold), said in one line; a mistaken URL is a `ConfigError`.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -32,9 +33,10 @@ class QuarantineStore(Protocol):
     def location(self) -> str:
         """Where the store is, for messages (never a password)."""
 
-    def store(self, message: bytes | str | os.PathLike, envelope: Envelope,
+    def store(self, message: bytes | mmap.mmap | str | os.PathLike, envelope: Envelope,
               result: Result) -> str:
-        """Keep the message (bytes, or the path of a file) with its envelope
+        """Keep the message (bytes, a read-only mapping of a big one, or the
+        path of a file; never read whole) with its envelope
         and verdict; return the new entry's id. Raises QuarantineError or
         OSError when it could not: the pipeline then tempfails the message."""
 

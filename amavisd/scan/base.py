@@ -4,6 +4,8 @@ A scanner either returns a `ScanReport` (findings, plus the parts it could
 not take, e.g. over clamd's StreamMaxLength) or raises `ScannerError` (down,
 timeout, protocol error). It never reports "clean" for something it did not
 see: errors, size limits and timeouts are failures or misses, not verdicts.
+A scanner may keep a connection between messages (clamd's session); a
+`close()` method, where it has one, lets go of it when the worker leaves.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ not take (over clamd's StreamMaxLength, say). A failure is logged with its
 reason, counted, and the scanner rests for `scanner_retry_after` seconds
 before it is tried again, so a hung clamd costs one timeout, not one per
 message; when it answers again it is used again, without a restart.
+`close()` ends what scanners keep between messages (clamd's session), for a
+worker that retires or leaves.
 
 If no scanner answered, `scan()` raises `ScannerError`: the pipeline turns
 that into a tempfail (the MTA keeps the mail and retries).
@@ -112,6 +114,14 @@ class ScannerSet:
 
     def health(self) -> list[Health]:
         return [scanner.health() for scanner in self.all]
+
+    def close(self) -> None:
+        """Let go of what scanners keep between messages (clamd's session):
+        a worker calls this when it retires or leaves."""
+        for scanner in self.all:
+            close = getattr(scanner, "close", None)  # a command scanner keeps nothing
+            if close is not None:
+                close()
 
 
 def _missed_by_all(reports: Sequence[ScanReport]) -> dict[str, str]:

@@ -67,6 +67,8 @@ class ClamdInstance:
         max_threads: int = 4,
         tcp_port: int | None = None,
         system_db: str | None = None,
+        read_timeout: int = 120,
+        options: tuple[str, ...] = (),
     ) -> None:
         if mode not in ("nodecomp", "full"):
             raise ValueError(f"mode must be 'nodecomp' or 'full', not {mode!r}")
@@ -77,6 +79,10 @@ class ClamdInstance:
         self.tcp_port = tcp_port
         # `make run`: also load the system's signatures (e.g. /var/lib/clamav), if any.
         self.system_db = system_db
+        # ReadTimeout also closes an idle IDSESSION (clamd says `COMMAND READ
+        # TIMED OUT`); IdleTimeout is its threads' and does not.
+        self.read_timeout = read_timeout
+        self.options = tuple(options)  # more clamd.conf lines, e.g. "MaxQueue 4"
         self.socket_path = self.workdir / "clamd.sock"
         self.conf_path = self.workdir / "clamd.conf"
         self.log_path = self.workdir / "clamd.log"
@@ -144,13 +150,14 @@ class ClamdInstance:
             "SelfCheck 3600",
             f"StreamMaxLength {self.stream_max_length}",
             f"MaxThreads {self.max_threads}",
-            "ReadTimeout 120",
+            f"ReadTimeout {self.read_timeout}",
             "CommandReadTimeout 30",
         ]
         if self.tcp_port is not None:
             lines += [f"TCPSocket {self.tcp_port}", "TCPAddr 127.0.0.1"]
         if self.mode == "nodecomp":
             lines += list(_NODECOMP_OPTIONS)
+        lines += list(self.options)
         self.conf_path.write_text("\n".join(lines) + "\n", encoding="ascii")
         os.chmod(self.conf_path, 0o644)
 

@@ -191,3 +191,71 @@ def test_a_whole_message_with_no_next_hop_is_451_for_each_recipient(tmp_path_fac
     finally:
         ours.close()
         theirs.close()
+
+
+# -- BDAT (H8) -------------------------------------------------------------------------------
+
+
+@given(st.text(max_size=40))
+def test_bdat_counts_parse_or_are_refused(argument):
+    from amavisd.protocol.smtpcodec import parse_bdat
+
+    try:
+        size, last = parse_bdat(argument)
+    except SyntaxProblem as problem:
+        assert problem.reply.startswith("501 ")
+    else:
+        assert argument.split()[0].lstrip("0") == (str(size) if size else "")
+        assert last is (len(argument.split()) == 2)
+
+
+class KeepingHandler(StandInHandler):
+    """The stand-in that also keeps what each message's spool held."""
+
+    def handle_message(self, job) -> Result:
+        import os
+
+        self.spooled = [*getattr(self, "spooled", []), os.pread(job.mail_fd, 1 << 16, 0)]
+        return super().handle_message(job)
+
+
+@given(st.lists(st.binary(max_size=700), min_size=1, max_size=6),
+       st.lists(st.integers(1, 90), max_size=40), st.booleans())
+def test_bdat_chunks_reach_the_spool_whole_at_any_split(tmp_path_factory, chunks, cuts, lmtp):
+    """Chunks of any bytes, cut anywhere: the spool holds them end to end,
+    each chunk but the last is answered 250, the last as the message (451:
+    no next hop), or past max_message_size (2048) 552 and the rest read and
+    refused; never out of step (the NOOP after them is answered 250)."""
+    base = tmp_path_factory.getbasetemp() / "fuzz-smtp"
+    (base / "work").mkdir(parents=True, exist_ok=True)
+    (base / "work").chmod(0o700)
+    wire = (b"LHLO x\r\n" if lmtp else b"EHLO x\r\n") + b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+    for i, chunk in enumerate(chunks):
+        wire += b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if i == len(chunks) - 1 else b"") + chunk
+    wire += b"NOOP\r\n"
+    ours, theirs = socket.socketpair()
+    try:
+        handler = KeepingHandler(config(str(base)))
+        session = (LMTPSession if lmtp else SMTPSession)(ours, handler)
+        out, pos = [session.greeting()], 0
+        for cut in [*cuts, len(wire)]:
+            piece, pos = wire[pos:pos + cut], pos + cut
+            if piece:
+                session.receive(piece)
+            while session.request_ready() and not session.closing:
+                out.append(session.answer())
+        session.finish()
+    finally:
+        ours.close()
+        theirs.close()
+    lines = b"".join(out).split(b"\r\n")[:-1]
+    assert all(REPLY_LINE.match(line) for line in lines)
+    codes = [line[:3] for line in lines if line[3:4] == b" "][4:]  # after 220, EHLO, MAIL, RCPT
+    sizes = [sum(len(c) for c in chunks[:i + 1]) for i in range(len(chunks))]
+    over = next((i for i, size in enumerate(sizes) if size > 2048), None)
+    if over is None:
+        assert codes == [b"250"] * (len(chunks) - 1) + [b"451", b"250"]
+        assert handler.spooled == [b"".join(chunks)]
+    else:
+        assert codes == [b"250"] * over + [b"552"] + [b"503"] * (len(chunks) - over - 1) + [b"250"]
+        assert getattr(handler, "spooled", []) == []

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from amavisd.decode.engine import decompose
 from amavisd.envelope import Job
 from amavisd.pipeline import Pipeline
 from amavisd.testing.archivers import as_attachment
+from tests.fuzz.harness import check
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -353,3 +356,31 @@ def test_traversal_sample_stays_in_the_work_dir(corpus, tmp_path, rel):
         assert not part.name.startswith("/") and ".." not in part.name.split("/"), part.name
         assert b"sentinel: must not" not in part.head(), f"{part.path} read through a link"
         assert not part.head().startswith(b"root:"), f"{part.path} read /etc/passwd"
+    # Fail closed: the member that tried to escape is not dropped but kept
+    # and scanned, like every other; bsdtar's listing says what is there.
+    missing = Counter(listed_file_sizes(corpus / "archives" / rel)) - Counter(
+        p.size for p in parts[1:] if "link" not in p.flags)
+    assert not missing, f"members of these sizes were not kept for scanning: {dict(missing)}"
+
+
+def listed_file_sizes(sample: Path) -> list[int]:
+    """The sizes of the regular files libarchive lists in `sample`."""
+    if shutil.which("bsdtar") is None:
+        pytest.skip("bsdtar (libarchive-tools) not installed")
+    out = subprocess.run(["bsdtar", "-tvf", str(sample)], capture_output=True, text=True,
+                         timeout=30).stdout
+    sizes = [int(line.split()[4]) for line in out.splitlines() if line.startswith("-")]
+    assert sizes, f"bsdtar lists no file in {sample.name}"
+    return sizes
+
+
+# -- every bomb and traversal sample: the fuzz targets' invariants -------------
+
+@pytest.mark.parametrize("rel", listed("bombs", "path-traversal"))
+def test_hostile_sample_meets_the_fuzz_invariants(corpus, rel):
+    """What each fuzz input must satisfy (tests/fuzz/harness.check): no
+    exception, no link made on disk, nothing outside the work dir, output
+    within the limits, bounded time; a bomb leaves the message UNCHECKED."""
+    unchecked = check((corpus / "archives" / rel).read_bytes(), bare=True)
+    if rel.startswith("bombs/"):
+        assert {reason.kind for reason in unchecked} & {"limit", "undecipherable"}, unchecked

@@ -199,7 +199,7 @@ CONFIG_MAY_REACH = {
     "amavisd.scan", "amavisd.scan.definitions",  # the [scanners.*] schema
     "amavisd.actions", "amavisd.actions.methods",  # how a sending method is written
     "amavisd.policy", "amavisd.policy.banned", "amavisd.policy.destinies",
-    "amavisd.decode", "amavisd.decode.parts", "amavisd.verdict", "amavisd.sysexits",
+    "amavisd.decode", "amavisd.decode.parts", "amavisd.decode.window", "amavisd.verdict", "amavisd.sysexits",
     "amavisd_client", "amavisd_client.wire", "amavisd_client.wire.address",
 }
 

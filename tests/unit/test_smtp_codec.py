@@ -1,8 +1,9 @@
-"""The SMTP server codec: command lines, paths and parameters, XFORWARD, DATA.
+"""The SMTP server codec: command lines, paths and parameters, XFORWARD, DATA, BDAT.
 
 The DATA reader is checked against a plain line-by-line reading of RFC 5321
 4.5.2 on every way of cutting the input into blocks, since a block boundary
-may fall anywhere (inside CRLF, between CRLF and ".", inside the end).
+may fall anywhere (inside CRLF, between CRLF and ".", inside the end); the
+BDAT chunk reader against slicing by the count, on every cut too.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import pytest
 from amavisd.actions.smtpdata import DataEncoder, Prefixed, message_chunks
 from amavisd.protocol.smtpcodec import (
     MAX_LINE,
+    ChunkReader,
     DataReader,
     SyntaxProblem,
+    parse_bdat,
     parse_command,
     parse_path,
     parse_xforward,
@@ -217,3 +220,55 @@ def test_the_end_of_data_goes_out_with_the_last_block_never_alone():
         chunks = list(message_chunks(message))
         assert chunks[-1].endswith(b".\r\n")
         assert len(chunks[-1]) > 3 or not message
+
+
+# -- BDAT ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument, parsed", [
+    ("0", (0, False)), ("0 LAST", (0, True)), ("1234 last", (1234, True)),
+    ("007  LAST", (7, True)), ("9" * 20, (10**20 - 1, False)),
+])
+def test_bdat_arguments(argument, parsed):
+    assert parse_bdat(argument) == parsed
+
+
+@pytest.mark.parametrize("argument", [
+    "", "LAST", "x", "-1", "+1", "1.0", "1e3", "1 FIRST", "1 LAST x", "1LAST", "1\tLAST",
+    "\u0661", "\u00b2", "9" * 21, "0x10",
+])
+def test_bdat_arguments_we_cannot_frame_by(argument):
+    with pytest.raises(SyntaxProblem) as caught:
+        parse_bdat(argument)
+    assert caught.value.reply == "501 5.5.4 Syntax: BDAT count [LAST]"
+
+
+def read_chunk(size: int, blocks: list[bytes]) -> tuple[bytes, bytes | None]:
+    out = bytearray()
+    chunk = ChunkReader(size, out.extend)
+    for i, block in enumerate(blocks):
+        rest = chunk.feed(block)
+        if rest is not None:
+            return bytes(out), rest + b"".join(blocks[i + 1:])
+    return bytes(out), None
+
+
+def test_a_chunk_is_its_count_of_raw_octets_at_every_cut():
+    """Nothing in a chunk ends it or is changed: not CRLF "." CRLF, not a
+    dot at a line start, not a bare LF, not a command line."""
+    octets = b"a\r\n.\r\n..b\nc\rQUIT\r\nBDAT 5 LAST\r\n\x00\xff"
+    wire = octets + b"NOOP\r\n"
+    for cut in range(len(wire) + 1):
+        for second in range(cut, len(wire) + 1):
+            got = read_chunk(len(octets), [wire[:cut], wire[cut:second], wire[second:]])
+            assert got == (octets, b"NOOP\r\n"), (cut, second)
+    assert read_chunk(len(octets), [octets[:-1]]) == (octets[:-1], None)  # owed: no end yet
+
+
+def test_a_chunk_of_nothing_is_done_before_it_is_fed():
+    out = bytearray()
+    chunk = ChunkReader(0, out.extend)
+    assert chunk.done and chunk.feed(b"QUIT\r\n") == b"QUIT\r\n" and out == b""
+    chunk = ChunkReader(3, out.extend)
+    assert not chunk.done and chunk.feed(b"") is None and chunk.feed(b"abc") == b""
+    assert chunk.done and out == b"abc"
