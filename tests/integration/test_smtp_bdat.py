@@ -18,31 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import test_smtp_filter
 from tests.integration.test_smtp_filter import start_filter
-from tests.rigs.nexthop import NextHop
-from tests.rigs.smtpsink import SMTPSink
 from tests.rigs.smtptalk import Talk, clean, eicar
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def hop():
-    with NextHop() as server:
-        yield server
-
-
-@pytest.fixture
-def notices():
-    with SMTPSink() as sink:
-        yield sink
-
-
-@pytest.fixture
-def flt(short_tmp, clamd_nodecomp, hop, notices):
-    instance = start_filter(short_tmp, clamd_nodecomp.address, hop, notices)
-    yield instance
-    instance.daemon.stop()
+# the filter's fixtures, defined once beside start_filter
+hop, notices, flt = test_smtp_filter.hop, test_smtp_filter.notices, test_smtp_filter.flt
 
 
 def bdat(octets: bytes, last: bool = False) -> bytes:
