@@ -25,11 +25,11 @@ import email.policy
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 import time
 from collections.abc import Sequence
-from email.parser import BytesHeaderParser
 
 from amavisd import failures, logs, metrics
 from amavisd.actions.headers import header_edits
@@ -331,31 +331,33 @@ def header_block(raw: window.Buffer) -> bytes:
     return raw[:end + 2] if end >= 0 else raw[:HEADER_BLOCK]
 
 
+# Where the header block ends, at most HEADER_SCAN in: the line per message
+# needs only the Message-ID, found without parsing the other fields (the
+# `email` package's structured parse cost ~0.4 ms a message, a fifth of ours).
+HEADER_SCAN = 64 * 1024
+MESSAGE_ID = re.compile(rb"^message-id[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                        re.IGNORECASE | re.MULTILINE)
+
+
 def top_headers(raw: window.Buffer) -> dict[str, str]:
-    """Message-ID, Subject, From and Date of the message itself, for the log
-    line and notifications: unfolded, decoded, one line each, bounded."""
-    end = raw.find(b"\n\n", 0, 64 * 1024)
-    crlf = raw.find(b"\r\n\r\n", 0, 64 * 1024)
+    """The message's own Message-ID (the first one), for the log line:
+    unfolded, one line, bounded; decoded by the `email` package only when it
+    is not plain ASCII or carries an encoded word."""
+    end = raw.find(b"\n\n", 0, HEADER_SCAN)
+    crlf = raw.find(b"\r\n\r\n", 0, HEADER_SCAN)
     if crlf >= 0 and (end < 0 or crlf < end):
         end = crlf
-    block = raw[: end if end >= 0 else 64 * 1024][: 64 * 1024]
-    # compat32 splits the block without parsing any field (the default policy
-    # would parse Content-Type on close); only the four wanted fields get the
-    # default policy's structured parse, exactly as `get` would give them
-    parsed = BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
-    first: dict[str, tuple[str, str]] = {}
-    for name, value in parsed.raw_items():
-        first.setdefault(name.lower(), (name, value))
-    found = {}
-    for name in ("Message-ID", "Subject", "From", "Date"):
+    found = MESSAGE_ID.search(bytes(raw[: end if end >= 0 else HEADER_SCAN]))
+    if found is None:
+        return {}
+    value = found.group(1).decode("ascii", "surrogateescape")
+    if not value.isascii() or "=?" in value:
         try:
-            item = first.get(name.lower())
-            value = None if item is None else email.policy.default.header_fetch_parse(*item)
+            value = str(email.policy.default.header_fetch_parse("Message-ID", value))
         except Exception:  # a hostile header the parser cannot represent
-            value = None
-        if value is not None:
-            found[name] = " ".join(str(value).split())[:500]
-    return found
+            return {}
+    value = " ".join(value.split())[:500]
+    return {"Message-ID": value} if value else {}
 
 
 def log_result(job: Job, result: Result) -> None:

@@ -86,7 +86,7 @@ class Result:
     scanned_by: list[str] = field(default_factory=list)  # scanners that answered
     alerts: list[str] = field(default_factory=list)  # problems to name in a passed mail's header
     force_destiny: Destiny | None = None  # set by the pipeline, e.g. pass when scanners fail
-    headers: dict[str, str] = field(default_factory=dict)  # Message-ID, Subject, From, Date
+    headers: dict[str, str] = field(default_factory=dict)  # Message-ID, for the log line
     quarantine_id: str = ""
     size: int = 0
     elapsed_ms: float = 0.0

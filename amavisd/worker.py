@@ -40,6 +40,7 @@ import socket
 import stat
 
 from amavisd import failures, logs, metrics, wakeup
+from amavisd.actions import smtpout
 from amavisd.config import Config
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
@@ -114,6 +115,7 @@ class Worker:
         except Exception:
             log.exception("worker %d crashed", os.getpid())
             os._exit(EXIT_CRASHED)
+        smtpout.IDLE.expire(everything=True)  # QUIT, so the next hop logs no lost connection
         if self.pipeline is not None:
             try:
                 self.pipeline.scanners.close()  # END clamd's kept session
@@ -167,6 +169,7 @@ class Worker:
         while self.alive:
             self.heartbeat.notify()
             self.ensure_dirs()
+            smtpout.IDLE.expire()  # QUIT next-hop sessions idle too long
             if self.reopen_logs:
                 self.reopen_logs = False
                 logs.reopen()

@@ -120,7 +120,7 @@ def _mta_reason() -> str | None:
 def smtp(s: Session) -> Table:
     if reason := _mta_reason():
         raise Skip(reason)
-    names = ["ours"] + ([] if amavisd_new.skip_reason() else ["amavisd-new"])
+    names = ["ours", "postfix-only"] + ([] if amavisd_new.skip_reason() else ["amavisd-new"])
     table: Table = {name: {} for name in names}
     if "amavisd-new" not in names:
         table["amavisd-new"] = {c: f"skipped: {amavisd_new.skip_reason()}" for c in s.conc}
@@ -156,7 +156,7 @@ def milter(s: Session) -> Table:
     ensure_user(milter_throughput.DAEMON_USER, milter_throughput.DAEMON_USER)
     have_c = os.access(milter_throughput.C_MILTER, os.X_OK)
     why_not = (None if have_c else f"no {milter_throughput.C_MILTER}") or amavisd_new.skip_reason()
-    table: Table = {"ours": {}, "c-milter+amavisd-new": {}}
+    table: Table = {"ours": {}, "postfix-only": {}, "c-milter+amavisd-new": {}}
     for c in s.conc:
         args = argparse.Namespace(sessions=c, n=s.mta_n, length=4096)
         rates = collections.defaultdict(list)
@@ -173,13 +173,14 @@ def milter(s: Session) -> Table:
             for daemon in daemons.values():
                 daemon.start()
             for run in range(s.runs):
-                for name, daemon in daemons.items():
+                for name, daemon in [*daemons.items(), ("postfix-only", daemons["ours"])]:
                     if isinstance(table[name].get(c), str):
                         continue
                     work = s.base / f"milter-{name}-{c}-{run}"
                     work.mkdir(parents=True)
                     try:
-                        seconds = milter_throughput.run_row(name, work, daemon, args)
+                        row = "postfix" if name == "postfix-only" else name  # no milter at all
+                        seconds = milter_throughput.run_row(row, work, daemon, args)
                     except Exception as err:  # noqa: BLE001
                         table[name][c] = f"failed: {err}"[:300]
                         continue
@@ -189,7 +190,7 @@ def milter(s: Session) -> Table:
         finally:
             for daemon in daemons.values():
                 daemon.stop()
-        for name in daemons:
+        for name in [*daemons, "postfix-only"]:
             if not isinstance(table[name].get(c), str):
                 table[name][c] = Cell(rates[name])
     return table

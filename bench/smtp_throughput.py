@@ -8,7 +8,10 @@ delivers to an SMTP sink that keeps every message. Rows, in the same run,
 on the same private clamd (test signatures, no decoding in clamd):
 
 - ours: `amavisd run` with workers = C, smtp_listen on the filter port;
-- amavisd-new: Debian's amavisd-new (max_servers = C), its SMTP port.
+- amavisd-new: Debian's amavisd-new (max_servers = C), its SMTP port;
+- postfix-only: the content_filter pointed straight at the re-injection
+  port, so Postfix makes the same two passes with no filter between: the
+  ceiling any filter can reach on this machine.
 
 The clock runs from the first message smtp-source sends to the last one
 the sink has. Every recipient is unique (smtp-source -N), so the sink
@@ -87,7 +90,10 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
     filter_port, reinject_port = free_port(), free_port()
     main, master = snippets(filter_port, reinject_port, conc)
     work = base / name
-    if name == "ours":
+    if name == "postfix-only":  # the same two passes through Postfix, no filter between
+        main["content_filter"] = re.sub(r":\d+$", f":{reinject_port}", main["content_filter"])
+        server = None
+    elif name == "ours":
         forward = f"smtp:[127.0.0.1]:{reinject_port}"
         server = DaemonInstance(work / "d", clamd.address, workers=conc,
                                 smtp_listen=[f"127.0.0.1:{filter_port}"], forward_method=forward,
@@ -95,7 +101,8 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
                                 max_requests=0, child_timeout=300.0)
     else:
         server = AmavisdNewSMTP(work / "a", clamd.address, filter_port, reinject_port, conc)
-    server.start()
+    if server is not None:
+        server.start()
     pfx = PostfixInstance(work / "pfx", main=main | {"default_process_limit": "100"},
                           master=master)
     pfx.start()
@@ -119,7 +126,8 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
                 "duplicates": sum(c - 1 for c in rcpts.values())}
     finally:
         pfx.stop()
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 def main() -> int:

@@ -78,6 +78,7 @@ class SMTPForwarder:
     helo: str | None = None  # None: the local FQDN, as smtplib does
     lmtp: bool = False
     path: str = ""  # a Unix socket instead of host:port
+    keep_idle: float = 0.0  # seconds a session stays open for the next message (0: QUIT)
 
     @property
     def where(self) -> str:
@@ -90,8 +91,8 @@ class SMTPForwarder:
             raise ForwardError("no recipients", temporary=False,
                                reply="554 5.5.1 no recipients")
         return Transaction(self.where, self.host, self.port, self.path, self.lmtp, self.helo,
-                           self.timeout, per_recipient).run(sender, list(recipients), data,
-                                                            params or Params())
+                           self.timeout, per_recipient, self.keep_idle
+                           ).run(sender, list(recipients), data, params or Params())
 
     def send(self, sender: str, recipients: Sequence[str], data: Message) -> dict[str, str]:
         # per_recipient: as before hand_over, the others get the mail whatever
@@ -194,18 +195,21 @@ def _kill_group(proc: subprocess.Popen, timed_out: threading.Event) -> None:
 
 
 # The registry: each parsed method (methods.py) -> the Forwarder that sends by it.
-FORWARDERS: dict[type, Callable[[Any, float, str | None], Forwarder]] = {
-    SMTPMethod: lambda method, timeout, helo: SMTPForwarder(
-        method.host, method.port, timeout, helo, lmtp=method.lmtp, path=method.path),
-    PipeMethod: lambda method, timeout, helo: PipeForwarder(method.argv, timeout),
+FORWARDERS: dict[type, Callable[[Any, float, str | None, float], Forwarder]] = {
+    SMTPMethod: lambda method, timeout, helo, keep_idle: SMTPForwarder(
+        method.host, method.port, timeout, helo, lmtp=method.lmtp, path=method.path,
+        keep_idle=keep_idle),
+    PipeMethod: lambda method, timeout, helo, keep_idle: PipeForwarder(method.argv, timeout),
 }
 
 
-def forwarder(spec: str, timeout: float = 30.0, helo: str | None = None) -> Forwarder:
+def forwarder(spec: str, timeout: float = 30.0, helo: str | None = None,
+              keep_idle: float = 0.0) -> Forwarder:
     """Build a Forwarder from a method spec; ValueError (one line) if bad.
-    `helo`: our name in EHLO/LHLO (None: the local FQDN)."""
+    `helo`: our name in EHLO/LHLO (None: the local FQDN); `keep_idle`: seconds
+    an SMTP/LMTP session may stay open for the next message (0: QUIT each)."""
     method = parse_method(spec)
-    return FORWARDERS[type(method)](method, timeout, helo)
+    return FORWARDERS[type(method)](method, timeout, helo, keep_idle)
 
 
 __all__ = ["DEFAULT_METHOD", "ForwardError", "Forwarder", "Handed", "Params", "PipeForwarder",

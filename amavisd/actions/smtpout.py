@@ -4,7 +4,10 @@
 socket), EHLO/LHLO (HELO for an SMTP server that knows no EHLO), XFORWARD
 when offered, MAIL with the parameters the next hop understands, RCPT each
 recipient, DATA streamed (`smtpdata`), then one reply (SMTP) or one per
-accepted recipient (LMTP, RFC 2033), QUIT.
+accepted recipient (LMTP, RFC 2033), QUIT -- or, with `keep_idle`, no QUIT: the
+session waits in `IDLE` for the worker's next message to the same hop
+(RSET proves it alive first; a dead one is replaced before anything is sent,
+so reuse can never deliver twice), saving the connect, greeting and EHLO.
 
 smtplib does the talking (connect, replies, EHLO parsing); the commands are
 spelled here, since smtplib's `mail()`/`rcpt()` rewrite addresses and its
@@ -21,9 +24,11 @@ ASCII addresses, and DSN parameters without DSN, are dropped.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import smtplib
 import socket
+import time
 
 from amavisd.actions.outcome import ForwardError, Handed, Message, Params
 from amavisd.actions.smtpdata import message_chunks, message_size
@@ -76,15 +81,80 @@ class _Client(smtplib.SMTP):
         return sock
 
 
+class IdleSessions:
+    """Sessions kept open after a delivery, one a next hop: a worker sends one
+    message at a time. Keyed by process too, so a forked child never talks
+    on (or quits) a session its parent opened."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple, tuple[_Client, float, float]] = {}
+
+    def take(self, key: tuple) -> _Client | None:
+        """The idle session for `key` if it is young enough and answers RSET."""
+        found = self._idle.pop((os.getpid(), key), None)
+        if found is None:
+            return None
+        client, since, keep_idle = found
+        if time.monotonic() - since > keep_idle:
+            _close(client)
+            return None
+        try:
+            code, _ = client.rset()
+        except (smtplib.SMTPException, OSError):
+            code = 0
+        if code != 250:
+            _close(client, quit=False)
+            return None
+        return client
+
+    def keep(self, key: tuple, client: _Client, keep_idle: float) -> None:
+        old = self._idle.pop((os.getpid(), key), None)
+        if old is not None:
+            _close(old[0])
+        self._idle[(os.getpid(), key)] = (client, time.monotonic(), keep_idle)
+
+    def expire(self, everything: bool = False) -> None:
+        """QUIT the sessions idle past their time (all with `everything`):
+        the worker calls this while it waits, so the next hop never times
+        them out and logs it."""
+        now = time.monotonic()
+        for slot, (client, since, keep_idle) in list(self._idle.items()):
+            if slot[0] != os.getpid():
+                del self._idle[slot]  # a parent's: not ours to close
+            elif everything or now - since > keep_idle:
+                del self._idle[slot]
+                _close(client)
+
+
+QUIT_TIMEOUT = 2.0  # QUIT is a courtesy: a hop that hangs must not hold a worker
+
+
+def _close(client: _Client, quit: bool = True) -> None:
+    try:
+        if quit and client.sock is not None:
+            client.sock.settimeout(min(QUIT_TIMEOUT, client.timeout))
+            client.quit()
+            return
+    except (smtplib.SMTPException, OSError):
+        pass
+    client.close()
+
+
+IDLE = IdleSessions()
+
+
 class Transaction:
     """One message to one next hop (see `actions.forward.SMTPForwarder`)."""
 
     def __init__(self, where: str, host: str, port: int, path: str, lmtp: bool,
-                 helo: str | None, timeout: float, per_recipient: bool):
+                 helo: str | None, timeout: float, per_recipient: bool,
+                 keep_idle: float = 0.0):
         self.where = where
         self.host, self.port, self.path = host, port, path
         self.lmtp, self.helo, self.timeout = lmtp, helo, timeout
         self.per_recipient = per_recipient
+        self.keep_idle = keep_idle  # seconds a session may wait for the next message
+        self.key = (where, helo, timeout)
 
     def fail(self, why: str, code: int = 451, enhanced: str = "4.4.2", *,
              reply: str = "", refused: dict[str, str] | None = None) -> ForwardError:
@@ -95,17 +165,22 @@ class Transaction:
                             reply=reply or line, refused=refused)
 
     def run(self, sender: str, recipients: list[str], data: Message, params: Params) -> Handed:
-        client = _Client(self.path, self.lmtp, self.helo, self.timeout)
+        client = IDLE.take(self.key) if self.keep_idle > 0 else None
+        greeted = client is not None
+        client = client or _Client(self.path, self.lmtp, self.helo, self.timeout)
+        handed = None
         try:
-            try:
-                # a path: any port, so smtplib does not look for one in the "host"
-                code, text = client.connect(self.path or self.host, self.port or 1)
-            except OSError as err:
-                raise self.fail(f"cannot connect: {err.strerror or err}", 451, "4.4.1") \
-                    from None
-            if code != 220:
-                raise self.hop_said("greeting", code, text)
-            return self.converse(client, sender, recipients, data, params)
+            if not greeted:
+                try:
+                    # a path: any port, so smtplib does not look for one in the "host"
+                    code, text = client.connect(self.path or self.host, self.port or 1)
+                except OSError as err:
+                    raise self.fail(f"cannot connect: {err.strerror or err}", 451, "4.4.1") \
+                        from None
+                if code != 220:
+                    raise self.hop_said("greeting", code, text)
+            handed = self.converse(client, sender, recipients, data, params, greeted)
+            return handed
         except smtplib.SMTPServerDisconnected as err:
             raise self.fail(f"connection lost: {err}") from None
         except smtplib.SMTPResponseException as err:  # a reply line past smtplib's limit
@@ -113,10 +188,19 @@ class Transaction:
         except (OSError, ValueError, UnicodeError) as err:  # timeouts are OSErrors
             raise self.fail(f"{type(err).__name__}: {err}") from None
         finally:
-            try:
-                client.quit()
-            except (smtplib.SMTPException, OSError):
-                client.close()
+            if handed is not None and self.keep_idle > 0:
+                IDLE.keep(self.key, client, self.keep_idle)  # whole: every reply read
+            else:
+                _close(client)
+
+    def greet(self, client: _Client) -> None:
+        code, text = client.ehlo()
+        if code != 250:
+            if self.lmtp:
+                raise self.hop_said("LHLO", code, text)
+            code, text = client.helo()
+            if code != 250:
+                raise self.hop_said("HELO", code, text)
 
     def hop_said(self, step: str, code: int, text: bytes,
                  refused: dict[str, str] | None = None) -> ForwardError:
@@ -127,14 +211,10 @@ class Transaction:
                             reply=said, refused=refused, from_hop=True)
 
     def converse(self, client: _Client, sender: str, recipients: list[str], data: Message,
-                 params: Params) -> Handed:
-        code, text = client.ehlo()
-        if code != 250:
-            if self.lmtp:
-                raise self.hop_said("LHLO", code, text)
-            code, text = client.helo()
-            if code != 250:
-                raise self.hop_said("HELO", code, text)
+                 params: Params, greeted: bool = False) -> Handed:
+        if not greeted:
+            self.greet(client)
+        client.command_encoding = "ascii"
         self.xforward(client, params.xforward)
         sender = bare_address(sender)
         rcpts = [bare_address(r) for r in recipients]

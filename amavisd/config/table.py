@@ -338,6 +338,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("forward_timeout", "smtp", float, 120.0,
             "Seconds each step of forwarding may take (connect, a command, a block of the "
             "message, the final reply); past it our client hears 451.", positive),
+    Setting("forward_keep_idle", "smtp", float, 10.0,
+            "Seconds a session to the next hop stays open after a message for the worker's "
+            "next one (saves connect, greeting and EHLO; checked by RSET before reuse); "
+            "0 closes it after each message.", non_negative),
     Setting("smtp_max_recipients", "smtp", int, 1000,
             "Recipients one SMTP/LMTP transaction may have; more are answered 452 "
             "(the client sends them again in another transaction).", positive),

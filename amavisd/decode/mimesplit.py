@@ -299,9 +299,12 @@ class Splitter:
         """Past this delimiter and any more of the same multipart right after it."""
         pos = hit.end
         own = bounds.stack[hit.level]
-        if bounds.level(own + b"--") is None and not (
+        if self.data[pos:pos + len(own) + 2] == b"--" + own and bounds.level(
+                own + b"--") is None and not (
                 own.endswith(b"--") and bounds.level(own[:-2]) is not None):
-            # no outer boundary can claim these lines: skip the run at C speed
+            # another delimiter line follows (rare: the regex is compiled only
+            # then) and no outer boundary can claim these lines: skip the run
+            # at C speed
             pos = _delimiter_run(own).match(self.data, pos).end()
         while (next_hit := self.boundary_at(pos, bounds)) is not None \
                 and next_hit.level == hit.level:

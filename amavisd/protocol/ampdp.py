@@ -203,6 +203,7 @@ class Session(session.Session):
         self.pending: list[Block] = []
         self.in_flight: str | None = None  # log id of the request being worked on
         self.refused = 0  # requests refused on this connection (logged once)
+        self.tidy: tuple[Base, HandOver, str] | None = None  # removal after the reply
 
     # -- what the loop asks ---------------------------------------------------
 
@@ -226,6 +227,7 @@ class Session(session.Session):
         return b"" if self.in_flight is None else tempfail_reply(self.in_flight, reason)
 
     def finish(self) -> None:
+        self.after_reply()  # nothing left behind, whatever ended the connection
         if self.refused > 1:
             log.warning("%d more AM.PDP requests refused on this connection",
                         self.refused - 1)
@@ -268,26 +270,41 @@ class Session(session.Session):
         except OSError as err:
             log.error("(%s) temp base %s unusable: %s", log_id, self.tempbase, err.strerror)
             return tempfail_reply(log_id, failures.LOCAL_PROBLEM)
-        with base:
-            handed = HandOver(base, self.peer_uid, self.over_tcp)
+        handed = HandOver(base, self.peer_uid, self.over_tcp)
+        try:
             try:
-                try:
-                    handed.open(message.tempdir, message.mail_file, message.job.mail_path)
-                    if message.care_of_server:
-                        reply = self.check_and_forward(message, handed.mail_fd)
-                    else:
-                        job = Job(log_id=message.job.log_id, mail_path=message.job.mail_path,
-                                  envelope=message.job.envelope, mail_fd=handed.mail_fd)
-                        reply = reply_for(self.handler.handle_message(job))
-                except RequestError as err:
-                    return self._refuse(log_id, err)
-                if message.remove_tempdir:
-                    # while its descriptor is still held: the identity it was
-                    # checked under cannot pass to a new dir (inode reuse)
-                    handed.remove_tempdir(message.tempdir)
-            finally:
-                handed.close()
+                handed.open(message.tempdir, message.mail_file, message.job.mail_path)
+                if message.care_of_server:
+                    reply = self.check_and_forward(message, handed.mail_fd)
+                else:
+                    job = Job(log_id=message.job.log_id, mail_path=message.job.mail_path,
+                              envelope=message.job.envelope, mail_fd=handed.mail_fd)
+                    reply = reply_for(self.handler.handle_message(job))
+            except RequestError as err:
+                return self._refuse(log_id, err)
+            if message.remove_tempdir:
+                # after the reply is sent (freeing the inodes can take
+                # milliseconds on a busy disk), with the descriptors still held
+                self.tidy = (base, handed, message.tempdir)
             return reply
+        finally:
+            if self.tidy is None:
+                handed.close()
+                base.close()
+
+    def after_reply(self) -> None:
+        """Remove the answered request's tempdir while its descriptor is still
+        held: the identity it was checked under cannot pass to a new dir
+        (inode reuse)."""
+        if self.tidy is None:
+            return
+        base, handed, tempdir = self.tidy
+        self.tidy = None
+        try:
+            handed.remove_tempdir(tempdir)
+        finally:
+            handed.close()
+            base.close()
 
     def check_and_forward(self, message: MessageRequest, mail_fd: int) -> bytes:
         """delivery_care_of=server: scan a private copy of the message, and

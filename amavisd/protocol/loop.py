@@ -62,7 +62,9 @@ def serve(session: Session, limits: ConnectionLimits) -> int:
             if not _next_request(session, current, ends):
                 break
             answered += 1
-            if not _send(session, session.answer(), session.connection_limits(limits)):
+            sent = _send(session, session.answer(), session.connection_limits(limits))
+            session.after_reply()
+            if not sent:
                 break
             session.handler.handle_reply_sent()
             if not session.handler.keep_going():

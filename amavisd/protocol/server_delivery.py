@@ -196,7 +196,8 @@ class ServerDelivery:
         self.via, self.client = via, client
         method = getattr(config, "forward_method", None) or DEFAULT_FORWARD_METHOD
         timeout = getattr(config, "forward_timeout", None) or config["smtp_timeout"]
-        self.forward = forwarder(method, timeout, getattr(config, "hostname", None) or None)
+        self.forward = forwarder(method, timeout, getattr(config, "hostname", None) or None,
+                                 getattr(config, "forward_keep_idle", 0.0) or 0.0)
         self.where = getattr(self.forward, "where", method)
 
     def deliver(self, result: Result, envelope: Envelope, data: bytes | BinaryIO,

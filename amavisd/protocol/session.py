@@ -112,5 +112,9 @@ class Session(abc.ABC):
         answered, if any (a temporary failure giving `reason`)."""
         return b""
 
+    def after_reply(self) -> None:  # noqa: B027 (optional hook)
+        """The last answer went out (or could not): tidy what its request left,
+        off the client's wait (AM.PDP removes the tempdir here)."""
+
     def finish(self) -> None:  # noqa: B027 (optional hook: most protocols have nothing to add)
         """The connection is over (summary log lines)."""

@@ -101,7 +101,8 @@ class Filter:
         config = handler.config
         self.work_base = config.work_base_path
         self.forward: Forwarder = forwarder(config.forward_method, config.forward_timeout,
-                                            helo=config.hostname)
+                                            helo=config.hostname,
+                                            keep_idle=config.forward_keep_idle)
 
     def run(self, transaction: Transaction, size: int, client: dict[str, str]) -> bytes:
         log_id = self.handler.next_log_id()

@@ -27,16 +27,27 @@ _VALUE_SAFE = frozenset(range(0x21, 0x7F)) - {0x25}
 _NAME_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-def _encode(data: bytes, safe: frozenset[int]) -> bytes:
-    return b"".join(bytes((c,)) if c in safe else b"%%%02X" % c for c in data)
+def _table(safe: frozenset[int]) -> tuple[bytes, ...]:
+    """Each byte's spelling in a field: itself, or %XX."""
+    return tuple(bytes((c,)) if c in safe else b"%%%02X" % c for c in range(256))
+
+
+_VALUE_TABLE, _NAME_TABLE = _table(_VALUE_SAFE), _table(_NAME_SAFE)
+_VALUE_SAFE_BYTES, _NAME_SAFE_BYTES = bytes(sorted(_VALUE_SAFE)), bytes(sorted(_NAME_SAFE))
+
+
+def _encode(data: bytes, table: tuple[bytes, ...], safe_bytes: bytes) -> bytes:
+    if not data.translate(None, safe_bytes):  # nothing to escape: the usual case, in C
+        return data
+    return b"".join(map(table.__getitem__, data))
 
 
 def encode_name(name: str) -> bytes:
-    return _encode(name.encode("utf-8", "surrogateescape"), _NAME_SAFE)
+    return _encode(name.encode("utf-8", "surrogateescape"), _NAME_TABLE, _NAME_SAFE_BYTES)
 
 
 def encode_field(field: str) -> bytes:
-    return _encode(field.encode("utf-8", "surrogateescape"), _VALUE_SAFE)
+    return _encode(field.encode("utf-8", "surrogateescape"), _VALUE_TABLE, _VALUE_SAFE_BYTES)
 
 
 def decode_bytes(raw: bytes) -> bytes:

@@ -184,6 +184,9 @@ def test_several_requests_on_one_connection_and_server_side_tempdir_removal(daem
     assert [r.get("return_value") for r in replies] == ["continue", "reject"]
     assert replies[0].get("version_server") == "2"
     assert replies[0].fields("insheader", 3)[0][:2] == ["0", "X-Virus-Scanned"]
+    deadline = time.monotonic() + 5  # removed right after the reply went out
+    while second.parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert first.exists() and not second.parent.exists()
     assert "Queue-ID: 4XyZ1" in daemon.log_text()
 

@@ -173,7 +173,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.server.keep(message)
             self.reply(hop.data_reply)
         state["mail"], state["rcpts"], state["xforward"] = None, [], {}
-        return None
+        return False if hop.hang_up_after_message else None
 
 
 class _Server(Keeping, socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -212,7 +212,8 @@ class NextHop(ServerRig):
                  data_reply: str = "250 2.0.0 Ok: queued as HOP1",
                  greeting: str = "220 hop.test ESMTP next hop",
                  replies: dict[str, str] | None = None,
-                 drop_after: str = "", data_delay: float = 0.0):
+                 drop_after: str = "", data_delay: float = 0.0,
+                 hang_up_after_message: bool = False):
         super().__init__()
         self.lmtp = lmtp
         self.unix = unix
@@ -224,6 +225,7 @@ class NextHop(ServerRig):
         self.replies = {k.upper(): v for k, v in (replies or {}).items()}  # verb -> reply
         self.drop_after = drop_after.upper()  # a verb, or "DOT": hang up instead of answering
         self.data_delay = data_delay
+        self.hang_up_after_message = hang_up_after_message  # closes a session kept for reuse
 
     def make_server(self) -> _Server | _UnixServer:
         if not self.unix:
