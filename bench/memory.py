@@ -9,17 +9,32 @@ Two measurements, both on the real daemon over AM.PDP:
   /proc/PID/clear_refs, root only) and afterwards VmHWM - VmHWM-after-reset is that
   message's cost. The target is at most 2x the message's size whatever its
   shape, and linear time: sizes 10 KB .. 50 MB (an attachment and short text
-  lines), part counts 1 .. 1000.
+  lines), part counts 1 .. 1000; with `--shapes`, every shape of
+  tests/rigs/shapes.py (QP, uuencode, archives in attachments, a forwarded
+  message, ...) at each size.
+
+    .venv/bin/python bench/memory.py [--sizes 1,5,10,50] [--shapes all|attachment,...]
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import corpus
-from ampdp_throughput import Message, Ours
+if __name__ == "__main__":  # run alone: the bench's modules and the project's
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+import corpus  # noqa: E402
+from ampdp_throughput import Message, Ours  # noqa: E402
+
+from tests.rigs import shapes as message_shapes  # noqa: E402
+
+TARGET = 2.0  # growth / message size
 
 KIB = 1024
 
@@ -61,10 +76,15 @@ class Step:
     growth_kib: int  # peak RSS over the RSS before
     ms: float
     verdict: str
+    nominal: int = 0  # the size asked for (shapes come out a few percent off it)
 
     @property
     def ratio(self) -> float:
         return self.growth_kib * KIB / self.size
+
+    @property
+    def over(self) -> bool:
+        return self.ratio > TARGET
 
 
 def _only_worker(row: Ours) -> int:
@@ -79,7 +99,8 @@ def measure(row: Ours, shape: str, data: bytes) -> Step:
     pid = _only_worker(row)
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kib(pid, "VmHWM")
-    (job,) = row.prepare([Message(shape, data)], f"{shape}-{len(data)}")
+    tag = f"{shape}-{len(data)}".replace("/", "-").replace(" ", "-")  # a directory name
+    (job,) = row.prepare([Message(shape, data)], tag)
     started = time.perf_counter()
     try:
         verdict = row.send(job)
@@ -96,12 +117,73 @@ def measure(row: Ours, shape: str, data: bytes) -> Step:
     return Step(shape, len(data), max(0, status_kib(pid, "VmHWM") - before), ms, verdict)
 
 
-def ladder(row: Ours, sizes: list[int], parts: list[int]) -> list[Step]:
-    """Attachments and short-line texts of each size, then each part count."""
+def ladder(row: Ours, sizes: list[int], parts: list[int],
+           shapes: list[str] | None = None) -> list[Step]:
+    """Attachments and short-line texts of each size (or each of `shapes`),
+    then each part count."""
     steps = []
     for size in sizes:
-        steps.append(measure(row, "attachment", corpus.sized_attachment(size)))
-        steps.append(measure(row, "short lines", corpus.sized_text(size)))
+        if shapes is None:
+            steps.append(measure(row, "attachment", corpus.sized_attachment(size)))
+            steps.append(measure(row, "short lines", corpus.sized_text(size)))
+            continue
+        for shape in shapes:
+            step = measure(row, shape, message_shapes.SHAPES[shape](size))
+            step.nominal = size
+            steps.append(step)
     for count in parts:
         steps.append(measure(row, f"{count} parts", corpus.many_parts(count)))
     return steps
+
+
+def table(steps: list[Step]) -> list[str]:
+    """Markdown: one row a shape, growth / size at each size, over TARGET flagged."""
+    sizes = sorted({s.nominal or s.size for s in steps if not s.shape.endswith(" parts")})
+    by_shape: dict[str, dict[int, Step]] = {}
+    for step in steps:
+        by_shape.setdefault(step.shape, {})[step.nominal or step.size] = step
+    lines = ["| shape | " + " | ".join(f"~{size / 1e6:g} MB" for size in sizes) + " |",
+             "|:---|" + "---:|" * len(sizes)]
+    for shape, row in by_shape.items():
+        cells = []
+        for size in sizes:
+            step = row.get(size)
+            if step is None:
+                cells.append("")
+                continue
+            flag = " **over**" if step.over else ""
+            bad = "" if step.verdict == "continue" else f" ({step.verdict[:40]})"
+            cells.append(f"+{step.growth_kib / 1024:.1f} MiB {step.ratio:.2f}x{flag}{bad}")
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    over = [f"{s.shape} {(s.nominal or s.size) / 1e6:g} MB" for s in steps if s.over]
+    lines += ["", f"Target: growth <= {TARGET:g} x the message. Over: {', '.join(over) or 'none'}."]
+    return lines
+
+
+def main() -> int:
+    from amavisd.testing.clamd import ClamdInstance
+
+    ap = argparse.ArgumentParser(description="peak-RSS growth per message shape and size")
+    ap.add_argument("--sizes", default="1,5,10,50", help="message sizes in MB")
+    ap.add_argument("--shapes", default="all", help=f"all, or of {list(message_shapes.SHAPES)}")
+    args = ap.parse_args()
+    shapes = list(message_shapes.SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    sizes = [int(float(mb) * 1e6) for mb in args.sizes.split(",")]
+    base = Path(tempfile.mkdtemp(prefix="mem", dir="/tmp"))
+    base.chmod(0o755)
+    clamd = ClamdInstance(base / "cn", mode="nodecomp").start()
+    row = Ours(base / "one", clamd, clamd_max_stream=100 * 1024 * 1024)
+    (base / "one").mkdir()
+    try:
+        row.start(1)
+        steps = ladder(row, sizes, [], shapes)
+    finally:
+        row.stop()
+        clamd.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    print("\n".join(table(steps)))
+    return 1 if any(s.over for s in steps) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

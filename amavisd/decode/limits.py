@@ -35,6 +35,9 @@ class Limits:
     max_time: float = 60.0
     spill_threshold: int = 8 * MiB  # bigger parts go to the work dir, smaller stay in memory
     max_memory: int = 32 * MiB  # all of a message's parts held in memory; the rest spill
+    # ...and at most half the message's size (a message costs at most twice its
+    # size, however its parts nest), but never less than this for small mail
+    hold_floor: int = 1 * MiB
     tool_timeout: float = 30.0  # one external unpacker run
     tool_memory: int = 1024 * MiB  # its address space
     tool_network: str = "isolated"  # or "inherit": the host's network (external.py)
@@ -53,6 +56,10 @@ class Limits:
             tool_memory=config["tool_memory"],
             tool_network=config["tool_network"],
         )
+
+    def memory_for(self, message_size: int) -> int:
+        """Bytes of a message's decoded parts that may stay in memory."""
+        return min(self.max_memory, max(self.hold_floor, message_size // 2))
 
     def quota(self, message_size: int) -> int:
         return max(self.min_quota, self.quota_factor * message_size)

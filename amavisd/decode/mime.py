@@ -93,7 +93,8 @@ class MessageParts:
         """A child holding `head` + data[start:end]: sliced when it may stay
         in memory, else copied to its file a window at a time."""
         if self.ctx.may_hold(len(head) + end - start):
-            return self.ctx.add(parent, head + self.data[start:end], layer=layer, **fields)
+            return self.ctx.add(parent, head + window.copy(self.data, start, end), layer=layer,
+                                **fields)
         body = window.chunks(self.data, start, end)
         return add_streamed(self.ctx, parent, itertools.chain([head], body), layer, **fields)
 

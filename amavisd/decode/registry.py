@@ -10,6 +10,7 @@ scanned as it is) and never needs to catch `LimitExceeded`.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import tempfile
@@ -91,6 +92,9 @@ class Context:
         self.unchecked: list[Unchecked] = []
         self.logged_failure = False  # a decoder's traceback was logged for this message
         self.in_memory = 0  # bytes of decoded parts held in memory, not spilled
+        # what they may add up to (a big message is mapped, so what is held is
+        # most of its cost)
+        self.hold = limits.memory_for(message_size)
         self.tempbase = tempbase
         self._workdir: str | None = None
 
@@ -123,7 +127,7 @@ class Context:
         many small ones past max_memory (a bomb of small members), go to disk,
         so a worker never holds the whole expansion quota in RAM."""
         return (size <= self.limits.spill_threshold
-                and self.in_memory + size <= self.limits.max_memory)
+                and self.in_memory + size <= self.hold)
 
     def sink(self, parent: Part, layer: bool = True, **fields) -> Sink:
         """A child written chunk by chunk (decompressors): charged as it grows."""
@@ -163,7 +167,7 @@ class Sink:
         self.parent = parent
         self.layer = layer
         self.fields = fields
-        self.buffer = bytearray()
+        self.buffer = io.BytesIO()  # getvalue() hands its buffer over: no second copy
         self.file = None
         self.path: str | None = None
         self.size = 0
@@ -176,15 +180,15 @@ class Sink:
         self.ctx.budget.charge_bytes(len(chunk))
         self.size += len(chunk)
         with work_dir_io(f"cannot write {self.parent.path}'s child"):
-            if self.file is None and not self.ctx.may_hold(len(self.buffer) + len(chunk)):
+            if self.file is None and not self.ctx.may_hold(self.buffer.tell() + len(chunk)):
                 self.path = os.path.join(self.ctx.workdir(), "s" + self.ctx.numbering.next())
                 self.file = create_private(self.path)
-                self.file.write(self.buffer)
-                self.buffer = bytearray()
+                self.file.write(self.buffer.getbuffer())
+                self.buffer = io.BytesIO()
             if self.file is not None:
                 self.file.write(chunk)
             else:
-                self.buffer += chunk
+                self.buffer.write(chunk)
 
     def finish(self, truncated: bool = False) -> Part:
         child = self.parent.add(self.ctx.new_part(b"", **self.fields), layer=self.layer)
@@ -194,7 +198,7 @@ class Sink:
             child.spill_path = self.path
             child.spilled_size = self.size
         else:
-            child.data = bytes(self.buffer)
+            child.data = self.buffer.getvalue()
             self.ctx.in_memory += len(child.data)
         if truncated:
             child.flags.add("truncated")

@@ -34,10 +34,12 @@ _CLEAN_BASE64 = re.compile(rb"[A-Za-z0-9+/\r\n]*+(?:=[\r\n]*+){0,2}+")
 _BASE64_LINES = re.compile(rb"[A-Za-z0-9+/\r\n]*+")
 
 
-def decode_body(data: bytes, start: int, end: int, encoding: str,
+def decode_body(data: window.Buffer, start: int, end: int, encoding: str,
                 max_output: int) -> tuple[bytes, bool]:
     """data[start:end] decoded per `encoding` (the header's value as the
     stdlib reads it: lower-cased, not stripped): (bytes, clean)."""
+    if window.mapped(data):
+        return _decode_mapped(data, start, end, encoding, max_output)
     if encoding == "base64":
         return decode_base64(data, start, end)
     if encoding == "quoted-printable":
@@ -51,8 +53,8 @@ def decode_base64(data: bytes, start: int, end: int) -> tuple[bytes, bool]:
     """Decode without copying the body when it is clean base64; else as the
     stdlib does: the body without its line ends, padded where it lacks
     padding, non-alphabet bytes skipped, and left as it is when even that fails."""
-    if window.mapped(data):  # a mapping has no count(); the span is copied (it may be held)
-        data, start, end = data[start:end], 0, end - start
+    if window.mapped(data):  # a mapping has no count(): the span is read (it may be held)
+        data, start, end = window.copy(data, start, end), 0, end - start
     if _CLEAN_BASE64.fullmatch(data, start, end):
         digits = end - start - data.count(b"\n", start, end) - data.count(b"\r", start, end)
         if digits % 4 == 0:
@@ -83,6 +85,25 @@ def decode_uuencode(body: bytes, max_output: int) -> tuple[bytes, bool]:
         return uudecode_lines(body, max_output)[0], True
     except DecodeError:
         return body, False
+
+
+def _decode_mapped(data: window.Buffer, start: int, end: int, encoding: str,
+                   max_output: int) -> tuple[bytes, bool]:
+    """decode_body of a span of a mapping, to be held: decoded a window at a
+    time into one bytes object (the output is all it costs), or where only
+    the whole body will do (broken base64, uuencode past the budget) read
+    from the file, as decode_body reads bytes."""
+    if encoding not in ("base64", "quoted-printable") and encoding.strip() not in UUENCODE:
+        return window.copy(data, start, end), True
+    stream = stream_body(data, start, end, encoding, max_output)
+    if stream is not None:
+        try:
+            return window.gather(stream), stream.clean
+        except NotStreamable:
+            pass
+        except DecodeError:  # uuencode beyond the budget: kept as it is
+            return window.copy(data, start, end), False
+    return decode_body(window.copy(data, start, end), 0, end - start, encoding, max_output)
 
 
 class Streamed:
@@ -135,14 +156,17 @@ def _base64_windows(data: window.Buffer, start: int, end: int,
                     streamed: Streamed) -> Iterator[bytes]:
     """Clean base64 a window at a time. A window of whole quanta (the usual
     case: 76-digit lines) is decoded from a view, line ends and all, as
-    decode_base64 does; otherwise its digits are copied and the unfinished
-    quantum carried on. A last quantum left unfinished is padded, as the
-    stdlib's lenient path does (and the part flagged), unless even that fails."""
+    decode_base64 does; otherwise, and always where "=" is (without it a
+    non-strict decode of digits not in whole quanta fails, with it it may
+    not, and whether the digits come in quanta decides `clean`), its digits
+    are copied and the unfinished quantum carried on. A last quantum left
+    unfinished is padded, as the stdlib's lenient path does (and the part
+    flagged), unless even that fails."""
     view = memoryview(data)
     carry = b""
     try:
         for a, b in window.spans(data, start, end, whole_lines=False):  # one long line too
-            if not carry:
+            if not carry and data.find(b"=", a, b) < 0:  # a window with "=" is counted
                 try:
                     yield binascii.a2b_base64(view[a:b])
                     continue

@@ -15,21 +15,40 @@ What it must never do: map a file someone else may shrink while we read it
 maps only files that are ours (`private`), and copies others first.
 mmap has no `in`, `startswith` or `count` for byte strings (`in` silently
 compares single bytes): code that may get a mapping uses `find` and slices.
+
+A span that must be held whole (a part small enough to stay in memory) is
+read from the mapping's file (`copy`, pread) rather than sliced: a slice
+faults every page of the span in, so it cost twice its size at its peak
+(the copy and the mapped pages). Decoded spans are gathered into one bytes
+object as they come (`gather`), never joined from a list (twice again).
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import mmap
 import os
 import re
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 
 WINDOW = 4 * 1024 * 1024  # bytes one scan touches before the pages are dropped
-LINES = 1024 * 1024  # bytes one decoding step takes: its input and output are copies
+LINES = 256 * 1024  # bytes one decoding step takes: its input and output are copies
 MAP_ABOVE = 1024 * 1024  # smaller messages and parts are read as bytes: faster
 OVERLAP = 64 * 1024  # a heuristic match longer than this across a window edge is missed
 
 Buffer = bytes | mmap.mmap
+
+
+class Mapping(mmap.mmap):
+    """A read-only mapping that keeps its file open (`fd`, closed with it),
+    so what is copied out of it is read, not faulted in."""
+
+    fd = -1
+
+    def closing(self) -> None:
+        """Closes `fd` (map_fd sets it; once only, or at collection)."""
 
 
 def mapped(data: object) -> bool:
@@ -45,14 +64,20 @@ def release(data: object) -> None:
 def close(data: object) -> None:
     """Unmap now; a view still exported (a traceback's frame) leaves it to the GC."""
     if isinstance(data, mmap.mmap):
+        if isinstance(data, Mapping):
+            data.closing()  # its file: nothing reads it after this
         try:
             data.close()
         except BufferError:
             pass
 
 
-def map_fd(fd: int, size: int) -> mmap.mmap:
-    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+def map_fd(fd: int, size: int) -> Mapping:
+    """`fd` mapped read-only; the mapping holds a duplicate of it for `copy`."""
+    data = Mapping(fd, size, access=mmap.ACCESS_READ)
+    data.fd = os.dup(fd)
+    data.closing = weakref.finalize(data, os.close, data.fd)
+    return data
 
 
 def map_file(path: str) -> Buffer:
@@ -137,8 +162,43 @@ def spans(data: Buffer, start: int, end: int, size: int | None = None,
         start = stop
 
 
+def copy(data: Buffer, start: int, end: int) -> bytes:
+    """data[start:end] as bytes: of a mapping, read from its file (the copy
+    is the only memory it costs), else sliced."""
+    end = min(end, len(data))
+    if not isinstance(data, Mapping) or end <= start:
+        return data[start:end]
+    out = os.pread(data.fd, end - start, start)
+    if len(out) != end - start:  # a read may be short: the rest, a window at a time
+        out = gather(itertools.chain([out], _preads(data, start + len(out), end, WINDOW)))
+    return out
+
+
+def _preads(data: Mapping, start: int, end: int, size: int) -> Iterator[bytes]:
+    while start < end:
+        chunk = os.pread(data.fd, min(size, end - start), start)
+        if not chunk:
+            raise OSError(f"mapped file ends at {start}, before {end}")
+        start += len(chunk)
+        yield chunk
+
+
+def gather(chunks: Iterable[bytes]) -> bytes:
+    """The chunks as one bytes object, at the cost of the result only (a
+    BytesIO grows in place and hands its buffer over; a join or a
+    bytearray's bytes() hold the pieces and the whole at once)."""
+    out = io.BytesIO()
+    for chunk in chunks:
+        out.write(chunk)
+    return out.getvalue()
+
+
 def chunks(data: Buffer, start: int, end: int, size: int = 256 * 1024) -> Iterator[bytes]:
-    """data[start:end] as bytes of `size`, pages released every WINDOW."""
+    """data[start:end] as bytes of `size`: of a mapping, read from its file,
+    else sliced with the pages released every WINDOW."""
+    if isinstance(data, Mapping):
+        yield from _preads(data, start, end, size)
+        return
     view = memoryview(data)
     try:
         done = 0

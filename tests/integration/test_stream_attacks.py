@@ -15,22 +15,15 @@ import base64
 import pytest
 
 from amavisd.testing.eicar import EICAR
-from tests.integration.test_big_messages import (
-    BOUND_MIB,
-    HEAD,
-    SIZE,
-    MiB,
-    _attachment,
-    _noise,
-    run_child,
-)
+from tests.integration.test_big_messages import BOUND_MIB, SIZE, MiB, run_child
+from tests.rigs.shapes import HEAD, attached, noise
 
 pytestmark = pytest.mark.integration
 
 
 def one_line_base64() -> bytes:
     """A 50 MiB base64 attachment with no line end at all, EICAR at its end."""
-    return _attachment(base64.b64encode(_noise(SIZE * 3 // 4 - 64 * 1024) + EICAR), "base64")
+    return attached(base64.b64encode(noise(SIZE * 3 // 4 - 64 * 1024) + EICAR), "base64")
 
 
 def huge_header_block() -> bytes:

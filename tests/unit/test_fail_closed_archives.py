@@ -166,7 +166,8 @@ def test_a_full_disk_under_a_second_reader_is_a_tempfail(tmp_path, small_tmpfs):
     need("xz")
     data = archivers.build("xz", {"f.txt": text(4 << 20)}, tmp_path)
     bad = archivers.with_bad_check("xz", data)
-    roomy = Limits(spill_threshold=16 << 20, max_memory=64 << 20)  # in-process: in memory
+    roomy = Limits(spill_threshold=16 << 20, max_memory=64 << 20,  # in-process: in memory
+                   hold_floor=64 << 20)
     with pytest.raises(WorkDirFailed, match="xz ran out of space"):
         decompose(bad, roomy, tempbase=small_tmpfs, bare_file=True)
 

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from amavisd.decode import window
 from amavisd.decode.archives import installers, legacy
 from amavisd.decode.archives.members import clean_name
 from amavisd.decode.parts import Part
@@ -128,9 +129,9 @@ def cut_out(part: Part, ctx: Context, program: bool) -> None:
     with mapped(part) as buf:
         for found in find_embedded(buf, ctx, program):
             sink = ctx.sink(part, name=f"{base}@{found.start}.{found.ext}")
-            try:
+            try:  # read from the file, not faulted into the mapping and held there
                 for pos in range(found.start, found.end, CHUNK):
-                    sink.write(bytes(buf[pos:min(pos + CHUNK, found.end)]))
+                    sink.write(window.copy(buf, pos, min(pos + CHUNK, found.end)))
             except BaseException:
                 sink.finish(truncated=True)
                 raise
@@ -200,8 +201,11 @@ def mapped(part: Part) -> Iterator[Buffer]:
         if part.size == 0:
             yield b""
             return
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        view = window.map_fd(fh.fileno(), part.size)
+        try:
             yield view
+        finally:
+            window.close(view)
 
 
 def _u16(buf: Buffer, pos: int) -> int:
