@@ -37,7 +37,7 @@ class Limits:
     max_memory: int = 32 * MiB  # all of a message's parts held in memory; the rest spill
     # ...and at most half the message's size (a message costs at most twice its
     # size, however its parts nest), but never less than this for small mail
-    hold_floor: int = 1 * MiB
+    hold_floor: int = 256 * 1024
     tool_timeout: float = 30.0  # one external unpacker run
     tool_memory: int = 1024 * MiB  # its address space
     tool_network: str = "isolated"  # or "inherit": the host's network (external.py)
