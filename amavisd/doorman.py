@@ -41,6 +41,18 @@ doorman held at that instant. If the thread dies of a bug, the master
 starts a new one (`watch`); the connections it held are closed, their
 clients retry.
 
+Out of descriptors (EMFILE, ENFILE) or memory on accept(): a connection
+that has not spoken yet is closed to make room; with none, the listeners
+rest out of the poll for a doubling back-off (50 ms to 1 s), since a
+listener polled again at once is readable at once and the thread would
+spin. Clients wait in the kernel's backlog; what is held keeps being served;
+one log line every few seconds says how often. A hand-out that fails for
+want of kernel room (ENOBUFS, ETOOMANYREFS) keeps the connection and retries.
+On a stop, the master hangs up at once on connections still in the queue
+(`hang_up_queued`, once the workers were told to take nothing more).
+The common case costs one accept, one peek and one send_fds, in the turn
+the connection arrives in when its request is already there.
+
 What a worker is given it serves, even if it was asked to leave meanwhile:
 it only takes from the queue while it is alive and idle. Connections still
 in the queue belong to the queue (the master holds its reading end), so a
@@ -49,6 +61,7 @@ worker killed while idle loses nothing.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -56,7 +69,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import termios
@@ -64,36 +77,50 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from amavisd.listeners import AMPDP, Listener
 
 log = logging.getLogger("amavisd.doorman")
 
 
-def ampdp_request_complete(data: bytes) -> bool:
+def ampdp_request_complete(data: bytes | bytearray, end: int | None = None) -> bool:
     """An AM.PDP block ends with an empty line (CR LF or LF); empty lines
-    before the first attribute do not count (amavisd_client.wire.ampdp)."""
-    body = data.lstrip(b"\r\n")
-    return b"\n\n" in body or b"\n\r\n" in body
+    before the first attribute do not count (amavisd_client.wire.ampdp).
+    `end`: only data[:end] counts (the doorman peeks into one reused buffer)."""
+    end = len(data) if end is None else end
+    start = 0
+    while start < end and data[start] in b"\r\n":
+        start += 1
+    return data.find(b"\n\n", start, end) >= 0 or data.find(b"\n\r\n", start, end) >= 0
 
 
 # Protocols whose clients speak first, and when their first request is whole:
 # their connections wait here until then. The others are passed at once.
 REQUEST_COMPLETE = {AMPDP: ampdp_request_complete}
 PEEK_WINDOW = 64 * 1024  # a request this big is passed on as it stands
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT  # accepted sockets stay blocking: one call less
 RECHECK_FIRST, RECHECK_MAX = 0.002, 0.05  # seconds between looks at a trickling request
 ACCEPTS_PER_TURN = 64  # then the other listeners and the held connections get a look
-SUMMARY_EVERY = 5.0  # seconds between log lines about closed idle connections
+SUMMARY_EVERY = 5.0  # seconds between log lines of each kind
 MAX_WAIT = 1.0  # the loop turns at least this often (stop, new settings)
+REST_FIRST, REST_MAX = 0.05, 1.0  # seconds the listeners rest when accept() lacks resources
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# send_fds() failing for want of kernel memory or in-flight descriptor room
+# (ETOOMANYREFS: in flight past RLIMIT_NOFILE): the connection is kept, retried later.
+PASS_LATER = (errno.ENOBUFS, errno.ENOMEM, errno.ETOOMANYREFS)
+# accept(2): errors pending on the new connection (TCP), "treat them like EAGAIN".
+ACCEPT_RETRY = (errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                errno.ENETUNREACH, errno.EPERM)
+READY, PARTIAL, GONE, WAIT = "ready", "partial", "gone", "wait"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Held:
     conn: socket.socket
     index: int  # of its listener in the master's list
     deadline: float  # monotonic: closed if its request is not whole then
-    accepted: float = field(default_factory=time.monotonic)
     seen: int = 0  # bytes of a partial request at the last look
     pause: float = RECHECK_FIRST  # before the next look at a partial request
 
@@ -113,25 +140,30 @@ class Doorman:
         self.looks: list[tuple[float, int, Held]] = []  # heap: when to look at a partial
         self._order = itertools.count()
         self.ready: deque[Held] = deque()  # spoke (or server speaks first): waiting for room
-        self.selector: selectors.BaseSelector | None = None
+        self.poll: select.epoll | None = None
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.paused = False  # listeners out of the selector while at the cap
-        self.waiting_room = False  # our end of the queue in the selector: it was full
+        self.listening = False  # the listeners in the poll: not at the cap, not resting
+        self.waiting_room = False  # our end of the queue in the poll: it was full
+        self.rest_until = self.pass_after = 0.0  # monotonic: listeners / hand-out resting
+        self.rest = REST_FIRST  # the next rest, doubling while accept() keeps failing
+        self.peeked = bytearray(PEEK_WINDOW)  # one buffer for every look
+        self.peeked_size = 0  # of the last look
         self.closed_idle = self.closed_slow = self.closed_cap = 0
+        self.closed_unpassed = self.accept_failures = 0
+        self.last_error = ""  # of the failures counted above, for the summary
         self.passed = 0
-        self._last_summary = -SUMMARY_EVERY  # the first closing is logged at once
+        self._last_summary = -SUMMARY_EVERY  # the first line is logged at once
         self._wake_r, self._wake_w = os.pipe()
 
     # -- the master's side -------------------------------------------------------------
 
     def start(self) -> None:
         self.stopping = False
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        for index, listener in enumerate(self.listeners):
-            self.selector.register(listener.sock, selectors.EVENT_READ, index)
-        self.paused = self.waiting_room = False
+        self.poll = select.epoll()
+        self.poll.register(self._wake_r, select.EPOLLIN)
+        self.listening = self.waiting_room = False
+        self._listen(True)
         self.thread = threading.Thread(target=self._run, name="doorman", daemon=True)
         self.thread.start()
 
@@ -152,6 +184,15 @@ class Doorman:
     def held(self) -> int:
         return len(self.silent) + len(self.partial) + len(self.ready)
 
+    @property
+    def queued(self) -> int:
+        """Connections in the queue, passed and not yet taken by a worker
+        (one byte a hand-out: FIONREAD of a SEQPACKET socket counts them all)."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.queue, termios.FIONREAD, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            return 0
+
     def stop(self) -> None:
         """Stop accepting; hang up on what we hold (never given to a worker, so
         never answered: their clients retry). The queue stays open for the
@@ -161,6 +202,26 @@ class Doorman:
             os.write(self._wake_w, b"x")
             self.thread.join(5.0)
         self._drop_all()
+
+    def hang_up_queued(self) -> int:
+        """Once the workers were told to leave (they take nothing more): close
+        the connections still in the queue at once, so their clients tempfail
+        now rather than after graceful_timeout. How many there were."""
+        count = 0
+        while True:
+            try:
+                _, fds = recv_fds_nowait(self.queue, 16, 1)
+            except OSError:  # BlockingIOError: empty
+                break
+            if not fds:
+                break
+            for fd in fds:
+                os.close(fd)
+            count += 1
+        if count:
+            log.warning("stopping: hung up on %d connection(s) no worker took "
+                        "(their clients retry)", count)
+        return count
 
     def close(self) -> None:
         self.send.close()
@@ -177,14 +238,14 @@ class Doorman:
             yield
 
     def forget_in_child(self) -> None:
-        """In a new worker: the held connections, the selector and our end of
-        the queue are the master's (a copy here would keep a connection open
-        after the doorman hangs up, or the queue open after the master died)."""
+        """In a new worker: the held connections, the poll and our end of the
+        queue are the master's (a copy here would keep a connection open after
+        the doorman hangs up, or the queue open after the master died)."""
         for held in [*self.silent.values(), *self.partial.values(), *self.ready]:
             held.conn.close()
         self.silent, self.partial, self.ready, self.looks = {}, {}, deque(), []
-        if self.selector is not None:
-            self.selector.close()
+        if self.poll is not None:
+            self.poll.close()
         self.send.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
@@ -192,24 +253,28 @@ class Doorman:
     # -- the thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        by_fd = {listener.sock.fileno(): index for index, listener in enumerate(self.listeners)}
+        wake = self._wake_r
         try:
             while not self.stopping:
-                events = self.selector.select(self._timeout())
+                events = self.poll.poll(self._timeout())
                 with self.lock:
                     if self.stopping:
                         return
-                    for key, _ in events:
-                        if key.fileobj == self._wake_r:
-                            os.read(self._wake_r, 512)
-                        elif key.fileobj is self.send:
-                            pass  # room in the queue: _pass_ready below
-                        elif isinstance(key.data, Held):
-                            self._spoke(key.data)
-                        else:
-                            self._accept(key.data)
-                    self._look_again()
-                    self._pass_ready()
-                    expired = self._expire()
+                    for fd, _ in events:
+                        if fd in by_fd:
+                            self._accept(by_fd[fd])
+                        elif (held := self.silent.get(fd)) is not None:
+                            self._spoke(held)
+                        elif fd == wake:
+                            os.read(wake, 512)
+                        # send: room in the queue again, _pass_ready below
+                    if self.looks:
+                        self._look_again()
+                    if self.ready:
+                        self._pass_ready()
+                    self._listen(self._room() and time.monotonic() >= self.rest_until)
+                    expired = self._expire() if self.silent or self.partial else ()
                     self._summarise()  # before the hang-up: a client reading the log finds it
                     for held in expired:
                         held.conn.close()
@@ -220,100 +285,113 @@ class Doorman:
         due = [held.deadline for held in (_oldest(self.silent), _oldest(self.partial)) if held]
         if self.looks:
             due.append(self.looks[0][0])
+        if not self.listening and self.rest_until:
+            due.append(self.rest_until)
+        if self.ready and not self.waiting_room:
+            due.append(self.pass_after)
         if not due:
             return MAX_WAIT
         return max(0.0, min(MAX_WAIT, min(due) - time.monotonic()))
 
     def _accept(self, index: int) -> None:
-        listener = self.listeners[index]
+        """The fast path: accepted, the request is here already, the queue has
+        room: one peek and one send_fds, nothing held, nothing polled."""
+        sock = self.listeners[index].sock
+        complete = REQUEST_COMPLETE.get(self.listeners[index].protocol)
         for _ in range(ACCEPTS_PER_TURN):
             if not self._room():
                 return
             try:
-                conn, _ = listener.sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("doorman: cannot accept on %s: %s", listener.protocol,
-                              err.strerror)
-                    self._drop_oldest()
-                    return
-                raise
-            conn.setblocking(False)
-            now = time.monotonic()
-            held = Held(conn, index, now + self.idle_timeout, now)
-            if listener.protocol not in REQUEST_COMPLETE:
-                self.ready.append(held)
+                if err.errno in ACCEPT_RETRY:
+                    continue  # that connection's own error (accept(2)): the next one
+                if err.errno not in OUT_OF_RESOURCES:
+                    raise
+                self._out_of_resources(err)
+                return
+            self.rest = REST_FIRST
+            verdict = self._look(conn, complete) if complete else READY
+            if verdict is READY and not self.ready and self._hand(conn, index):
+                continue
+            held = Held(conn, index, time.monotonic() + self.idle_timeout,
+                        self.peeked_size if verdict is PARTIAL else 0)
+            if verdict is WAIT:
+                self.silent[conn.fileno()] = held
+                self.poll.register(conn, select.EPOLLIN)
             else:
-                self._first_look(held)
+                self._settle(held, verdict)
             while self.held > self.cap and (self.silent or self.partial):
                 self._drop_oldest()  # the oldest silent (or trickling) one makes room
+
+    def _out_of_resources(self, err: OSError) -> None:
+        """accept() failed for want of descriptors or memory. A connection of
+        ours that has not spoken makes room; with none, the listeners rest
+        (out of the poll, a doubling back-off): polled at once, they would
+        be readable at once, and the thread would spin."""
+        self.accept_failures += 1
+        self.last_error = err.strerror or str(err)
+        if self.silent or self.partial:
+            self._drop_oldest()
+            return
+        self.rest_until = time.monotonic() + self.rest
+        self.rest = min(REST_MAX, self.rest * 2)
+        self._listen(False)
 
     def _room(self) -> bool:
         """Whether one more connection may be taken: at the cap, only if a
         silent one can make room; with none silent, the listeners rest (the
         kernel's backlog holds new clients) until the workers take some."""
-        if self.held < self.cap or self.silent or self.partial:
-            self._resume()
-            return True
-        self._pause()
-        return False
+        return self.held < self.cap or bool(self.silent or self.partial)
 
-    def _pause(self) -> None:
-        if not self.paused:
-            for listener in self.listeners:
-                self.selector.unregister(listener.sock)
-            self.paused = True
-
-    def _resume(self) -> None:
-        if self.paused:
-            for index, listener in enumerate(self.listeners):
-                self.selector.register(listener.sock, selectors.EVENT_READ, index)
-            self.paused = False
-
-    def _first_look(self, held: Held) -> None:
-        """Just accepted: the request is often here already (no turn of the
-        loop lost on it); if not, wait for its first bytes in the selector."""
-        verdict = self._look(held)
-        if verdict == "wait":
-            self.silent[held.conn.fileno()] = held
-            self.selector.register(held.conn, selectors.EVENT_READ, held)
-        else:
-            self._settle(held, verdict)
+    def _listen(self, on: bool) -> None:
+        if on == self.listening:
+            return
+        for listener in self.listeners:
+            if on:
+                self.poll.register(listener.sock, select.EPOLLIN)
+            else:
+                self.poll.unregister(listener.sock)
+        self.listening = on
+        if on:
+            self.rest_until = 0.0
 
     def _spoke(self, held: Held) -> None:
-        """Readable at last: out of the selector; passed on, closed (end of file
+        """Readable at last: out of the poll; passed on, closed (end of file
         before a word), or watched until its request is whole."""
-        verdict = self._look(held)
-        if verdict == "wait":
+        verdict = self._look(held.conn, REQUEST_COMPLETE[self.listeners[held.index].protocol],
+                             held)
+        if verdict is WAIT:
             return
-        self.silent.pop(held.conn.fileno(), None)
-        self.selector.unregister(held.conn)
+        del self.silent[held.conn.fileno()]
+        self.poll.unregister(held.conn)
         self._settle(held, verdict)
 
-    def _look(self, held: Held) -> str:
-        """"ready" (a whole request, or PEEK_WINDOW of one), "partial", "gone"
-        (end of file or an error before a whole request), or "wait" (nothing)."""
+    def _look(self, conn: socket.socket, complete, held: Held | None = None) -> str:
+        """READY (a whole request, or PEEK_WINDOW of one), PARTIAL, GONE (end
+        of file or an error before a whole request), or WAIT (nothing yet)."""
         try:
-            data = held.conn.recv(PEEK_WINDOW, socket.MSG_PEEK)
+            size = conn.recv_into(self.peeked, PEEK_WINDOW, PEEK)
         except (BlockingIOError, InterruptedError):
-            return "wait"
+            return WAIT
         except OSError:
-            return "gone"
-        if not data:
-            return "gone"
-        complete = REQUEST_COMPLETE[self.listeners[held.index].protocol]
-        if len(data) >= PEEK_WINDOW or complete(data):
-            return "ready"
-        held.seen = len(data)
-        return "partial"
+            return GONE
+        if not size:
+            return GONE
+        self.peeked_size = size
+        if size >= PEEK_WINDOW or complete(self.peeked, size):
+            return READY
+        if held is not None:
+            held.seen = size
+        return PARTIAL
 
     def _settle(self, held: Held, verdict: str) -> None:
-        """Out of the selector: to the workers, to the trickling, or closed."""
-        if verdict == "ready":
+        """Out of the poll: to the workers, to the trickling, or closed."""
+        if verdict is READY:
             self.ready.append(held)
-        elif verdict == "partial":
+        elif verdict is PARTIAL:
             held.deadline = time.monotonic() + self.request_timeout
             self.partial[held.conn.fileno()] = held
             self._look_later(held)
@@ -337,49 +415,65 @@ class Doorman:
                 waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
             except OSError:
                 waiting = -1
-            verdict = self._look(held) if waiting != held.seen else "partial"
-            if verdict in ("partial", "wait"):
+            verdict = PARTIAL
+            if waiting != held.seen:
+                verdict = self._look(held.conn,
+                                     REQUEST_COMPLETE[self.listeners[held.index].protocol], held)
+            if verdict in (PARTIAL, WAIT):
                 self._look_later(held)
                 continue
             del self.partial[fd]
             self._settle(held, verdict)
 
     def _unhold(self, held: Held) -> None:
-        """Out of the selector (or the partial list) before its descriptor is
+        """Out of the poll (or the partial list) before its descriptor is
         closed or passed on."""
         if self.partial.pop(held.conn.fileno(), None) is None:
             self.silent.pop(held.conn.fileno(), None)
-            self.selector.unregister(held.conn)
+            self.poll.unregister(held.conn)
+
+    def _hand(self, conn: socket.socket, index: int) -> bool:
+        """Into the queue (it holds the connection then) or closed on an error
+        that waiting would not cure: True. False: no room now (the queue is
+        full, or the kernel lacks memory or in-flight room): keep it, retry."""
+        try:  # not socket.send_fds: CPython 3.11's drops its flags, and a full queue blocked
+            self.send.sendmsg([bytes((index,))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   struct.pack("i", conn.fileno()))],
+                              socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            self._want_room(True)
+            return False
+        except OSError as err:
+            self.last_error = err.strerror or str(err)
+            if err.errno in PASS_LATER:
+                self.pass_after = time.monotonic() + REST_FIRST
+                return False
+            self.closed_unpassed += 1  # never silently: logged; the client sees end of file
+        else:
+            self.passed += 1
+        conn.close()
+        return True
 
     def _pass_ready(self) -> None:
+        if time.monotonic() < self.pass_after:
+            return
         while self.ready:
             held = self.ready[0]
-            try:
-                socket.send_fds(self.send, [bytes((held.index,))], [held.conn.fileno()],
-                                socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                self._want_room(True)
+            if not self._hand(held.conn, held.index):
                 return
-            except OSError as err:  # never silently: the client sees the hang-up and retries
-                log.error("doorman: cannot pass a connection to the workers: %s",
-                          err.strerror)
             self.ready.popleft()
-            held.conn.close()  # the queue holds it now
-            self.passed += 1
         self._want_room(False)
-        if self.held < self.cap:
-            self._resume()
 
     def _want_room(self, waiting: bool) -> None:
         """Wake when the queue has room again (workers all busy meanwhile)."""
         if waiting and not self.waiting_room:
-            self.selector.register(self.send, selectors.EVENT_WRITE, None)
+            self.poll.register(self.send, select.EPOLLOUT)
         elif not waiting and self.waiting_room:
-            self.selector.unregister(self.send)
+            self.poll.unregister(self.send)
         self.waiting_room = waiting
 
     def _expire(self) -> list[Held]:
-        """Those past their deadline, out of the selector; the caller closes them."""
+        """Those past their deadline, out of the poll; the caller closes them."""
         now, expired = time.monotonic(), []
         for waiting, counter in ((self.silent, "closed_idle"), (self.partial, "closed_slow")):
             while waiting and _oldest(waiting).deadline <= now:
@@ -398,11 +492,12 @@ class Doorman:
 
     def _summarise(self) -> None:
         """At most one line of each kind every few seconds, not one a
-        connection: a flood of silent connections must not flood the log.
+        connection: a flood must not flood the log.
         (Only AM.PDP connections are held: REQUEST_COMPLETE.)"""
         now = time.monotonic()
         if now - self._last_summary < SUMMARY_EVERY or not (
-                self.closed_idle or self.closed_slow or self.closed_cap):
+                self.closed_idle or self.closed_slow or self.closed_cap
+                or self.accept_failures or self.closed_unpassed):
             return
         if self.closed_idle:
             log.info("AM.PDP client idle for client_idle_timeout (%gs): doorman closed %d "
@@ -411,16 +506,25 @@ class Doorman:
             log.warning("AM.PDP request not complete within request_timeout (%gs): doorman "
                         "closed %d connection(s)", self.request_timeout, self.closed_slow)
         if self.closed_cap:
-            log.warning("max_pending_connections (%d) reached: doorman closed the %d oldest "
-                        "waiting connection(s)", self.cap, self.closed_cap)
+            log.warning("max_pending_connections (%d) reached, or descriptors ran out: "
+                        "doorman closed the %d oldest waiting connection(s)",
+                        self.cap, self.closed_cap)
+        if self.accept_failures:
+            log.error("doorman: cannot accept (%s) %d time(s); the listeners rest up to "
+                      "%gs at a time, clients wait in the backlog", self.last_error,
+                      self.accept_failures, REST_MAX)
+        if self.closed_unpassed:
+            log.error("doorman: cannot pass %d connection(s) to the workers (%s): closed, "
+                      "their clients retry", self.closed_unpassed, self.last_error)
         self.closed_idle = self.closed_slow = self.closed_cap = 0
+        self.accept_failures = self.closed_unpassed = 0
         self._last_summary = now
 
     def _drop_all(self) -> None:
         with self.lock:
-            if self.selector is not None:
-                self.selector.close()
-                self.selector = None
+            if self.poll is not None:
+                self.poll.close()
+                self.poll = None
             for held in [*self.silent.values(), *self.partial.values(), *self.ready]:
                 held.conn.close()
             self.silent, self.partial, self.ready, self.looks = {}, {}, deque(), []
@@ -428,3 +532,18 @@ class Doorman:
 
 def _oldest(held: dict[int, Held]) -> Held | None:
     return next(iter(held.values()), None)
+
+
+def recv_fds_nowait(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """socket.recv_fds with MSG_DONTWAIT, which socket.recv_fds (CPython 3.11)
+    accepts and never passes on to recvmsg: a worker that lost the race for a
+    connection then blocked on the queue, its heartbeat still, until the next
+    connection came, and was aborted as stuck after child_timeout (deaf to
+    TERM meanwhile). BlockingIOError when the queue is empty."""
+    fds = array.array("i")
+    data, ancillary, _, _ = sock.recvmsg(size, socket.CMSG_LEN(maxfds * fds.itemsize),
+                                         socket.MSG_DONTWAIT)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)

@@ -444,6 +444,7 @@ class Arbiter:
             if worker.state in COUNTED:
                 transition(worker, WorkerState.STOPPING, "master stopping")
         self.signal_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
+        self.doorman.hang_up_queued()  # no worker takes them now: their clients retry
         deadline = time.monotonic() + (self.config.graceful_timeout if graceful else 2.0)
         while self.workers and time.monotonic() < deadline:
             try:

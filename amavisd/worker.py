@@ -42,6 +42,7 @@ import stat
 from amavisd import failures, logs, metrics, wakeup
 from amavisd.actions import smtpout
 from amavisd.config import Config
+from amavisd.doorman import recv_fds_nowait
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import Listener, describe
@@ -206,7 +207,7 @@ class Worker:
         end) is gone. MSG_DONTWAIT, not O_NONBLOCK: the queue's file flags are
         shared with the master and every other worker."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.queue, 16, 1, socket.MSG_DONTWAIT)
+            data, fds = recv_fds_nowait(self.queue, 16, 1)
         except (BlockingIOError, InterruptedError):
             return None
         if not fds:

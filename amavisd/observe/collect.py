@@ -185,6 +185,9 @@ class Scrape:
             yield GaugeMetricFamily("amavisd_pending_connections", "Connections the doorman "
                                     "holds until their first request is whole.",
                                     value=doorman.held)
+            yield GaugeMetricFamily("amavisd_queued_connections", "Connections whose first "
+                                    "request is whole, waiting in the queue for an idle worker.",
+                                    value=doorman.queued)
         yield CounterMetricFamily("amavisd_workers_folded", "Dead workers whose counts were "
                                   "folded into the archive since start.",
                                   value=self.store.folded)

@@ -80,6 +80,16 @@ def test_ampdp_discard_must_be_kept_and_continue_is_never_for_a_virus(tmp_path):
         ledger.check(sink=None, quarantine=tmp_path)
 
 
+def test_a_message_file_without_its_sidecar_is_not_kept(tmp_path):
+    """What a failed store leaves when its cleanup cannot unlink either."""
+    ledger = ledger_of("passed", "discarded")
+    (tmp_path / f"virus-{ledger.mails[1].mid[:8]}").write_bytes(ledger.mails[1].data)
+    with pytest.raises(AssertionError, match="discarded but not in the quarantine"):
+        ledger.check(sink=None, quarantine=tmp_path)
+    keep(tmp_path, ledger.mails[1])
+    assert ledger.check(sink=None, quarantine=tmp_path).quarantined == 1
+
+
 def test_reply_codes():
     assert [outcome_of_code(c) for c in (250, 451, 554, 0, 421)] == [
         "passed", "tempfail", "rejected", "tempfail", "tempfail"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import time
 from contextlib import ExitStack
@@ -143,3 +144,31 @@ def test_master_sigkill_while_a_worker_is_held_mid_scan(short_tmp, clamd_nodecom
         assert not any(alive(pid) for pid in workers)
         report(f"master SIGKILL while a worker is held mid-scan, restart at once [{ingress}]",
                counts)
+
+
+def test_a_worker_that_loses_the_race_for_a_connection_does_not_block_on_the_queue():
+    """No daemon: the doorman's queue (SEQPACKET) with two idle workers on it.
+    Both wake for one connection; the one that finds it gone must come back at
+    once to touch its heartbeat. socket.recv_fds (CPython 3.11) drops its
+    MSG_DONTWAIT, and the loser blocked until the next connection: aborted as
+    stuck after child_timeout on a quiet server (test_faults_clock caught it)."""
+    from amavisd.doorman import recv_fds_nowait
+
+    send, queue = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    passed, _ = socket.socketpair()
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on an empty queue"))
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        socket.send_fds(send, [b"\x00"], [passed.fileno()])
+        data, fds = recv_fds_nowait(queue, 16, 1)  # the winner
+        assert data == b"\x00" and len(fds) == 1
+        os.close(fds[0])
+        with pytest.raises(BlockingIOError):
+            recv_fds_nowait(queue, 16, 1)  # the loser: at once
+        send.close()
+        assert recv_fds_nowait(queue, 16, 1) == (b"", [])  # the master is gone: EOF
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for sock in (send, queue, passed):
+            sock.close()

@@ -7,6 +7,9 @@
 - The milter ingress: a worker SIGKILLed mid-scan and clamd killed
   mid-stream: the milter tempfails (Postfix's smtpd answers 4xx and keeps
   nothing); resent, each message ends once.
+- clamd hung (SIGSTOP) under the milter, Postfix set to accept on milter
+  failure: the daemon's clamd_timeout or the milter's own daemon_timeout
+  answers 4xx first; nothing is accepted unscanned.
 
 Real Postfix (tests/rigs/postfix.py), daemon, milter and clamd; counted by
 the ledger (tests/rigs/ledger.py) at the SMTP client, the sink, the
@@ -16,7 +19,9 @@ quarantine and Postfix's queue.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 from contextlib import ExitStack
 
 import pytest
@@ -124,3 +129,55 @@ def test_milter_clamd_killed_mid_stream(short_tmp, own_clamd, postfix_factory): 
         counts = milter_check(stack, ledger, allow_tempfail=False)
         assert counts.resent == tempfailed
         report("clamd SIGKILL mid-stream [milter via Postfix]", counts)
+
+
+# Postfix told to ACCEPT when the milter fails or is too slow (the rig and
+# etc/postfix/main.cf.milter ship tempfail): a Postfix timeout then shows as
+# mail at the sink without X-Virus-Scanned, which the ledger refuses, instead
+# of hiding behind a 4xx of its own. Its content timeout (10 s) is longer
+# than whichever of ours answers; the milter's keep-alives (every 1 s) would
+# restart it anyway.
+ACCEPTING = {"milter_default_action": "accept", "milter_content_timeout": "10s",
+             "milter_command_timeout": "10s"}
+POSTFIX_GAVE_UP = re.compile(r"milter .*(timeout|timed out)|default_action|"
+                             r"milter-reject: END-OF-MESSAGE.*accept", re.I)
+HUNG_WHO_ANSWERS = {
+    # the daemon's clamd_timeout (2 s) tempfails each message; the milter relays it
+    "daemon": {"clamd_timeout": 2.0, "milter_daemon_timeout": 30.0},
+    # the daemon waits (clamd_timeout 60 s); the milter's own timeout (3 s) answers 4xx
+    "milter": {"clamd_timeout": 60.0, "milter_daemon_timeout": 3.0},
+}
+
+
+@pytest.mark.parametrize("answers", HUNG_WHO_ANSWERS)
+def test_milter_clamd_hung_every_message_4xx_never_accepted_unscanned(
+        short_tmp, own_clamd, postfix_factory, answers):  # noqa: F811
+    """clamd SIGSTOPped while Postfix delivers through the milter: each message
+    is told 4xx (by the daemon's clamd_timeout or by the milter's own timeout)
+    before Postfix's milter timeouts could apply default_action = accept;
+    after SIGCONT the resent ones end with a verdict, each once."""
+    settings = HUNG_WHO_ANSWERS[answers] | {"milter_progress_interval": 1.0}
+    with milter_stack(short_tmp, postfix_factory, own_clamd.address, settings,
+                      **ACCEPTING) as stack:
+        started = time.monotonic()
+        ledger, send = milter_ledger(stack, batch(8, f"mch-{answers}"),
+                                     lambda: os.kill(own_clamd.pid, signal.SIGSTOP), 2)
+        took = time.monotonic() - started
+        tempfailed = len(ledger.tempfailed())
+        assert tempfailed >= 4, ledger.told
+        assert all(said.startswith("4") for m in ledger.tempfailed()  # told, not dropped
+                   for _, said in ledger.told[m.mid]), ledger.told
+        milter_check(stack, ledger)  # nothing at the sink unscanned, nothing blocked passed
+        assert took < 45, took  # bounded by our timeouts, not by clamd
+        os.kill(own_clamd.pid, signal.SIGCONT)
+        ledger.resend(send)
+        counts = milter_check(stack, ledger, allow_tempfail=False)
+        assert counts.resent == tempfailed
+        gave_up = [line for line in stack.mta.log_text().splitlines()
+                   if POSTFIX_GAVE_UP.search(line)]
+        assert not gave_up, gave_up
+        who, said = ((stack.milter, "no verdict from amavisd within 3s") if answers == "milter"
+                     else (stack.daemon, "no answer within 2s"))
+        assert said in who.log_text(), who.log_text()[-3000:]
+        report(f"clamd hung (SIGSTOP), {answers} answers 4xx [milter via Postfix, "
+               f"default_action accept]", counts)

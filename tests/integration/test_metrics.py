@@ -165,6 +165,9 @@ def test_amavisd_status_shows_the_worker_busy_on_a_slow_message(short_tmp, clamd
         assert report["messages"] == {"CLEAN": 1}
         _, text = get(address, "/metrics")
         assert total(text, "amavisd_workers", state="busy") == 0
+        # the doorman's two gauges: held until whole, then queued for a worker
+        assert "\namavisd_pending_connections 0.0" in text
+        assert "\namavisd_queued_connections 0.0" in text
     finally:
         proxy.stall = False
         daemon.stop()

@@ -258,12 +258,16 @@ class Ledger:
 
 
 def quarantined_ids(directory: str | Path | None) -> list[str]:
-    """Message-IDs of the mail kept in a file quarantine (sidecars skipped)."""
+    """Message-IDs of the mail kept in a file quarantine: entries whose sidecar
+    is there, as `amavisd quarantine` lists them. A message file without one
+    is a store that failed (its cleanup could not unlink it either, say in a
+    dir made unwritable): not kept, since nobody can list or release it."""
     if directory is None or not Path(directory).is_dir():
         return []
     found = []
     for path in Path(directory).iterdir():
-        if path.name.endswith(".json") or not path.is_file():
+        sidecar = path.with_name(path.name.removesuffix(".gz") + ".json")
+        if path.name.endswith(".json") or not path.is_file() or not sidecar.exists():
             continue
         data = path.read_bytes()
         if path.name.endswith(".gz"):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from amavisd.doorman import Doorman
+from amavisd.doorman import Doorman, recv_fds_nowait
 from amavisd.listeners import AMPDP, Listener
 
 
@@ -45,7 +45,10 @@ def take(doorman: Doorman, timeout: float) -> tuple[int, socket.socket] | None:
     ready, _, _ = select.select([doorman.queue], [], [], timeout)
     if not ready:
         return None
-    data, fds, _, _ = socket.recv_fds(doorman.queue, 16, 1, socket.MSG_DONTWAIT)
+    try:
+        data, fds = recv_fds_nowait(doorman.queue, 16, 1)
+    except BlockingIOError:  # another taker was quicker
+        return None
     return data[0], socket.socket(fileno=fds[0])
 
 
@@ -177,3 +180,79 @@ def test_when_an_ampdp_request_is_whole(data, whole):
     from amavisd.doorman import ampdp_request_complete
 
     assert ampdp_request_complete(data) is whole
+
+
+def test_a_full_queue_never_blocks_the_doorman(tmp_path):
+    """More whole requests than the queue holds (its send buffer: about 280
+    hand-outs) while no worker takes any: the doorman must keep its lock free
+    (the master forks under it) and keep the rest, passing them all once the
+    workers take again. (Python 3.11's send_fds ignores its flags:
+    a blocking send here froze the doorman and, at the next fork, the master.)"""
+    listener = Listener(listening(tmp_path / "a.sock"), AMPDP)
+    listener.sock.listen(512)
+    doorman = Doorman([listener], idle_timeout=30.0, cap=512)
+    doorman.start()
+    clients = []
+    try:
+        for n in range(320):
+            sock = connect(str(tmp_path / "a.sock"))
+            sock.sendall(b"request=AM.PDP\nn=%d\n\n" % n)
+            clients.append(sock)
+        time.sleep(0.5)
+        assert doorman.lock.acquire(timeout=2.0), "the doorman is blocked holding its lock"
+        doorman.lock.release()
+        assert doorman.held > 0  # what the queue could not take is kept, not closed
+        assert doorman.queued + doorman.held == 320  # the queue's depth is seen too
+        order = []
+        while (got := take(doorman, 2.0)) is not None:
+            order.append(int(got[1].recv(100, socket.MSG_PEEK).split(b"n=")[1].split(b"\n")[0]))
+            got[1].close()
+        # every one, once (the order is that of whole requests, not of connects)
+        assert sorted(order) == list(range(320))
+        assert doorman.held == 0
+    finally:
+        while take(doorman, 0.5) is not None:  # a blocked doorman gets going again
+            pass
+        for sock in clients:
+            sock.close()
+        doorman.stop()
+        doorman.close()
+        listener.close()
+
+
+
+def test_the_passed_connection_keeps_the_clients_credentials_and_door(short_tmp):
+    """What the worker checks (SO_PEERCRED for the files a request names,
+    getsockname for interface_policy) is the connection's own: unchanged by
+    the hand-over. The client is a child under another uid."""
+    import struct
+
+    from amavisd.policy.banks import listener_keys
+
+    listener = Listener(listening(short_tmp / "a.sock"), AMPDP)
+    os.chmod(short_tmp / "a.sock", 0o777)
+    doorman = Doorman([listener], idle_timeout=5.0, cap=8)
+    doorman.start()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = connect(str(short_tmp / "a.sock"))
+            sock.sendall(b"request=AM.PDP\n\n")
+            sock.recv(10)
+        finally:
+            os._exit(0)
+    try:
+        index, conn = take(doorman, 3.0)
+        _, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          12))
+        assert (uid, gid) == (65534, 65534)
+        assert listener_keys(conn) == ("SOCK", str(short_tmp / "a.sock"))
+        conn.sendall(b"ok")
+        conn.close()
+    finally:
+        os.waitpid(pid, 0)
+        doorman.stop()
+        doorman.close()
+        listener.close()

@@ -1,0 +1,259 @@
+"""The doorman under attack, in a real daemon: descriptors run out, floods, a stop.
+
+What a postmaster needs: no message lost (every client gets a reply, or
+end-of-file it tempfails on, never a hang), no master spinning or flooding
+the log, no descriptor leaked by the master. Figures are printed (-s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from amavisd.testing.messages import clean_message
+from amavisd_client.wire.ampdp import Decoder, encode_block
+from tests.rigs.daemon import DaemonInstance
+
+pytestmark = pytest.mark.integration
+
+TICK = os.sysconf("SC_CLK_TCK")
+CLEAN = "continue"  # return_value for a clean message, delivery_care_of client
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included, its children not)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def open_fds(pid: int) -> set[int]:
+    return {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def spool(daemon: DaemonInstance, name: str) -> Path:
+    job = Path(daemon.tempbase) / name
+    job.mkdir(mode=0o750)
+    (job / "email.txt").write_bytes(clean_message())
+    return job
+
+
+def block(job: Path) -> bytes:
+    """The AM.PDP request for a spooled message."""
+    return encode_block([
+        ("request", "AM.PDP"), ("tempdir", str(job)), ("tempdir_removed_by", "server"),
+        ("mail_file", str(job / "email.txt")), ("sender", "<a@example.test>"),
+        ("recipient", "<b@example.test>"), ("delivery_care_of", "client")])
+
+
+def request(socket_path: str, job: Path, timeout: float = 30.0) -> str | None:
+    """One raw AM.PDP request: its return_value, None if the server hung up
+    first (a real client tempfails then), or raises on a hang (timeout)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(block(job))
+        decoder = Decoder()
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            for reply in decoder.feed(data):
+                return reply.get("return_value")
+
+
+class Clients:
+    """`count` requests in threads, each on its own connection."""
+
+    def __init__(self, daemon: DaemonInstance, count: int, tag: str, timeout: float = 30.0):
+        self.results: list[str | None | Exception] = [None] * count
+        self.done: list[float] = [0.0] * count
+        jobs = [spool(daemon, f"{tag}-{n}") for n in range(count)]
+        self.threads = [threading.Thread(target=self._one, args=(n, daemon.socket_path, job,
+                                                                 timeout))
+                        for n, job in enumerate(jobs)]
+        for thread in self.threads:
+            thread.start()
+
+    def _one(self, n: int, path: str, job: Path, timeout: float) -> None:
+        try:
+            self.results[n] = request(path, job, timeout)
+        except Exception as err:  # noqa: BLE001 - reported by the test
+            self.results[n] = err
+        self.done[n] = time.monotonic()
+
+    def join(self, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "a client hangs"
+        return self.results
+
+
+@pytest.fixture
+def daemon(short_tmp, clamd_nodecomp):
+    instance = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                              max_requests=0)
+    instance.start()
+    instance.wait_for_workers(1)
+    yield instance
+    instance.stop()
+
+
+def settled_fds(pid: int, expected: set[int], seconds: float = 5.0) -> set[int]:
+    """The master's descriptors once what it held is gone (or after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while (now := open_fds(pid)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+def test_out_of_descriptors_the_doorman_rests_instead_of_spinning(daemon):
+    """EMFILE on accept with nothing of ours to close: the listeners are left
+    alone for a back-off (not polled at once again), one log line now and then,
+    and every client waiting in the backlog is served once descriptors free up."""
+    master = daemon.pid
+    assert request(daemon.socket_path, spool(daemon, "warm")) == CLEAN
+    before = settled_fds(master, open_fds(master))
+    lowest_free = min(set(range(len(before) + 1)) - before)
+    soft, hard = resource.prlimit(master, resource.RLIMIT_NOFILE)
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        clients = Clients(daemon, 12, "emfile")
+        time.sleep(0.5)  # all in the backlog: accept() fails for each
+        cpu = cpu_seconds(master)
+        time.sleep(3.0)
+        spent = cpu_seconds(master) - cpu
+    finally:
+        resource.prlimit(master, resource.RLIMIT_NOFILE, (soft, hard))
+    restored = time.monotonic()
+    results = clients.join(30)
+    waited = max(clients.done) - restored
+    log = daemon.log_text()
+    lines = log.count("cannot accept")
+    print(f"\nEMFILE for 3 s, 12 clients in the backlog: master CPU {spent:.2f} s, "
+          f"{lines} log line(s); all served {waited:.2f} s after the limit was restored")
+    assert results == [CLEAN] * 12, results  # none lost
+    assert spent < 0.3, f"the master spun: {spent:.2f} CPU seconds in 3 s"
+    assert 1 <= lines <= 3, lines
+    assert "Too many open files" in log
+    assert settled_fds(master, before) == before  # no descriptor leaked
+
+
+def test_a_flood_leaks_no_descriptor_in_the_master(short_tmp, clamd_nodecomp):
+    """Silent, trickling, half-closed and vanishing connections past the cap:
+    once they are gone, the master holds exactly what it held before."""
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                            max_pending_connections=16, client_idle_timeout=1.0,
+                            request_timeout=1.0)
+    daemon.start()
+    try:
+        daemon.wait_for_workers(1)
+        master = daemon.pid
+        assert request(daemon.socket_path, spool(daemon, "warm")) == CLEAN
+        before = settled_fds(master, open_fds(master))
+        socks = []
+        for n in range(60):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(daemon.socket_path)
+            kind = n % 4
+            if kind == 1:
+                sock.send(b"request=AM.PDP\r\n")  # trickling: never whole
+            elif kind == 2:
+                sock.send(b"request=AM.PDP\r\n")
+                sock.shutdown(socket.SHUT_WR)  # half-closed mid-request
+            elif kind == 3:
+                sock.close()  # gone before a word
+                continue
+            socks.append(sock)
+        time.sleep(0.3)
+        assert len(open_fds(master) - before) <= 16  # the cap holds
+        for sock in socks:
+            sock.close()
+        assert request(daemon.socket_path, spool(daemon, "after")) == CLEAN
+        assert settled_fds(master, before) == before
+    finally:
+        daemon.stop()
+
+
+def test_recycled_workers_lose_no_queued_connection(short_tmp, clamd_nodecomp):
+    """max_requests 1: every worker leaves after one message while others
+    wait in the queue; each client gets its reply from the next worker."""
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                            max_requests=1, max_requests_jitter=0)
+    daemon.start()
+    try:
+        daemon.wait_for_workers(1)
+        results = Clients(daemon, 6, "recycle").join(60)
+        assert results == [CLEAN] * 6, results
+    finally:
+        daemon.stop()
+
+
+def test_a_stop_hangs_up_at_once_on_connections_no_worker_will_take(daemon):
+    """TERM: the workers finish what they serve and take nothing more; the
+    connections waiting in the queue get end-of-file at once (their clients
+    tempfail and retry), not after graceful_timeout (10 s here)."""
+    (worker,) = daemon.wait_for_workers(1)
+    os.kill(worker, signal.SIGSTOP)  # idle, taking nothing: the requests queue up
+    try:
+        clients = Clients(daemon, 3, "stop")
+        time.sleep(1.0)  # whole and queued
+        stopped = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        results = clients.join(15)
+        waited = max(clients.done) - stopped
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed after graceful_timeout
+            os.kill(worker, signal.SIGCONT)
+    print(f"\nTERM with 3 queued connections: hung up after {waited:.2f} s")
+    assert results == [None] * 3, results  # end-of-file: the client tempfails
+    assert waited < 3.0, waited
+
+
+
+def test_pipelined_requests_with_a_half_close_each_get_their_reply(daemon):
+    """Two requests in one write, then SHUT_WR at once: the doorman passes the
+    connection on the first, the worker answers both (end-of-file after a
+    whole request is no reason to drop the second)."""
+    blocks = [block(spool(daemon, f"pipe{n}")) for n in range(2)]
+    replies = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(20)
+        sock.connect(daemon.socket_path)
+        sock.sendall(b"".join(blocks))
+        sock.shutdown(socket.SHUT_WR)
+        decoder = Decoder()
+        while data := sock.recv(65536):
+            replies += [reply.get("return_value") for reply in decoder.feed(data)]
+    assert replies == [CLEAN, CLEAN], replies
+
+
+def test_a_reload_keeps_what_the_doorman_holds(daemon):
+    """HUP with the doorman running: a connection held (silent) across the
+    reload is served by the new generation once it speaks; none is dropped."""
+    (old,) = daemon.wait_for_workers(1)
+    job = spool(daemon, "hup")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(20)
+        sock.connect(daemon.socket_path)
+        time.sleep(0.3)  # held by the doorman, silent
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_workers(1, exclude={old})
+        sock.sendall(block(job))
+        decoder = Decoder()
+        replies = []
+        while not replies and (data := sock.recv(65536)):
+            replies = [reply.get("return_value") for reply in decoder.feed(data)]
+    assert replies == [CLEAN], replies
