@@ -26,7 +26,9 @@ integration: deps
 # Every codec and decoder fuzzed (tests/fuzz): FUZZ_EXAMPLES inputs a target,
 # in two processes side by side (the archive readers; the rest); FUZZ_SECONDS,
 # if set, caps each target's time (it then stops early and says so). One row a
-# target (examples, seconds, rate, outcome) goes to var/fuzz-summary.md.
+# target (examples, seconds, rate, peak RSS, outcome) goes to var/fuzz-summary.md;
+# each failure's report (with its @reproduce_failure blob) to var/fuzz-findings/,
+# its example to var/fuzz-hypothesis (replayed first by the next run).
 FUZZ_EXAMPLES ?= 100000
 FUZZ_SECONDS ?= 0
 FUZZ_TIMEOUT ?= 86400
@@ -42,8 +44,8 @@ fuzz: deps
 	wait $$a; ra=$$?; wait $$b; rb=$$?; \
 	{ echo "# make fuzz, $$(date -u '+%F %H:%M') UTC, $$(( $$(date +%s) - started )) s"; echo; \
 	  echo "FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS); exit $$ra/$$rb"; echo; \
-	  echo "| target | examples | seconds | examples/s | outcome | detail |"; \
-	  echo "|---|---:|---:|---:|---|---|"; \
+	  echo "| target | examples | seconds | examples/s | peak RSS MiB | outcome | detail |"; \
+	  echo "|---|---:|---:|---:|---:|---|---|"; \
 	  cat var/fuzz-summary.a var/fuzz-summary.b 2>/dev/null; } > var/fuzz-summary.md; \
 	rm -f var/fuzz-summary.a var/fuzz-summary.b; cat var/fuzz-summary.md; \
 	test $$ra = 0 && test $$rb = 0

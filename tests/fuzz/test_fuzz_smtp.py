@@ -136,7 +136,9 @@ commands = st.lists(st.one_of(
                      b"MAIL FROM:<\xff@b> SMTPUTF8", b"\x00\x01", b"."]),
     st.binary(max_size=60)), max_size=30).map(lambda lines: b"\r\n".join(lines) + b"\r\n")
 
-REPLY_LINE = re.compile(rb"\A[245]\d\d[ -][^\r\n]*\Z")
+# 2xx, 4xx, 5xx, and the one 3xx SMTP has: DATA's 354 (the first failure of the
+# long run was this pattern refusing a well-formed 354, not the session).
+REPLY_LINE = re.compile(rb"\A(?:[245]\d\d|354)[ -][^\r\n]*\Z")
 
 
 @given(commands, st.lists(st.integers(1, 50), max_size=30), st.booleans())
@@ -163,6 +165,9 @@ def test_the_session_answers_anything_with_well_formed_replies(tmp_path_factory,
         for line in b"".join(out).split(b"\r\n")[:-1]:
             assert REPLY_LINE.match(line), line
         assert not re.search(rb"(?m)^250[ -]2\.0\.0 from MTA", b"".join(out))  # no hop: no 250
+        # a 354 only ever answers a DATA line
+        assert len(re.findall(rb"(?m)^354 ", b"".join(out))) <= len(
+            re.findall(rb"(?im)^ *DATA *\r$", data))
         assert len(session.inbox) <= 64 * 4096 + 100
         assert list((base / "work").iterdir()) == []
     finally:
