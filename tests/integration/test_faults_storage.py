@@ -181,7 +181,10 @@ def test_quarantine_chmod_000_under_a_daemon_that_dropped_root(short_tmp, clamd_
         tempfailed = ledger.tempfailed()
         gw.check(ledger)  # nothing blocked passed, nothing discarded unkept
         if owner == "daemon":
-            assert tempfailed == [] and quarantine.stat().st_mode & 0o777 == 0o700
+            # repaired before the next store; a store already past its repair when
+            # the mode went is tempfailed (kept on resend below): at most one a worker
+            assert len(tempfailed) <= 2 and not any(m.kind == "clean" for m in tempfailed)
+            assert quarantine.stat().st_mode & 0o777 == 0o700
         else:
             assert sum(m.blocked for m in tempfailed) >= 5, ledger.told
             assert not any(m.kind == "clean" for m in tempfailed)
