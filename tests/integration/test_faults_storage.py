@@ -153,7 +153,7 @@ def test_quarantine_chmod_000_under_a_daemon_that_dropped_root(short_tmp, clamd_
     """chmod 000 on the quarantine, the daemon running as an unprivileged user
     (root ignores modes, hence the remount above). Its own dir the daemon makes
     0700 again before it stores (FileQuarantine.prepare): every blocked message
-    kept, none tempfailed. Chowned to root as well, it cannot: infected and
+    kept (one caught mid-store may tempfail). Chowned to root as well, it cannot: infected and
     banned mail is tempfailed, never passed nor discarded unkept, clean mail
     goes on, and once the dir is given back the resent mail is kept."""
     user = ensure_user(DAEMON_USER, DAEMON_USER)
