@@ -49,6 +49,10 @@ class Handler(Protocol):
         """Release (or requeue) a quarantined message."""
         ...
 
+    def ensure_dirs(self) -> None:
+        """Re-create a missing temp base or work base (and check both)."""
+        ...
+
     def handle_reply_sent(self) -> None:
         """The reply went out: work that must not delay it (notifications)."""
         ...

@@ -340,7 +340,13 @@ class SMTPSession(Chunking, session.Session):
         transaction) when the work dir will not take it."""
         assert self.transaction is not None
         try:
-            return self.transaction.open_spool(self.config.work_base_path)
+            try:
+                return self.transaction.open_spool(self.config.work_base_path)
+            except FileNotFoundError:
+                # removed since the worker last looked (before it waited for this
+                # connection): made again, then tried once more
+                self.handler.ensure_dirs()
+                return self.transaction.open_spool(self.config.work_base_path)
         except OSError as err:
             log.error("%s cannot spool a message in %s: %s", self.label,
                       self.config.work_base_path, err.strerror or err)

@@ -104,6 +104,9 @@ class StandInHandler:
     def handle_message(self, job) -> Result:
         return Result(log_id=job.log_id, category=Category.CLEAN, destiny=Destiny.PASS)
 
+    def ensure_dirs(self) -> None:
+        pass
+
     def handle_reply_sent(self) -> None:
         pass
 

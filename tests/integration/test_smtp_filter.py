@@ -496,3 +496,24 @@ def test_bytes_sent_before_the_354_are_the_message_never_later_commands(flt):
     [message] = flt.hop.wait(1)
     assert message.rcpt_tos == ["b@example.test"]
     assert message.data.endswith(b"\r\nMAIL FROM:<evil@example.test>\r\nRCPT TO:<x@y.test>\r\n")
+
+
+def test_a_work_base_removed_while_the_worker_waits_is_made_again_for_data(
+        short_tmp, clamd_nodecomp, hop, notices):
+    """The worker checks its dirs before it waits for a connection; one removed
+    in between is made again when DATA needs it, not answered 451."""
+    flt = start_filter(short_tmp, clamd_nodecomp.address, hop, notices, workers=1)
+    try:
+        with flt.talk() as talk:  # the worker is up and waiting
+            transaction(talk, "a@example.test", ["b@example.test"], clean("warm"))
+            assert talk.reply()[0] == 250
+        time.sleep(0.3)  # the worker is back waiting, its dirs checked (next look: 1 s on)
+        work = Path(flt.daemon.settings["workdir"]) / "work"
+        shutil.rmtree(work)
+        with flt.talk() as talk:
+            replies = transaction(talk, "a@example.test", ["b@example.test"], clean("after"))
+            code, text = talk.reply()
+        assert [c for c, _ in replies] == [250, 250, 250, 354] and code == 250, text
+        assert work.is_dir() and len(hop.wait(2)) == 2
+    finally:
+        flt.daemon.stop()

@@ -123,6 +123,9 @@ class StandIn:
         self.spooled.append(os.pread(job.mail_fd, 1 << 20, 0))
         return Result(log_id=job.log_id, category=Category.CLEAN, destiny=self.destiny)
 
+    def ensure_dirs(self) -> None:
+        pass
+
     def handle_reply_sent(self) -> None:
         pass
 
