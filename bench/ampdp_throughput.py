@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -653,15 +654,21 @@ def session(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main() -> int:
-    args = parse_args()
+def interruptible(work: Callable[[], int]) -> int:
+    """`work()`'s exit status; INT or TERM unwinds it (so what it started is
+    stopped on the way out) and gives 130."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # TERM too: stop what we started either way
         signal.signal(sig, signal.default_int_handler)
     try:
-        return session(args)
+        return work()
     except KeyboardInterrupt:
         print("\ninterrupted; clamd and the daemons were stopped", file=sys.stderr)
         return 130
+
+
+def main() -> int:
+    args = parse_args()
+    return interruptible(lambda: session(args))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ def ingress_table(name: str, table: Table | str) -> list[str]:
 
 
 def _ratio(a: Cell | str | None, b: Cell | str | None, target: float) -> str:
-    if not isinstance(a, Cell) or not isinstance(b, Cell) or not b.rate:
-        return "n/a"
-    value = a.rate / b.rate
-    return f"{value:.2f} {'ok' if value >= target else '**below**'}"
+    """`_plain`, marked against the target."""
+    plain = _plain(a, b)
+    if plain == "n/a":
+        return plain
+    return f"{plain} {'ok' if a.rate / b.rate >= target else '**below**'}"
 
 
 def ratios(results: dict[str, Table | str]) -> list[str]:

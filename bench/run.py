@@ -28,7 +28,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ import corpus  # noqa: E402
 import plot  # noqa: E402
 import report  # noqa: E402
 import sections  # noqa: E402
+from ampdp_throughput import interruptible  # noqa: E402
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from amavisd.testing.clamd import skip_reason as clamd_skip_reason  # noqa: E402
@@ -158,13 +158,7 @@ def markdown(args, s: sections.Session, results: dict, pictures: list[Path], too
 
 def main() -> int:
     args = parse_args()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # stop what we started either way
-        signal.signal(sig, signal.default_int_handler)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; clamds and daemons were stopped", file=sys.stderr)
-        return 130
+    return interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":
