@@ -321,14 +321,14 @@ def private_copy(fd: int, size: int, name: str, directory: str | None) -> int:
 HEADER_BLOCK = 1024 * 1024  # what notices may quote of a message's header (actions.notify)
 
 
-def header_block(raw: window.Buffer) -> bytes:
+def header_block(raw: window.Buffer, limit: int = HEADER_BLOCK) -> bytes:
     """The message's header block and the blank line after it, as bytes,
-    at most HEADER_BLOCK of them: all the notices read of the message."""
-    end = raw.find(b"\n\n", 0, HEADER_BLOCK)
-    crlf = raw.find(b"\r\n\r\n", 0, HEADER_BLOCK)
+    at most `limit` of them: all the notices read of the message."""
+    end = raw.find(b"\n\n", 0, limit)
+    crlf = raw.find(b"\r\n\r\n", 0, limit)
     if crlf >= 0 and (end < 0 or crlf < end):
         return raw[:crlf + 4]
-    return raw[:end + 2] if end >= 0 else raw[:HEADER_BLOCK]
+    return raw[:end + 2] if end >= 0 else raw[:limit]
 
 
 # Where the header block ends, at most HEADER_SCAN in: the line per message
@@ -343,11 +343,7 @@ def top_headers(raw: window.Buffer) -> dict[str, str]:
     """The message's own Message-ID (the first one), for the log line:
     unfolded, one line, bounded; decoded by the `email` package only when it
     is not plain ASCII or carries an encoded word."""
-    end = raw.find(b"\n\n", 0, HEADER_SCAN)
-    crlf = raw.find(b"\r\n\r\n", 0, HEADER_SCAN)
-    if crlf >= 0 and (end < 0 or crlf < end):
-        end = crlf
-    found = MESSAGE_ID.search(bytes(raw[: end if end >= 0 else HEADER_SCAN]))
+    found = MESSAGE_ID.search(header_block(raw, HEADER_SCAN))
     if found is None:
         return {}
     value = found.group(1).decode("ascii", "surrogateescape")
