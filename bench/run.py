@@ -18,7 +18,7 @@ makes the exit status 1, the others still run.
 
 Usage (as root: amavisd-new, Postfix, the daemon's users):
     .venv/bin/python bench/run.py [--quick] [--sections ampdp,smtp,milter,single,memory]
-        [--conc 1,2,4,8] [--runs 3] [--write-readme]
+        [--conc 1,2,4,8] [--runs 3] [--clamd-temp tmpfs|disk] [--write-readme]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import corpus  # noqa: E402
 import plot  # noqa: E402
 import report  # noqa: E402
 import sections  # noqa: E402
-from ampdp_throughput import interruptible  # noqa: E402
+from ampdp_throughput import add_clamd_temp, clamd_temp_dir, interruptible  # noqa: E402
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from amavisd.testing.clamd import skip_reason as clamd_skip_reason  # noqa: E402
@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
                     help="also fill the README's Performance section from this run")
     ap.add_argument("--readme", type=Path, default=HERE.parent / "README.md",
                     help="the README --write-readme fills (default the project's)")
+    add_clamd_temp(ap)
     args = ap.parse_args()
     q = args.quick
     args.conc = [int(c) for c in (args.conc or ("1,4" if q else "1,2,4,8")).split(",")]
@@ -77,8 +78,11 @@ def session(args: argparse.Namespace, base: Path, stack: contextlib.ExitStack
     mix, missing = corpus.synthetic(base)
     real = corpus.real(None)
     sample = real[:: max(1, len(real) // (60 if q else 200))]
-    clamd = ClamdInstance(base / "cn", mode="nodecomp", max_threads=max(4, *args.conc))
-    whole = ClamdInstance(base / "cf", mode="full", max_threads=max(4, *args.conc))
+    temp = clamd_temp_dir(args.clamd_temp, stack)  # one choice for both: same conditions
+    clamd = ClamdInstance(base / "cn", mode="nodecomp", max_threads=max(4, *args.conc),
+                          temp_dir=temp)
+    whole = ClamdInstance(base / "cf", mode="full", max_threads=max(4, *args.conc),
+                          temp_dir=temp)
     for instance in (clamd, whole):
         stack.callback(instance.stop)
         instance.start()
@@ -89,6 +93,8 @@ def session(args: argparse.Namespace, base: Path, stack: contextlib.ExitStack
         sizes=[10_000, 100_000, MB, 5 * MB] if q else [10_000, 100_000, MB, 10 * MB, 50 * MB],
         parts=[1, 10, 100] if q else [1, 10, 100, 1000])
     s.notes += [f"synthetic kind not made: {m}" for m in missing]
+    s.notes.append(f"both clamds write their temp files to {temp or '/tmp'}"
+                   + (" (tmpfs)" if temp else " (clamd's default)"))
     s.notes.append(f"mix: {len(mix)} synthetic + {len(sample)} of {len(real)} real messages "
                    f"({corpus.CORPUS / 'mail' / 'real'}); latency on {len(s.real)} real")
     return s

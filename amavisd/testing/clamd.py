@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +70,7 @@ class ClamdInstance:
         system_db: str | None = None,
         read_timeout: int = 120,
         options: tuple[str, ...] = (),
+        temp_dir: str | None = None,
     ) -> None:
         if mode not in ("nodecomp", "full"):
             raise ValueError(f"mode must be 'nodecomp' or 'full', not {mode!r}")
@@ -83,6 +85,9 @@ class ClamdInstance:
         # TIMED OUT`); IdleTimeout is its threads' and does not.
         self.read_timeout = read_timeout
         self.options = tuple(options)  # more clamd.conf lines, e.g. "MaxQueue 4"
+        # clamd writes every INSTREAM to a temp file and makes a scan dir per
+        # request there: on tmpfs that costs half as much CPU as on ext4.
+        self.temp_dir = temp_dir
         self.socket_path = self.workdir / "clamd.sock"
         self.conf_path = self.workdir / "clamd.conf"
         self.log_path = self.workdir / "clamd.log"
@@ -153,6 +158,8 @@ class ClamdInstance:
             f"ReadTimeout {self.read_timeout}",
             "CommandReadTimeout 30",
         ]
+        if self.temp_dir is not None:
+            lines.append(f"TemporaryDirectory {self.temp_dir}")
         if self.tcp_port is not None:
             lines += [f"TCPSocket {self.tcp_port}", "TCPAddr 127.0.0.1"]
         if self.mode == "nodecomp":
@@ -266,3 +273,16 @@ class ClamdInstance:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # e.g. size limit exceeded: clamd has replied and closed
             return _recv_until_nul(sock)
+
+
+def memory_temp_dir(prefix: str = "clamd-tmp") -> str | None:
+    """A fresh 0700 directory on a tmpfs (/dev/shm) for clamd's temp files, or
+    None where there is none (then clamd keeps its default, /tmp). The caller
+    removes it."""
+    shm = "/dev/shm"
+    try:
+        with open("/proc/self/mounts", encoding="ascii", errors="replace") as mounts:
+            on_tmpfs = any(line.split()[1:3] == [shm, "tmpfs"] for line in mounts)
+    except OSError:
+        return None
+    return tempfile.mkdtemp(prefix=prefix, dir=shm) if on_tmpfs else None

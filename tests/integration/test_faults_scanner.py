@@ -25,7 +25,7 @@ from contextlib import ExitStack
 import pytest
 
 from amavisd.testing.clamd import ClamdInstance
-from tests.rigs.faults import StallingClamdProxy
+from tests.rigs.faults import Filler, StallingClamdProxy
 from tests.rigs.ledger import Ledger, batch, open_gateway
 
 pytestmark = pytest.mark.integration
@@ -153,3 +153,26 @@ def test_clamd_reloading_its_database_mid_stream(short_tmp, own_clamd, ingress):
         counts = gw.check(ledger, allow_tempfail=False)
         assert counts.tempfailed_once == first
         report(f"clamd RELOAD x{len(reloads)} mid-stream [{ingress}]", counts)
+
+
+@pytest.mark.parametrize("ingress", INGRESSES)
+def test_clamd_temp_dir_full(short_tmp, small_tmpfs, ingress):
+    """clamd's TemporaryDirectory on a tmpfs (as the README advises) fills up:
+    clamd cannot write the streams we send, the mail is tempfailed, never
+    passed unscanned, and arrives once when resent after room is made."""
+    clamd = ClamdInstance(short_tmp / "clamd", mode="nodecomp", temp_dir=small_tmpfs).start()
+    filler = Filler(small_tmpfs)
+    with ExitStack() as stack:
+        stack.callback(clamd.stop)
+        stack.callback(lambda: filler.path.exists() and filler.empty())
+        gw = open_gateway(ingress, short_tmp, clamd.address, stack)
+        ledger = Ledger(batch(24, f"ct-{ingress}"))
+        ledger.send_all(gw.send, fault=filler.fill, fault_after=6)
+        tempfailed = len(ledger.tempfailed())
+        assert tempfailed >= 10, ledger.told
+        gw.check(ledger)
+        filler.empty()
+        ledger.resend(gw.send)
+        counts = gw.check(ledger, allow_tempfail=False)
+        assert counts.resent == tempfailed
+        report(f"clamd temp dir full [{ingress}]", counts)

@@ -12,7 +12,6 @@ the SMTP filter; counted by the ledger.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_faults_scanner import report
+from tests.rigs.faults import Filler
 from tests.rigs.ledger import Ledger, batch, open_gateway
 from tests.rigs.mailboxes import ensure_user
 from tests.rigs.mta_cases import DAEMON_USER, wait_for
@@ -32,42 +32,6 @@ from tests.rigs.mta_cases import DAEMON_USER, wait_for
 pytestmark = pytest.mark.integration
 
 INGRESSES = ["ampdp", "smtp"]
-
-
-class Filler:
-    """Keeps a filesystem full: writes until ENOSPC, and again whenever the
-    daemon's removed temp files free some blocks, until `empty()`."""
-
-    def __init__(self, directory: str):
-        self.path = Path(directory) / "filler"
-        self._stop = threading.Event()
-        self._full = threading.Event()
-        self._thread = threading.Thread(target=self._keep_full, daemon=True)
-
-    def fill(self) -> None:
-        self._thread.start()
-        assert self._full.wait(10), "the disk did not fill up"
-
-    def _keep_full(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        block = b"\0" * 4096
-        try:
-            while not self._stop.is_set():
-                try:
-                    while os.write(fd, block):
-                        pass
-                except OSError as err:
-                    if err.errno != errno.ENOSPC:
-                        raise
-                    self._full.set()
-                self._stop.wait(0.005)
-        finally:
-            os.close(fd)
-
-    def empty(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.path.unlink()
 
 
 def remount(path: str, mode: str) -> None:

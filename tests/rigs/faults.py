@@ -9,6 +9,8 @@ for byte; while ``stall`` is True it accepts and reads but never answers, and
 reports the connecting process's PID (``SO_PEERCRED``) so that a test knows
 exactly which worker is stuck.
 
+``Filler`` keeps a (small, real) filesystem full on demand.
+
 ``slow_boot_argv`` starts the real daemon with every worker pausing before it
 installs its signal handlers: the window just after fork() in which a signal
 from the master must not be lost, widened from microseconds to a fixed delay
@@ -18,6 +20,7 @@ so that a test hits it every time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import selectors
@@ -28,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["StallingClamdProxy", "slow_boot_argv"]
+__all__ = ["Filler", "StallingClamdProxy", "slow_boot_argv"]
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _POLL = 0.1  # seconds between checks of the stop flag
@@ -239,3 +242,39 @@ class StallingClamdProxy:
             self._untrack_close(client)
             if upstream is not None:
                 self._untrack_close(upstream)
+
+
+class Filler:
+    """Keeps a filesystem full: writes until ENOSPC, and again whenever the
+    daemon's removed temp files free some blocks, until `empty()`."""
+
+    def __init__(self, directory: str):
+        self.path = Path(directory) / "filler"
+        self._stop = threading.Event()
+        self._full = threading.Event()
+        self._thread = threading.Thread(target=self._keep_full, daemon=True)
+
+    def fill(self) -> None:
+        self._thread.start()
+        assert self._full.wait(10), "the disk did not fill up"
+
+    def _keep_full(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        block = b"\0" * 4096
+        try:
+            while not self._stop.is_set():
+                try:
+                    while os.write(fd, block):
+                        pass
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+                    self._full.set()
+                self._stop.wait(0.005)
+        finally:
+            os.close(fd)
+
+    def empty(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.path.unlink()
