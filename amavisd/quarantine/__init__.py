@@ -1,6 +1,6 @@
 """The quarantine: infected and banned mail kept whole so it can be released.
 
-Four modules, one concern each, so that another store (PostgreSQL, say)
+A few modules, one concern each, so that another store (PostgreSQL, say)
 and a web console can come without touching the pipeline:
 
 - `entry`: what an entry is, whatever keeps it: its id (amavisd-new's
@@ -9,6 +9,7 @@ and a web console can come without touching the pipeline:
   list, mark_released) and the registry that picks one from the URL-like
   setting `quarantine_store` (empty means `file:<quarantine_dir>`);
 - `file`: the first store, one flat 0700 directory of 0600 files;
+  `attempt` makes each of its stores all or nothing;
 - `release`: re-sending an entry, and who may ask for it over AM.PDP.
 
 The pipeline, the worker and the CLI only know the interface and

@@ -9,9 +9,10 @@ One entry is two files in one flat directory (0700, files 0600):
                          the same recipients from the same sender
 
 The sidecar is written last, so an entry without one is incomplete and is
-never listed. Every name is built from an id `parse_id` accepted, so it can
-never name a file outside the directory; files are created with O_EXCL and
-opened without following symlinks. Nothing records a release: amavisd-new's
+never listed; a store that fails part-way removes what it made
+(`quarantine.attempt`). Every name is built from an id `parse_id`
+accepted, so it can never name a file outside the directory; files are
+created with O_EXCL and opened without following symlinks. Nothing records a release: amavisd-new's
 file quarantine did not either, and an entry stays releasable again.
 """
 
@@ -27,10 +28,11 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, BinaryIO
 
 from amavisd.decode import window
 from amavisd.envelope import Envelope
+from amavisd.quarantine.attempt import StoreAttempt
 from amavisd.quarantine.entry import (
     ID_PATTERN,
     KINDS,
@@ -53,6 +55,7 @@ class FileStore:
     def __init__(self, directory: str, gzip: bool = False):
         self.directory = os.path.abspath(directory)
         self.gzip = gzip
+        self._leftovers: list[list[str]] = []  # what failed stores could not remove yet
 
     @classmethod
     def from_url(cls, rest: str, config: Mapping[str, Any]) -> FileStore:
@@ -89,41 +92,24 @@ class FileStore:
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def _create(self, name: str):
-        # O_EXCL: never overwrite; O_NOFOLLOW: never write through a planted link.
-        fd = os.open(self._path(name),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
-        return os.fdopen(fd, "wb")
-
     # -- storing ---------------------------------------------------------------
 
     def store(self, message: bytes | mmap.mmap | str | os.PathLike, envelope: Envelope,
               result: Result) -> str:
-        """Keep the message and what we know about it; returns the id."""
+        """Keep the message and what we know about it; returns the id. All or
+        nothing: on any failure what this store made is removed again
+        (`quarantine.attempt`) and the error that broke it is raised."""
         if result.category is None:
             raise QuarantineError("nothing to quarantine: the message has no verdict")
         self.prepare()
         kind = KINDS[result.category]
-        while True:
-            qid = new_id()
-            name = f"{kind}-{qid}" + (".gz" if self.gzip else "")
-            try:
-                out = self._create(name)
-            except FileExistsError:
-                continue  # 72 random bits collided: draw again
-            except OSError as err:
-                raise QuarantineError(f"cannot write {self._path(name)}: "
-                                      f"{err.strerror}") from None
-            # Locked until the sidecar is in, so `sweep_incomplete` leaves it
-            # alone while we live; swept between our create and lock: draw again.
-            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
-            if os.fstat(out.fileno()).st_nlink:
-                break
-            out.close()
-        sidecar = None
         try:
-            with out:  # closed (unlocked) once the sidecar is written
+            attempt = StoreAttempt(self.directory, self._leftovers)
+        except OSError as err:
+            raise QuarantineError(f"cannot open {self.directory}: {err.strerror}") from None
+        with attempt:
+            qid, name, out = self._claim(attempt, kind)
+            with out:  # closed (unlocked) once the sidecar is in
                 size, digest = self._write(out, message)
                 out.flush()
                 os.fsync(out.fileno())
@@ -136,19 +122,36 @@ class FileStore:
                     banned=[str(b) for b in result.banned],
                     unchecked=[str(u) for u in result.unchecked], secret_id=new_secret())
                 # written aside and renamed: a sidecar is there whole or not at all
-                sidecar = f"{kind}-{qid}.json{PART}"
-                with self._create(sidecar) as side:
+                part = f"{kind}-{qid}.json{PART}"
+                with attempt.create(part) as side:
                     side.write(json.dumps(asdict(entry), indent=1).encode())
                     side.flush()
                     os.fsync(side.fileno())
-                os.rename(self._path(sidecar), self._path(f"{kind}-{qid}.json"))
-                sidecar = f"{kind}-{qid}.json"
-        except BaseException:
-            for leftover in (sidecar, name):
-                if leftover:
-                    self._unlink(leftover)
-            raise
+                attempt.rename(part, f"{kind}-{qid}.json")
         return qid
+
+    def _claim(self, attempt: StoreAttempt, kind: str) -> tuple[str, str, BinaryIO]:
+        """A new id and its message file, created and locked."""
+        while True:
+            qid = new_id()
+            name = f"{kind}-{qid}" + (".gz" if self.gzip else "")
+            try:
+                out = attempt.create(name)
+            except FileExistsError:
+                continue  # 72 random bits collided: draw again
+            except OSError as err:
+                raise QuarantineError(f"cannot write {self._path(name)}: "
+                                      f"{err.strerror}") from None
+            # Locked until the sidecar is in, so `sweep_incomplete` leaves it
+            # alone while we live; swept between our create and lock: draw again.
+            try:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+                if os.fstat(out.fileno()).st_nlink:
+                    return qid, name, out
+            except BaseException:
+                out.close()
+                raise
+            out.close()
 
     def sweep_incomplete(self) -> list[str]:
         """Remove what a writer killed mid-store left (SIGKILL skips the cleanup

@@ -25,7 +25,7 @@ from amavisd.protocol.smtpcodec import (
     parse_path,
     parse_xforward,
 )
-from amavisd.verdict import Category, Destiny, Result
+from tests.rigs.smtp_standin import StandIn
 
 piece = st.one_of(
     st.binary(max_size=80),
@@ -90,30 +90,6 @@ def test_xforward_parses_or_is_refused(argument):
         assert all("\r" not in v and "\n" not in v for v in attributes.values())
 
 
-class StandInHandler:
-    """The worker's part, without a pipeline: every message CLEAN."""
-
-    def __init__(self, config):
-        self.config = config
-        self.ids = 0
-
-    def next_log_id(self) -> str:
-        self.ids += 1
-        return f"fuzz-{self.ids:02d}"
-
-    def handle_message(self, job) -> Result:
-        return Result(log_id=job.log_id, category=Category.CLEAN, destiny=Destiny.PASS)
-
-    def ensure_dirs(self) -> None:
-        pass
-
-    def handle_reply_sent(self) -> None:
-        pass
-
-    def keep_going(self) -> bool:
-        return True
-
-
 def dead_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -152,7 +128,7 @@ def test_the_session_answers_anything_with_well_formed_replies(tmp_path_factory,
     (base / "work").chmod(0o700)
     ours, theirs = socket.socketpair()
     try:
-        handler = StandInHandler(config(str(base)))
+        handler = StandIn(config(str(base)), name="fuzz")
         session = (LMTPSession if lmtp else SMTPSession)(ours, handler)
         out = [session.greeting()]
         pos = 0
@@ -179,7 +155,7 @@ def test_the_session_answers_anything_with_well_formed_replies(tmp_path_factory,
 
 
 def test_stand_in_handler_is_what_the_session_asks_for():
-    assert {"config", "next_log_id", "handle_message"} <= set(dir(StandInHandler(SimpleNamespace())))
+    assert {"config", "next_log_id", "handle_message"} <= set(dir(StandIn(SimpleNamespace())))
 
 
 def test_a_whole_message_with_no_next_hop_is_451_for_each_recipient(tmp_path_factory):
@@ -188,7 +164,7 @@ def test_a_whole_message_with_no_next_hop_is_451_for_each_recipient(tmp_path_fac
     (base / "work").chmod(0o700)
     ours, theirs = socket.socketpair()
     try:
-        session = LMTPSession(ours, StandInHandler(config(str(base))))
+        session = LMTPSession(ours, StandIn(config(str(base)), name="fuzz"))
         session.greeting()
         session.receive(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n")
         assert session.answer().endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -217,16 +193,6 @@ def test_bdat_counts_parse_or_are_refused(argument):
         assert last is (len(argument.split()) == 2)
 
 
-class KeepingHandler(StandInHandler):
-    """The stand-in that also keeps what each message's spool held."""
-
-    def handle_message(self, job) -> Result:
-        import os
-
-        self.spooled = [*getattr(self, "spooled", []), os.pread(job.mail_fd, 1 << 16, 0)]
-        return super().handle_message(job)
-
-
 @given(st.lists(st.binary(max_size=700), min_size=1, max_size=6),
        st.lists(st.integers(1, 90), max_size=40), st.booleans())
 def test_bdat_chunks_reach_the_spool_whole_at_any_split(tmp_path_factory, chunks, cuts, lmtp):
@@ -243,7 +209,7 @@ def test_bdat_chunks_reach_the_spool_whole_at_any_split(tmp_path_factory, chunks
     wire += b"NOOP\r\n"
     ours, theirs = socket.socketpair()
     try:
-        handler = KeepingHandler(config(str(base)))
+        handler = StandIn(config(str(base)), name="fuzz")
         session = (LMTPSession if lmtp else SMTPSession)(ours, handler)
         out, pos = [session.greeting()], 0
         for cut in [*cuts, len(wire)]:
@@ -266,4 +232,4 @@ def test_bdat_chunks_reach_the_spool_whole_at_any_split(tmp_path_factory, chunks
         assert handler.spooled == [b"".join(chunks)]
     else:
         assert codes == [b"250"] * over + [b"552"] + [b"503"] * (len(chunks) - over - 1) + [b"250"]
-        assert getattr(handler, "spooled", []) == []
+        assert handler.spooled == []

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from amavisd.envelope import Envelope
+from amavisd.quarantine.file import FileStore
+from amavisd.verdict import Category, Destiny, Result
 from tests.rigs.ledger import Ledger, batch, outcome_of_code
 
 SCANNED = b"X-Virus-Scanned: by amavisd\r\n"
@@ -20,8 +23,11 @@ def ledger_of(*outcomes: str) -> Ledger:
 
 
 def keep(tmp_path, mail) -> None:
-    (tmp_path / f"virus-{mail.mid[:8]}").write_bytes(mail.data)
-    (tmp_path / f"virus-{mail.mid[:8]}.json").write_text("{}")
+    """A complete entry, as the daemon's store makes it (the ledger counts
+    what a release could send)."""
+    FileStore(str(tmp_path)).store(mail.data, Envelope("<a@ledger.test>", ["<b@ledger.test>"]),
+                                   Result(log_id="l-1", category=Category.INFECTED,
+                                          destiny=Destiny.DISCARD))
 
 
 def test_a_sound_run_passes_with_its_counts(tmp_path):

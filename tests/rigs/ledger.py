@@ -30,7 +30,6 @@ once the fault is gone; they must then end like any other.
 
 from __future__ import annotations
 
-import gzip
 import re
 import threading
 from collections import Counter
@@ -40,6 +39,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amavisd.quarantine import QuarantineError
+from amavisd.quarantine.file import FileStore
 from tests.rigs.daemon import DaemonInstance
 from tests.rigs.nexthop import NextHop, _Server
 from tests.rigs.postfix import smtp_send
@@ -258,21 +259,21 @@ class Ledger:
 
 
 def quarantined_ids(directory: str | Path | None) -> list[str]:
-    """Message-IDs of the mail kept in a file quarantine: entries whose sidecar
-    is there, as `amavisd quarantine` lists them. A message file without one
-    is a store that failed (its cleanup could not unlink it either, say in a
-    dir made unwritable): not kept, since nobody can list or release it."""
+    """Message-IDs of the mail kept in a file quarantine, counted as a release
+    finds it (`amavisd quarantine release`, AM.PDP `request=release`): an
+    entry the store lists whose message reads back with the digest taken
+    when it was kept. A message file without its sidecar (a store that
+    failed), a damaged sidecar or a message that no longer matches it is
+    not kept: nobody could release it."""
     if directory is None or not Path(directory).is_dir():
         return []
+    store = FileStore(str(directory))
     found = []
-    for path in Path(directory).iterdir():
-        sidecar = path.with_name(path.name.removesuffix(".gz") + ".json")
-        if path.name.endswith(".json") or not path.is_file() or not sidecar.exists():
+    for entry in store.list():
+        try:
+            found += message_ids(store.message(entry))
+        except QuarantineError:
             continue
-        data = path.read_bytes()
-        if path.name.endswith(".gz"):
-            data = gzip.decompress(data)
-        found += message_ids(data)
     return found
 
 

@@ -4,8 +4,9 @@ session makes of BDAT (RFC 3030 CHUNKING).
 The BDAT tests drive the session as the loop does (receive / request_ready /
 answer), the wire cut into pieces anywhere, or through the loop itself
 (`protocol.loop.serve`) where its clock and request count matter. The
-pipeline is stood in for (`StandIn`: the framing is what is tested, so it
-keeps the bytes it was handed and gives the destiny it is told); the next
+pipeline is stood in for (tests/rigs/smtp_standin.py: the framing is what
+is tested, so it keeps the bytes it was handed and gives the destiny it is
+told); the next
 hop, where a message passes, is a real one (tests/rigs/nexthop.py).
 """
 
@@ -26,9 +27,10 @@ from amavisd.listeners import ListenerError, bind_all, bind_smtp, describe
 from amavisd.protocol import registry
 from amavisd.protocol.loop import ConnectionLimits, serve
 from amavisd.protocol.smtp import LMTPSession, SMTPSession, allowed
-from amavisd.verdict import Category, Destiny, Result
+from amavisd.verdict import Destiny
 from tests.rigs.nexthop import NextHop
 from tests.rigs.postfix import free_port
+from tests.rigs.smtp_standin import StandIn
 
 
 @pytest.mark.parametrize("spec, parsed", [
@@ -101,36 +103,11 @@ def test_smtp_allow(peer, networks, ok):
 # -- BDAT --------------------------------------------------------------------------------
 
 
-class StandIn:
-    """The worker as a session sees it, the pipeline stood in for: it keeps
-    the spooled bytes of each message and gives them `destiny`."""
-
-    def __init__(self, base, forward: str = "smtp:[127.0.0.1]:9", destiny=Destiny.DISCARD,
-                 **settings):
-        (base / "work").mkdir(mode=0o700, exist_ok=True)
-        self.config = configuration.load(None, {"workdir": str(base), "forward_method": forward,
-                                                "forward_timeout": 5.0, "myhostname": "t.test"}
-                                         | settings)
-        self.destiny = destiny
-        self.spooled: list[bytes] = []
-        self.ids = 0
-
-    def next_log_id(self) -> str:
-        self.ids += 1
-        return f"9-{self.ids:02d}"
-
-    def handle_message(self, job) -> Result:
-        self.spooled.append(os.pread(job.mail_fd, 1 << 20, 0))
-        return Result(log_id=job.log_id, category=Category.CLEAN, destiny=self.destiny)
-
-    def ensure_dirs(self) -> None:
-        pass
-
-    def handle_reply_sent(self) -> None:
-        pass
-
-    def keep_going(self) -> bool:
-        return True
+def stand_in(base, forward: str = "smtp:[127.0.0.1]:9", destiny=Destiny.DISCARD,
+             **settings) -> StandIn:
+    """The shared stand-in (tests/rigs/smtp_standin.py); here a message is
+    discarded unless a test says otherwise, so no next hop is needed."""
+    return StandIn.at(base, forward=forward, destiny=destiny, **settings)
 
 
 class Driven(list):
@@ -192,7 +169,7 @@ def test_chunks_are_spooled_raw_whatever_the_cuts(tmp_path):
     wire = HELLO + bdat(CHUNKS[0]) + bdat(CHUNKS[1]) + bdat(CHUNKS[2], last=True) + b"QUIT\r\n"
     for cut in range(1, len(wire), 7):
         for size in (1, 5, 64):
-            handler = StandIn(tmp_path)
+            handler = stand_in(tmp_path)
             replies = drive(handler, wire, [cut] + [size] * (len(wire) // size))
             assert handler.spooled == [b"".join(CHUNKS)], (cut, size)
             assert replies[-4:] == [b"250 2.0.0 %d octets received" % len(CHUNKS[0]),
@@ -203,7 +180,7 @@ def test_chunks_are_spooled_raw_whatever_the_cuts(tmp_path):
 
 
 def test_pipelined_chunks_are_answered_in_one_go_and_zero_is_a_size(tmp_path):
-    handler = StandIn(tmp_path)
+    handler = stand_in(tmp_path)
     wire = HELLO + bdat(b"") + bdat(b"x") + bdat(b"") + bdat(b"", last=True) + b"NOOP\r\n"
     replies = drive(handler, wire)
     assert replies[-5:] == [b"250 2.0.0 0 octets received", b"250 2.0.0 1 octets received",
@@ -212,13 +189,13 @@ def test_pipelined_chunks_are_answered_in_one_go_and_zero_is_a_size(tmp_path):
     assert codes(replies) == [b"250"] * 8
     # EHLO to the message in one answer, then the NOOP: a message ends an answer
     assert replies.answers == 2 and handler.spooled == [b"x"] and not replies.closing
-    handler = StandIn(tmp_path)
+    handler = stand_in(tmp_path)
     replies = drive(handler, HELLO + b"BDAT 0 LAST\r\n")  # an empty message is one
     assert handler.spooled == [b""] and replies[-1].startswith(b"250 2.7.0")
 
 
 def test_a_message_past_max_message_size_is_refused_and_the_stream_stays_in_step(tmp_path):
-    handler = StandIn(tmp_path, max_message_size=100)
+    handler = stand_in(tmp_path, max_message_size=100)
     wire = (HELLO + bdat(b"a" * 60) + bdat(b"b" * 41 + b"\r\nNOOP\r\n") + bdat(b"c", last=True)
             + b"NOOP\r\n")
     replies = drive(handler, wire, [30] * 20)
@@ -235,7 +212,7 @@ def test_a_message_past_max_message_size_is_refused_and_the_stream_stays_in_step
 
 
 def test_bdat_out_of_sequence_is_503_and_its_octets_are_still_read(tmp_path):
-    handler = StandIn(tmp_path)
+    handler = stand_in(tmp_path)
     mail = b"MAIL FROM:<a@example.test>\r\n"
     wire = (b"EHLO x\r\n" + bdat(b"NOOP\r\n") + mail + bdat(b"RSET\r\n", last=True)
             + b"RCPT TO:<b@example.test>\r\n" + b"NOOP\r\n")
@@ -255,7 +232,7 @@ def test_bdat_out_of_sequence_is_503_and_its_octets_are_still_read(tmp_path):
 @pytest.mark.parametrize("line", [b"BDAT", b"BDAT x", b"BDAT -1", b"BDAT 5 FIRST", b"BDAT 1e3",
                                   b"BDAT 99999999999999999999999 LAST"])
 def test_a_count_we_cannot_read_is_501_and_we_hang_up(tmp_path, line):
-    handler = StandIn(tmp_path)
+    handler = stand_in(tmp_path)
     replies = drive(handler, HELLO + line + b"\r\nhello\r\nNOOP\r\n")
     assert replies[-1] == b"501 5.5.4 Syntax: BDAT count [LAST]" and replies.closing
     assert handler.spooled == []
@@ -263,7 +240,7 @@ def test_a_count_we_cannot_read_is_501_and_we_hang_up(tmp_path, line):
 
 def test_chunking_is_offered_and_lmtp_answers_each_recipient_after_the_last_chunk(tmp_path):
     with NextHop(lmtp=True, rcpt_replies={"d@b.test": "550 5.1.1 no such user"}) as hop:
-        handler = StandIn(tmp_path, forward=hop.spec, destiny=Destiny.PASS)
+        handler = stand_in(tmp_path, forward=hop.spec, destiny=Destiny.PASS)
         wire = (b"LHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@b.test>\r\nRCPT TO:<d@b.test>\r\n"
                 + bdat(CHUNKS[0]) + bdat(CHUNKS[1], last=True) + b"QUIT\r\n")
         replies = drive(handler, wire, [40] * 10, lmtp=True)
@@ -278,7 +255,7 @@ def test_chunking_is_offered_and_lmtp_answers_each_recipient_after_the_last_chun
 
 
 def test_a_client_gone_mid_chunk_leaves_no_spool(tmp_path):
-    handler = StandIn(tmp_path)
+    handler = stand_in(tmp_path)
     ours, theirs = socket.socketpair()
     try:
         session = SMTPSession(ours, handler)
@@ -307,7 +284,7 @@ def serve_in_thread(session, limits: ConnectionLimits) -> threading.Thread:
 
 def test_smtp_data_timeout_runs_across_all_the_chunks(tmp_path):
     """Each chunk within smtp_idle_timeout, the sequence longer than smtp_data_timeout."""
-    handler = StandIn(tmp_path, smtp_idle_timeout=5.0, smtp_data_timeout=1.5)
+    handler = stand_in(tmp_path, smtp_idle_timeout=5.0, smtp_data_timeout=1.5)
     ours, theirs = socket.socketpair()
     session = SMTPSession(ours, handler)
     thread = serve_in_thread(session, ConnectionLimits())
@@ -333,7 +310,7 @@ def test_smtp_data_timeout_runs_across_all_the_chunks(tmp_path):
 def test_chunks_mid_message_do_not_count_as_requests(tmp_path):
     """A message in more chunks than max_connection_requests, a reply awaited
     for each (no pipelining), passes; the connection ends at a message's end."""
-    handler = StandIn(tmp_path, max_connection_requests=12)  # EHLO MAIL RCPT LAST + 8 held
+    handler = stand_in(tmp_path, max_connection_requests=12)  # EHLO MAIL RCPT LAST + 8 held
     ours, theirs = socket.socketpair()
     session = SMTPSession(ours, handler)
     thread = serve_in_thread(session, ConnectionLimits.from_config(handler.config))
