@@ -22,12 +22,13 @@ all messages to Postfix (its queue absorbs them: the filter runs after).
 
 Usage (as root: Postfix and amavisd-new need it):
     .venv/bin/python bench/smtp_throughput.py [-n 2000] [-c 4] [--size 4096]
-        [--rows ours,amavisd-new]
+        [--rows ours,amavisd-new,postfix-only] [--clamd-temp tmpfs|disk]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import subprocess
@@ -38,6 +39,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ampdp_throughput import add_clamd_temp, clamd_temp_dir  # noqa: E402
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from tests.rigs import amavisd_new  # noqa: E402
@@ -137,6 +140,7 @@ def main() -> int:
                         "amavisfeed maxproc and filter workers")
     parser.add_argument("--size", type=int, default=4096, help="message size (smtp-source -l)")
     parser.add_argument("--rows", default="ours,amavisd-new")
+    add_clamd_temp(parser)
     args = parser.parse_args()
     reasons = [r for r in (postfix_skip_reason(), shutil.which("smtp-source") is None and
                            "smtp-source missing (Debian package postfix)") if r]
@@ -149,13 +153,16 @@ def main() -> int:
         return 2
     base = Path(tempfile.mkdtemp(prefix="smtpb", dir="/tmp"))
     base.chmod(0o755)
-    clamd = ClamdInstance(base / "clamd", mode="nodecomp").start()
+    stack = contextlib.ExitStack()
+    clamd = ClamdInstance(base / "clamd", mode="nodecomp",
+                          temp_dir=clamd_temp_dir(args.clamd_temp, stack)).start()
     results = []
     try:
         for row in rows:
             results.append(run_row(row, base, clamd, args.n, args.conc, args.size))
     finally:
         clamd.stop()
+        stack.close()
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.n} messages of {args.size} bytes, smtp-source -s {args.conc}, "
           f"Postfix content_filter (maxproc {args.conc}) -> filter ({args.conc} workers) -> "

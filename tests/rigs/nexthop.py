@@ -149,7 +149,8 @@ class _Handler(socketserver.StreamRequestHandler):
         except TooBig:
             self.reply("552 5.3.4 message too big")
             return False
-        if data is None:
+        if data is None:  # the client went away before the final dot: nothing kept
+            hop.aborted_in_data += 1
             return False
         if hop.drop_after == "DOT":
             return False
@@ -226,6 +227,7 @@ class NextHop(ServerRig):
         self.drop_after = drop_after.upper()  # a verb, or "DOT": hang up instead of answering
         self.data_delay = data_delay
         self.hang_up_after_message = hang_up_after_message  # closes a session kept for reuse
+        self.aborted_in_data = 0  # transactions the client left after 354, before the dot
 
     def make_server(self) -> _Server | _UnixServer:
         if not self.unix:
