@@ -6,7 +6,9 @@ restart). Before it carries a message it must answer RSET: at once when the
 hop does not pipeline, or as the first command of the message's pipelined
 group (`HopClient.unproven`), so the check costs no round trip of its own.
 Either way nothing of the message is accepted on a dead session: the
-content is sent only after every reply of the group was read.
+content is sent only after every reply of the group was read. A kept
+session with unread bytes (a hop that said more than it was asked) is
+dropped, never reused: each reply must answer its own command.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class IdleSessions:
         if time.monotonic() - since > keep_idle:
             close(client)
             return None
+        if _unread(client):  # a stray line would be taken for the next reply
+            close(client, quit=False)
+            return None
         if client.has_extn("pipelining"):
             client.unproven = True
             return client
@@ -104,6 +109,29 @@ class IdleSessions:
             elif everything or now - since > keep_idle:
                 del self._idle[slot]
                 close(client)
+
+
+def _unread(client: HopClient) -> bool:
+    """Bytes the hop sent since its last reply (or no socket at all), found
+    without blocking: such a session's replies would be out of step."""
+    sock = client.sock
+    if sock is None:
+        return True
+    timeout = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        if client.file is not None:
+            return bool(client.file.peek(1))  # what smtplib buffered, else the socket
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
 
 
 def close(client: HopClient, quit: bool = True) -> None:

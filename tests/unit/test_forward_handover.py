@@ -320,3 +320,16 @@ def test_a_kept_session_refusing_rset_is_replaced_and_nothing_of_the_group_is_ke
     assert hop.connections == 2
     assert [c.split(" ", 1)[0] for c in hop.commands].count("RSET") == 1  # the refused one
     assert [m.rcpt_tos for m in hop.messages] == [["b@x.test"], ["c@x.test"]]
+
+
+@pytest.mark.parametrize("hop", [{"data_reply": "250 2.0.0 Ok: queued\n250 2.0.0 said twice"}],
+                         indirect=True)
+def test_a_kept_session_with_a_stray_reply_is_not_reused(hop):
+    """The hop answered the end of DATA with two lines: reused, the stray one
+    would be taken for the next command's reply and every reply after it
+    would answer the wrong command."""
+    fwd = forwarder(hop.spec, 10.0, helo="filter.test", keep_idle=30.0)
+    for rcpt in ("b@x.test", "c@x.test", "d@x.test"):
+        assert list(fwd.hand_over("a@x.test", [rcpt], MESSAGE).accepted) == [rcpt]
+    assert hop.connections == 3
+    assert [m.rcpt_tos for m in hop.messages] == [["b@x.test"], ["c@x.test"], ["d@x.test"]]
