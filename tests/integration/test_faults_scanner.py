@@ -166,13 +166,20 @@ def test_clamd_temp_dir_full(short_tmp, small_tmpfs, ingress):
         stack.callback(clamd.stop)
         stack.callback(lambda: filler.path.exists() and filler.empty())
         gw = open_gateway(ingress, short_tmp, clamd.address, stack)
-        ledger = Ledger(batch(24, f"ct-{ingress}"))
-        ledger.send_all(gw.send, fault=filler.fill, fault_after=6)
-        tempfailed = len(ledger.tempfailed())
-        assert tempfailed >= 10, ledger.told
-        gw.check(ledger)
-        filler.empty()
-        ledger.resend(gw.send)
-        counts = gw.check(ledger, allow_tempfail=False)
+        tempfailed, counts = full_then_room(gw, filler, f"ct-{ingress}")
         assert counts.resent == tempfailed
         report(f"clamd temp dir full [{ingress}]", counts)
+
+
+def full_then_room(gw, filler: Filler, tag: str):
+    """24 messages, the disk filled after the 6th: at least 10 tempfailed,
+    nothing passed unchecked; resent once room is made, all go through.
+    Returns (tempfailed, the final counts)."""
+    ledger = Ledger(batch(24, tag))
+    ledger.send_all(gw.send, fault=filler.fill, fault_after=6)
+    tempfailed = len(ledger.tempfailed())
+    assert tempfailed >= 10, ledger.told
+    gw.check(ledger)
+    filler.empty()
+    ledger.resend(gw.send)
+    return tempfailed, gw.check(ledger, allow_tempfail=False)

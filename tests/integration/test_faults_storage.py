@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_faults_scanner import report
+from tests.integration.test_faults_scanner import full_then_room, report
 from tests.rigs.faults import Filler
 from tests.rigs.ledger import Ledger, batch, open_gateway
 from tests.rigs.mailboxes import ensure_user
@@ -55,14 +55,7 @@ def test_disk_full_while_spooling(short_tmp, clamd_nodecomp, small_tmpfs, ingres
                           work_base=small_tmpfs, max_memory=8)
         filler = Filler(small_tmpfs)
         stack.callback(lambda: filler.path.exists() and filler.empty())
-        ledger = Ledger(batch(24, f"fs-{ingress}"))
-        ledger.send_all(gw.send, fault=filler.fill, fault_after=6)
-        tempfailed = len(ledger.tempfailed())
-        assert tempfailed >= 10, ledger.told
-        gw.check(ledger)
-        filler.empty()
-        ledger.resend(gw.send)
-        counts = gw.check(ledger, allow_tempfail=False)
+        _, counts = full_then_room(gw, filler, f"fs-{ingress}")
         assert gw.daemon.proc.poll() is None
         report(f"disk full while spooling [{ingress}]", counts)
 
