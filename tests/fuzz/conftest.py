@@ -1,5 +1,7 @@
 """Hypothesis profiles for the fuzz tests: `ci` (a short run inside `make
 test`) and `long` (`make fuzz`: many more examples, still bounded in time).
+The archive and decoder targets are not hypothesis tests: the direct
+mutation driver (tests/fuzz/direct.py) runs them, beside these in `make fuzz`.
 
 AMAVISD_FUZZ=long selects the long profile; AMAVISD_FUZZ_EXAMPLES overrides
 the number of examples of either. The long run also caps the address space
