@@ -208,6 +208,13 @@ def alternative_readings(headers: Message, head: bytes, body: bytes) -> list[byt
     return [reading + body for reading in reading_heads(headers, head)]
 
 
+def _quoted_boundary(boundary: str):
+    """The replacement `boundary="..."` as a function, so re.sub takes the
+    boundary (as it stood between the quotes) literally: a backslash in it
+    is no escape, `\\g<0>` no group."""
+    return lambda _match: f'boundary="{boundary}"'
+
+
 def reading_heads(headers: Message, head: bytes) -> list[bytes]:
     """The header block (blank line included) of each alternative reading."""
     types = _distinct(headers.get_all("content-type") or [])
@@ -218,7 +225,7 @@ def reading_heads(headers: Message, head: bytes) -> list[bytes]:
         return []
     base_type = types[0] if types else "text/plain"
     type_values = types if len(boundaries) < 2 else [
-        _BOUNDARY.sub(f'boundary="{b}"', _strip_extra_boundaries(base_type), count=1)
+        _BOUNDARY.sub(_quoted_boundary(b), _strip_extra_boundaries(base_type), count=1)
         for b in boundaries]
     variants = list(itertools.product(type_values or [base_type], encodings or [None]))
     default = (headers.get("content-type"), headers.get("content-transfer-encoding"))

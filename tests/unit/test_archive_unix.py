@@ -352,6 +352,17 @@ def newc_header(name: bytes, size: int, namesize: int | None = None) -> bytes:
     return header + bytes(-len(header) % 4)
 
 
+@pytest.mark.parametrize("field", [b"-0000001", b"+0000010", b" 0000010", b"0000_010"])
+def test_a_cpio_number_with_a_sign_space_or_underscore_is_a_bad_header(field):
+    # Found by the mutation driver: int() took "-..." and the negative mode
+    # or size broke the reader (OverflowError, negative seek) instead of
+    # ending in a decode error.
+    good = newc_header(b"a", 3) + b"abc\0"
+    bad = good[:6 + 8] + field + good[6 + 16:]  # the mode field
+    _, root = decoded(bad)
+    assert "decode-error" in root.flags and not root.children
+
+
 def test_cpio_and_ar_declared_sizes_are_bounded_by_the_data():
     started = time.monotonic()
     _, root = decoded(newc_header(b"big", 0xFFFFFFFF) + b"only this")

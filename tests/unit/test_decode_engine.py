@@ -147,6 +147,24 @@ def test_ambiguous_boundaries_decode_every_reading():
     assert [p for p in dec.scannable() if p.read() == EICAR]
 
 
+@pytest.mark.parametrize("second", [r"t\i", r"\g<0>", r"t\1"],
+                         ids=["bad-escape", "group", "backref"])
+def test_an_ambiguous_boundary_with_backslashes_is_read_literally(second):
+    # Found by the mutation driver: the boundary went into re.sub as a template
+    # ("bad escape \i": the message UNCHECKED; "\g<0>" put the matched text
+    # in its place: a reading with a boundary the message does not have).
+    b64 = base64.encodebytes(EICAR).decode()
+    raw = ("Subject: x\nMIME-Version: 1.0\n"
+           f'Content-Type: multipart/mixed; boundary="one"; boundary="{second}"\n\n'
+           "--one\nContent-Type: text/plain\n\nharmless\n--one--\n"
+           f"--{second}\nContent-Type: application/octet-stream\n"
+           f"Content-Transfer-Encoding: base64\n\n{b64}--{second}--\n").encode()
+    dec = decompose(raw)
+    assert not any("failed" in r for r in dec.unchecked), dec.unchecked
+    assert "ambiguous" in dec.root.flags
+    assert [p for p in dec.scannable() if p.read() == EICAR]
+
+
 def test_conflicting_transfer_encodings_decode_every_reading():
     b64 = base64.encodebytes(EICAR).decode()
     raw = ("Subject: x\nMIME-Version: 1.0\nContent-Type: application/octet-stream\n"

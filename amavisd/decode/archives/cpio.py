@@ -43,15 +43,19 @@ class Entry:
     data_align: int  # the data is padded to a multiple of this
 
 
+_DIGITS = {8: frozenset(b"01234567"), 16: frozenset(b"0123456789abcdefABCDEF")}
+
+
 def _ascii_fields(header: bytes, widths: tuple[int, ...], base: int) -> list[int]:
+    """Digits only: int() would also take a sign, spaces and underscores, and
+    a negative mode or size then breaks the reader further on."""
     fields, pos = [], 0
     for width in widths:
         text = header[pos:pos + width]
         pos += width
-        try:
-            fields.append(int(text, base))
-        except ValueError:
-            raise DecodeError(f"cpio header field {text!r} is not a number") from None
+        if len(text) != width or not set(text) <= _DIGITS[base]:
+            raise DecodeError(f"cpio header field {text!r} is not a number")
+        fields.append(int(text, base))
     return fields
 
 
