@@ -82,6 +82,7 @@ from amavisd.decode.decompressors import (  # noqa: F401  (LZ4_*: the tests' voc
     CORRUPT,
     LZ4_FRAME,
     LZ4_LEGACY,
+    LZMA_MEMLIMIT,
     CutShort,
     GzipMember,
     Lz4Frame,
@@ -98,7 +99,6 @@ try:  # Python >= 3.14
 except ImportError:  # pragma: no cover - depends on the Python version
     from backports.zstd import ZstdDecompressor
 
-LZMA_MEMLIMIT = 512 * 1024 * 1024  # .lzma headers may ask for any dictionary size
 LZW_TOOL_FROM = 64 * 1024  # compressed size from which gzip(1) beats our LZW (figures above)
 HEAD = 8  # bytes of a member kept to tell another member from trailing data
 # Where a member of each multi-member format starts: looked for in trailing

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the Python version
     from backports.zstd import ZstdError
 
 CHUNK = 1024 * 1024
+LZMA_MEMLIMIT = 512 * 1024 * 1024  # an LZMA header may ask for any dictionary size
 # What a decompressor's own call raises on bad input (bz2 says OSError). Caught
 # around that call only, never around our reads and writes.
 CORRUPT = (OSError, EOFError, ValueError, RuntimeError, zlib.error, lzma.LZMAError, ZstdError,

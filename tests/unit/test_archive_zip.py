@@ -340,3 +340,25 @@ def test_bzip2_member_is_bounded(tmp_path: Path):
     assert any("quota" in reason for reason in result.unchecked)
     assert held(result.root.children[0]) <= 20 * MiB
     result.cleanup()
+
+
+def test_an_lzma_member_asking_for_a_4_gib_dictionary_is_a_decode_error():
+    """Found by the mutation driver: liblzma allocates the dictionary the
+    member's properties ask for before it reads a byte (MemoryError under a
+    memory cap). Over LZMA_MEMLIMIT it is refused, as for .lzma files."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_LZMA) as zf:
+        zf.writestr("a.txt", b"hello " * 100)
+    data = bytearray(buf.getvalue())
+    start = 30 + struct.unpack_from("<HH", data, 26)[0] + struct.unpack_from("<HH", data, 26)[1]
+    assert data[start + 2:start + 4] == b"\x05\x00"  # 5 bytes of LZMA properties
+    data[start + 5:start + 9] = b"\xff\xff\xff\xff"  # dictionary size
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, hard))  # as in production: bounded
+    try:
+        part, ctx = decode(bytes(data))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    # refused, then handed to the external unzipper, which cannot read it either
+    assert part.flags & {"decode-error", "undecipherable"}, part.flags
+    assert not any(c.read() for c in part.children)

@@ -67,6 +67,7 @@ import inflate64
 
 from amavisd.decode import external, window
 from amavisd.decode.archives.members import clean_name, harvest, is_ours, stream_member
+from amavisd.decode.decompressors import LZMA_MEMLIMIT
 from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part, create_private
 from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
@@ -454,6 +455,9 @@ class _ZipLzma:
             lc_lp_pb, dict_size = props[0], int.from_bytes(props[1:5], "little")
             if lc_lp_pb >= 9 * 5 * 5:
                 raise DecodeError("bad LZMA properties")
+            if dict_size > LZMA_MEMLIMIT:  # liblzma would allocate it before a byte is read
+                raise DecodeError(f"LZMA dictionary of {dict_size} bytes, over "
+                                  f"{LZMA_MEMLIMIT}")
             lzma1 = {"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc_lp_pb % 9,
                      "lp": lc_lp_pb // 9 % 5, "pb": lc_lp_pb // 45}
             self._inner = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[lzma1])
