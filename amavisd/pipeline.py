@@ -268,9 +268,14 @@ def read_message(fd: int, name: str, limit: int, copy_dir: str | None = None
             raise MessageTooLarge(st.st_size, limit)
         if st.st_size > window.MAP_ABOVE:
             return map_message(fd, st.st_size, name, copy_dir)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            fh.seek(0)
-            raw = fh.read(st.st_size + 1)
+        # pread: no dup, no buffered file object, no seeks (a short read at
+        # the end means the end; one byte more than the size shows growth)
+        raw = os.pread(fd, st.st_size + 1, 0)
+        while 0 < len(raw) < st.st_size:  # cut short before the end: read on
+            more = os.pread(fd, st.st_size + 1 - len(raw), len(raw))
+            if not more:
+                break
+            raw += more
     except OSError as err:
         raise MessageUnreadable(f"cannot read {name}: {err.strerror}") from None
     if len(raw) != st.st_size:

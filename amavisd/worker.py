@@ -24,13 +24,15 @@ The temp base (clients spool there) and the work base (our own per-message
 dirs) are re-created when they vanish under a running daemon: a worker
 refuses to boot (and so halts the master) only for what was wrong at start;
 later, while they cannot be made, requests are tempfailed and the master
-stays up.
+stays up. They are checked once a request (and once a turn while idle): one
+stat each while nothing changed since the last full check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -38,11 +40,12 @@ import select
 import signal
 import socket
 import stat
+import time
 
 from amavisd import failures, logs, metrics, wakeup
 from amavisd.actions import smtpout
 from amavisd.config import Config
-from amavisd.doorman import recv_fds_nowait
+from amavisd.doorman import handout
 from amavisd.envelope import Job
 from amavisd.heartbeat import Heartbeat
 from amavisd.listeners import Listener, describe
@@ -65,6 +68,9 @@ EXIT_ABORTED = 4
 
 TEMPBASE_MODE = 0o1770  # clients of the group spool here; sticky: none removes another's
 WORK_BASE_MODE = 0o700  # ours alone
+# Heartbeat touches closer together than this are one (several call sites
+# follow each other within microseconds); the master polls far less often.
+BEAT_SLACK = 0.001
 
 
 class BootError(Exception):
@@ -98,6 +104,11 @@ class Worker:
         # The master's first workers: what is wrong for them was wrong at start.
         self.at_start = generation == 0 and age <= config.workers
         self.dirs_problem: str | None = None  # why requests are tempfailed, if they are
+        self.pid = os.getpid()  # a worker is made in the forked child
+        self.tempbase_path, self.work_base_path = config.tempbase_path, config.work_base_path
+        self.dirs_seen: dict[str, tuple[int, ...]] = {}  # path -> stat key of its last good check
+        self.door_keys: dict[Listener, tuple[str, ...]] = {}  # a listener's fixed banks keys
+        self.beat_at = -1.0  # monotonic time of our last heartbeat touch
 
     # -- life cycle --------------------------------------------------------
 
@@ -143,6 +154,8 @@ class Worker:
             except registry.UnknownProtocol as err:
                 raise BootError(f"listener {describe(listener)}: {err}") from None
         for listener in self.listeners:  # the doorman accepts; we keep only the tags
+            if fixed_address(listener.sock):  # every connection's local address is the same
+                self.door_keys[listener] = listener_keys(listener.sock)
             listener.close()
         self.ensure_dirs()
         if self.dirs_problem is not None and self.at_start:
@@ -156,9 +169,10 @@ class Worker:
     def ensure_dirs(self) -> None:
         """Re-create a missing temp base or work base (we own the workdir) and
         check both; `dirs_problem` says what is wrong, None when all is well."""
-        problem = (ensure_dir(self.config.tempbase_path, TEMPBASE_MODE, "temp base")
-                   or ensure_dir(self.config.work_base_path, WORK_BASE_MODE, "work base",
-                                 private=True))
+        problem = (ensure_dir(self.tempbase_path, TEMPBASE_MODE, "temp base",
+                              seen=self.dirs_seen)
+                   or ensure_dir(self.work_base_path, WORK_BASE_MODE, "work base",
+                                 private=True, seen=self.dirs_seen))
         if problem is None and self.dirs_problem is not None:
             log.info("worker %d: temp base and work base usable again", os.getpid())
         elif problem is not None and problem != self.dirs_problem and not self.at_start:
@@ -167,9 +181,11 @@ class Worker:
         self.dirs_problem = problem
 
     def loop(self) -> None:
+        idle = False  # boot() has just checked the dirs
         while self.alive:
-            self.heartbeat.notify()
-            self.ensure_dirs()
+            self.beat()
+            if idle:  # a request checks them itself (check_message)
+                self.ensure_dirs()
             smtpout.IDLE.expire()  # QUIT next-hop sessions idle too long
             if self.reopen_logs:
                 self.reopen_logs = False
@@ -185,7 +201,8 @@ class Worker:
                 raise
             if self._wakeup_r in ready:
                 wakeup.drain(self._wakeup_r)
-            if self.queue not in ready or not self.alive:
+            idle = self.queue not in ready
+            if idle or not self.alive:
                 continue
             try:
                 taken = self.take()
@@ -194,46 +211,43 @@ class Worker:
                 return
             if taken is None:
                 continue  # another worker took it
-            conn, listener = taken
+            conn, listener, first = taken
+            keys = self.door_keys.get(listener) or listener_keys(conn)
             try:
                 self.handle(conn, listener.protocol,
-                            self.pipeline.policies.banks.for_listener(listener_keys(conn)))
+                            self.pipeline.policies.banks.for_listener(keys), first)
             except Exception:  # one connection's trouble must not cost the worker
                 log.exception("worker %d: error serving a connection", os.getpid())
 
-    def take(self) -> tuple[socket.socket, Listener] | None:
-        """One connection from the doorman's queue and its listener; None if
-        another worker was quicker. EOFError: the master (the queue's other
-        end) is gone. MSG_DONTWAIT, not O_NONBLOCK: the queue's file flags are
-        shared with the master and every other worker."""
-        try:
-            data, fds = recv_fds_nowait(self.queue, 16, 1)
-        except (BlockingIOError, InterruptedError):
+    def take(self) -> tuple[socket.socket, Listener, bytes] | None:
+        """One connection from the doorman's queue, its listener and what the
+        doorman read of its first request (b"": nothing, the socket has it
+        all); None if another worker was quicker. EOFError: the master (the
+        queue's other end) is gone (`doorman.handout.take`)."""
+        taken = handout.take(self.queue)
+        if taken is None:
             return None
-        if not fds:
-            if not data:
-                raise EOFError
+        if not 0 <= taken.index < len(self.listeners):
+            log.error("worker %d: a connection for unknown listener %d: closed",
+                      os.getpid(), taken.index)
+            os.close(taken.fd)
             return None
-        conn = socket.socket(fileno=fds[0])
-        conn.set_inheritable(False)  # recvmsg gives it without close-on-exec
-        if not data or data[0] >= len(self.listeners):
-            log.error("worker %d: a connection for unknown listener %r: closed",
-                      os.getpid(), data[:1])
-            conn.close()
-            return None
-        return conn, self.listeners[data[0]]
+        listener = self.listeners[taken.index]
+        # its listener's family and type: socket() need not ask the kernel
+        return taken.connection(like=listener.sock), listener, taken.first
 
-    def handle(self, conn: socket.socket, protocol: str, banks: tuple[str, ...] = ()) -> None:
+    def handle(self, conn: socket.socket, protocol: str, banks: tuple[str, ...] = (),
+               first: bytes = b"") -> None:
         """Serve one accepted connection in the protocol its listener speaks;
         `banks`: the policy banks its listener loads (interface_policy, keyed
-        by the address the client reached, as amavisd-new keys them)."""
-        conn.setblocking(True)
-        self.heartbeat.notify()
+        by the address the client reached, as amavisd-new keys them); `first`:
+        what the doorman read of its first request (the session starts from it)."""
+        self.beat()
         self.interface_banks = banks
         metrics.connected(protocol)  # the ingress label of this connection's messages
         try:
             self.session = registry.session_class(protocol)(conn, self)
-            serve(self.session, self.connection_limits)
+            serve(self.session, self.connection_limits, first)
         finally:
             self.session = None
             self.interface_banks = ()
@@ -244,7 +258,7 @@ class Worker:
 
     def next_log_id(self) -> str:
         self.log_ids += 1
-        return f"{os.getpid()}-{self.log_ids:02d}"
+        return f"{self.pid}-{self.log_ids:02d}"
 
     def handle_message(self, job: Job) -> Result:
         metrics.worker_busy(job.log_id, job.envelope.queue_id)  # `amavisd status` shows it
@@ -253,7 +267,7 @@ class Worker:
         return result
 
     def check_message(self, job: Job) -> Result:
-        self.heartbeat.notify()  # child_timeout counts from the start of the request
+        self.beat()  # child_timeout counts from the start of the request
         self.requests += 1
         assert self.pipeline is not None
         self.ensure_dirs()
@@ -273,7 +287,7 @@ class Worker:
 
     def handle_release(self, name: ReleaseRequest, recipients: list[str],
                        log_id: str) -> ReleaseOutcome:
-        self.heartbeat.notify()
+        self.beat()
         # The listener's banks apply (Debian's AM.PDP-SOCK bank sets auth_required_release)
         config = (self.pipeline.policies.config_for(self.interface_banks)
                   if self.pipeline is not None else self.config)
@@ -281,7 +295,7 @@ class Worker:
 
     def handle_reply_sent(self) -> None:
         """Notifications for the message just answered; never fatal."""
-        self.heartbeat.notify()
+        self.beat()
         assert self.pipeline is not None
         try:
             self.pipeline.send_notices()
@@ -289,12 +303,19 @@ class Worker:
             log.exception("sending notifications failed")
 
     def keep_going(self) -> bool:
-        self.heartbeat.notify()
+        self.beat()
         metrics.worker_idle()  # the reply is out and the notices sent
         if self.max_requests and self.requests >= self.max_requests and self.alive:
             log.info("worker %d retiring after %d requests", os.getpid(), self.requests)
             self.alive = False
         return self.alive
+
+    def beat(self) -> None:
+        """Touch the heartbeat, unless we did less than BEAT_SLACK ago."""
+        now = time.monotonic()
+        if now - self.beat_at >= BEAT_SLACK:
+            self.beat_at = now
+            self.heartbeat.notify()
 
     # -- signals -------------------------------------------------------------
 
@@ -312,22 +333,39 @@ class Worker:
         os._exit(EXIT_ABORTED)
 
 
-def ensure_dir(path: str, mode: int, what: str, private: bool = False) -> str | None:
+def ensure_dir(path: str, mode: int, what: str, private: bool = False,
+               seen: dict[str, tuple[int, ...]] | None = None) -> str | None:
     """Make `path` (with `mode`) if it is missing; what is wrong with it, or None.
-    `private`: it must be ours alone (the work base), never open to clients."""
-    try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        pass
-    except OSError as err:
-        return f"{what} {path} is missing and cannot be created: {err.strerror}"
-    else:
-        os.chmod(path, mode)  # mkdir's mode went through the umask
-        log.warning("worker %d: %s %s was missing: re-created", os.getpid(), what, path)
+    `private`: it must be ours alone (the work base), never open to clients.
+    `seen`: the stat key of each path's last good check; a path whose stat
+    still gives it (same inode, type and mode, owner and group) is not checked
+    again: one stat, not four calls. (Not the ctime: every spool dir made or
+    removed in the temp base moves it. What only access() would see, an ACL
+    or a read-only remount, then shows when the dir is used, as a tempfail.)"""
     try:
         st = os.stat(path)  # an admin's symlink to the real dir is fine
+    except FileNotFoundError:
+        st = None
     except OSError as err:
         return f"{what} {path}: {err.strerror}"
+    if seen is not None:
+        if st is not None and seen.get(path) == _dir_key(st):
+            return None
+        seen.pop(path, None)  # checked in full below; kept again only if all is well
+    if st is None:
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass  # made meanwhile (another worker)
+        except OSError as err:
+            return f"{what} {path} is missing and cannot be created: {err.strerror}"
+        else:
+            os.chmod(path, mode)  # mkdir's mode went through the umask
+            log.warning("worker %d: %s %s was missing: re-created", os.getpid(), what, path)
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            return f"{what} {path}: {err.strerror}"
     if not stat.S_ISDIR(st.st_mode):
         return f"{what} {path} is not a directory"
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
@@ -335,4 +373,24 @@ def ensure_dir(path: str, mode: int, what: str, private: bool = False) -> str | 
     if private and (st.st_uid != os.geteuid() or st.st_mode & 0o077):
         return (f"{what} {path} must be ours alone (uid {os.geteuid()}, mode 0700), "
                 f"not uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):04o}")
+    if seen is not None:
+        seen[path] = _dir_key(st)
     return None
+
+
+def _dir_key(st: os.stat_result) -> tuple[int, ...]:
+    """What a directory's checks depend on, as stat shows it."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+
+
+def fixed_address(sock: socket.socket) -> bool:
+    """Whether every connection a listener accepts has the listener's own
+    local address (a Unix socket, or TCP bound to one address), so the
+    interface_policy keys can be found once rather than per connection."""
+    if sock.family == socket.AF_UNIX:
+        return True
+    try:
+        host = sock.getsockname()[0]
+        return not ipaddress.ip_address(host.partition("%")[0]).is_unspecified
+    except (OSError, ValueError, IndexError, TypeError):
+        return False

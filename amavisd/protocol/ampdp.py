@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from amavisd import failures
 from amavisd.actions.edits import milter_edits
-from amavisd.beneath import Base, OutsideBase, components
+from amavisd.beneath import OutsideBase, components, held
 from amavisd.envelope import Envelope, Job
 from amavisd.policy.destinies import REFUSED, REPLIES
 from amavisd.protocol import session
@@ -69,13 +69,14 @@ class MessageRequest:
     care_of_server: bool = False  # delivery_care_of=server: we forward passed mail
 
 
-def within(path: str, tempbase: str, what: str) -> str:
+def within(path: str, tempbase: str, what: str, real: str | None = None) -> str:
     """`path` spelled from the temp base: absolute, strictly below it, no `.`,
     `..` or empty component. Lexical: what the path leads to is checked when
-    it is opened, component by component (amavisd.beneath)."""
+    it is opened, component by component (amavisd.beneath). `real`: the temp
+    base's realpath, when the caller knows it (clients may use either name)."""
     base = os.path.normpath(tempbase)
     try:
-        names = components(path, base, os.path.realpath(base))
+        names = components(path, base, real or os.path.realpath(base))
     except OutsideBase as err:
         raise RequestError(failures.refused(f"{what} is outside the temp base"),
                            f"{what} {printable_path(path)} is outside the temp base "
@@ -83,7 +84,8 @@ def within(path: str, tempbase: str, what: str) -> str:
     return os.path.join(base, *names)
 
 
-def parse_message_request(block: Block, tempbase: str, log_id: str) -> MessageRequest:
+def parse_message_request(block: Block, tempbase: str, log_id: str,
+                          real: str | None = None) -> MessageRequest:
     if block.errors:
         more = block.error_count - 3
         # the codec's words about the client's own bytes: nothing of ours
@@ -94,8 +96,8 @@ def parse_message_request(block: Block, tempbase: str, log_id: str) -> MessageRe
     mail_file_raw = block.get("mail_file")
     if not tempdir_raw and not mail_file_raw:
         raise RequestError(failures.refused("request names neither tempdir nor mail_file"))
-    tempdir = within(tempdir_raw, tempbase, "tempdir") if tempdir_raw else None
-    mail_file = within(mail_file_raw, tempbase, "mail_file") if mail_file_raw else None
+    tempdir = within(tempdir_raw, tempbase, "tempdir", real) if tempdir_raw else None
+    mail_file = within(mail_file_raw, tempbase, "mail_file", real) if mail_file_raw else None
     care_of = (block.get("delivery_care_of", "client") or "client").lower()
     if care_of not in CARE_OF:
         raise RequestError(failures.refused("delivery_care_of must be client or server"),
@@ -203,7 +205,8 @@ class Session(session.Session):
         self.pending: list[Block] = []
         self.in_flight: str | None = None  # log id of the request being worked on
         self.refused = 0  # requests refused on this connection (logged once)
-        self.tidy: tuple[Base, HandOver, str] | None = None  # removal after the reply
+        self.tidy: tuple[HandOver, str] | None = None  # removal after the reply
+        self.avoid = (self.work_base,) if self.work_base else ()
 
     # -- what the loop asks ---------------------------------------------------
 
@@ -256,19 +259,22 @@ class Session(session.Session):
             self.in_flight = None
 
     def answer_message(self, block: Block, log_id: str) -> bytes:
+        try:  # held open across requests; re-opened if the path names another dir now
+            base, problem = held(self.tempbase, self.avoid), None
+        except OSError as err:
+            base, problem = None, err
         try:
-            message = parse_message_request(block, self.tempbase, log_id)
+            message = parse_message_request(block, self.tempbase, log_id,
+                                            base.real if base else None)
         except RequestError as err:
             return self._refuse(log_id, err)
         if message.care_of_server and self.peer_uid is None:
             # we would deliver a file of anyone's to recipients the client names
             return self._refuse(log_id, RequestError(failures.refused(
                 "delivery_care_of=server needs the client's uid (not found)")))
-        avoid = [self.work_base] if self.work_base else []
-        try:
-            base = Base(self.tempbase, avoid)
-        except OSError as err:
-            log.error("(%s) temp base %s unusable: %s", log_id, self.tempbase, err.strerror)
+        if base is None:
+            log.error("(%s) temp base %s unusable: %s", log_id, self.tempbase,
+                      problem.strerror if problem else "")
             return tempfail_reply(log_id, failures.LOCAL_PROBLEM)
         handed = HandOver(base, self.peer_uid, self.over_tcp)
         try:
@@ -285,12 +291,11 @@ class Session(session.Session):
             if message.remove_tempdir:
                 # after the reply is sent (freeing the inodes can take
                 # milliseconds on a busy disk), with the descriptors still held
-                self.tidy = (base, handed, message.tempdir)
+                self.tidy = (handed, message.tempdir)
             return reply
         finally:
             if self.tidy is None:
                 handed.close()
-                base.close()
 
     def after_reply(self) -> None:
         """Remove the answered request's tempdir while its descriptor is still
@@ -298,13 +303,12 @@ class Session(session.Session):
         (inode reuse)."""
         if self.tidy is None:
             return
-        base, handed, tempdir = self.tidy
+        handed, tempdir = self.tidy
         self.tidy = None
         try:
             handed.remove_tempdir(tempdir)
         finally:
             handed.close()
-            base.close()
 
     def check_and_forward(self, message: MessageRequest, mail_fd: int) -> bytes:
         """delivery_care_of=server: scan a private copy of the message, and

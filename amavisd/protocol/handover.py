@@ -31,10 +31,19 @@ import stat
 import struct
 
 from amavisd import failures
-from amavisd.beneath import DIR_FLAGS, FILE_FLAGS, Base, Identity, OutsideBase, identity
+from amavisd.beneath import (
+    DIR_FLAGS,
+    FILE_FLAGS,
+    Base,
+    Identity,
+    OutsideBase,
+    components,
+    identity,
+)
 
 log = logging.getLogger("amavisd.ampdp")
 
+DEFAULT_MAIL_FILE = "email.txt"  # the protocol's mail file in a tempdir
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _warned_tcp_tempdir = False  # "not removed over TCP" is logged once a process
 
@@ -122,26 +131,40 @@ class HandOver:
         """`mail_file` None means the protocol's default, email.txt in `tempdir`
         (`mail_path` names it in replies). Raises RequestError."""
         if tempdir is not None:
-            self.tempdir_fd = self._open(tempdir, DIR_FLAGS, "tempdir")
-            st = os.fstat(self.tempdir_fd)
+            self.tempdir_fd, st = self._open(tempdir, DIR_FLAGS, "tempdir")
             self._check_owner(st, "tempdir", tempdir)
             self.tempdir_id = identity(st)
         if mail_file is not None:
-            self.mail_fd = self._open(mail_file, FILE_FLAGS, "mail_file")
+            self.mail_fd, st = self._open(mail_file, FILE_FLAGS, "mail_file",
+                                          self._below_tempdir(tempdir, mail_file))
         else:
             try:
-                self.mail_fd = os.open("email.txt", FILE_FLAGS, dir_fd=self.tempdir_fd)
+                self.mail_fd = os.open(DEFAULT_MAIL_FILE, FILE_FLAGS, dir_fd=self.tempdir_fd)
+                st = os.fstat(self.mail_fd)
             except OSError as err:
                 raise open_failure("mail_file", mail_path, err) from None
-        st = os.fstat(self.mail_fd)
         if not stat.S_ISREG(st.st_mode):  # a FIFO, a device, a directory
             raise RequestError(failures.refused("mail_file is not a regular file"),
                                f"mail_file {printable_path(mail_path)} is not a regular file")
         self._check_owner(st, "mail_file", mail_path)
 
-    def _open(self, path: str, flags: int, what: str) -> int:
+    def _below_tempdir(self, tempdir: str | None, mail_file: str) -> list[str] | None:
+        """The names of `mail_file` below the tempdir just opened, when it
+        lies inside it (the usual request names both): it is then opened in
+        the directory that was checked, not through the tempdir's name again."""
+        if tempdir is None or self.tempdir_fd < 0:
+            return None
         try:
-            return self.base.open(path, flags)
+            return components(mail_file, tempdir)
+        except OutsideBase:
+            return None
+
+    def _open(self, path: str, flags: int, what: str,
+              below_tempdir: list[str] | None = None) -> tuple[int, os.stat_result]:
+        try:
+            if below_tempdir:
+                return self.base.open_names(below_tempdir, flags, self.tempdir_fd)
+            return self.base.open_stat(path, flags)
         except OutsideBase as err:
             raise RequestError(failures.refused(f"{what} is outside the temp base"),
                                f"{what} {printable_path(path)} is outside the temp base "
@@ -163,8 +186,9 @@ class HandOver:
         self.mail_fd = self.tempdir_fd = -1
 
     def remove_tempdir(self, tempdir: str) -> None:
-        """Remove the tempdir this request handed over, if it still is the one
-        that was checked; never over TCP."""
+        """Remove the tempdir this request handed over: emptied through the
+        descriptor that was checked, its name removed only while it still is
+        that directory; never over TCP."""
         global _warned_tcp_tempdir
         if self.tempdir_id is None:
             return
@@ -175,7 +199,8 @@ class HandOver:
                             "(no peer credentials to check whose it is)")
             return
         try:
-            self.base.remove(tempdir, expect=self.tempdir_id)
+            self.base.remove_opened(tempdir, self.tempdir_fd, self.tempdir_id,
+                                    first=DEFAULT_MAIL_FILE)
         except (OSError, OutsideBase) as err:
             log.warning("could not remove tempdir %s: %s", printable_path(tempdir), err)
 

@@ -19,10 +19,19 @@ short ones, and the log line names the setting that ran out.
 After each reply the handler is told (`handle_reply_sent`: notifications
 go out after the client has its answer) and asked whether to go on
 (`keep_going`: a retiring worker closes the connection after the reply).
+
+The socket stays in blocking mode and every recv and send says
+MSG_DONTWAIT; the loop waits in poll() only when the kernel has nothing for
+it. So the usual request, whole by the time the connection is handed to a
+worker, costs one recv, and the reply one send: no settimeout() (an ioctl
+each time) and no poll before every call, as a socket timeout would cost.
 """
 
 from __future__ import annotations
 
+import math
+import select
+import socket
 import time
 from dataclasses import dataclass
 
@@ -47,20 +56,31 @@ class ConnectionLimits:
                    config.max_connection_requests, config.max_connection_time)
 
 
-def serve(session: Session, limits: ConnectionLimits) -> int:
+def serve(session: Session, limits: ConnectionLimits, first: bytes = b"") -> int:
     """Serve one connection until it ends; the number of requests answered.
-    The caller closes the connection."""
+    `first`: what the doorman read of the first request (one not whole at its
+    first look): whole, or past max_request_bytes. The caller closes the connection."""
     answered = 0
     current = session.connection_limits(limits)
     ends = time.monotonic() + current.max_time
+    if session.conn.gettimeout():  # a socket timeout would poll before every call
+        session.conn.settimeout(None)
     try:
         greeting = session.greeting()
         if greeting and not _send(session, greeting, current):
             return 0
+        if first:
+            session.receive(first)
+            if len(first) > session.max_request_bytes and not session.request_ready():
+                _send(session, session.oversize(), current)
+                return 0
+        # a client that speaks first has usually sent its request already
+        eager = not greeting
         while answered < current.max_requests and not session.closing:
             current = session.connection_limits(limits)  # for the request to come
-            if not _next_request(session, current, ends):
+            if not _next_request(session, current, ends, eager):
                 break
+            eager = False
             answered += 1
             sent = _send(session, session.answer(), session.connection_limits(limits))
             session.after_reply()
@@ -74,11 +94,13 @@ def serve(session: Session, limits: ConnectionLimits) -> int:
     return answered
 
 
-def _next_request(session: Session, limits: ConnectionLimits, ends: float) -> bool:
+def _next_request(session: Session, limits: ConnectionLimits, ends: float,
+                  eager: bool = False) -> bool:
     """Read until a complete request waits; False when the connection should
     end: EOF, idle past the idle timeout, a request not complete within the
     request timeout (from its first byte), one too large (answered), or the
-    connection past its own time (`ends`: max_time after it was accepted)."""
+    connection past its own time (`ends`: max_time after it was accepted).
+    `eager`: bytes are likely there already, so recv before any poll."""
     if session.request_ready():
         return True
     conn = session.conn
@@ -97,11 +119,13 @@ def _next_request(session: Session, limits: ConnectionLimits, ends: float) -> bo
         if remaining <= 0:
             _hang_up(session, limits, request_until is not None, whole=deadline >= ends)
             return False
-        conn.settimeout(remaining)
-        try:
-            data = conn.recv(65536)
-        except TimeoutError:
+        if not eager and not _wait(conn, select.POLLIN, remaining):
             continue  # the deadline check above decides
+        eager = False
+        try:
+            data = conn.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue  # nothing after all: wait for it
         except OSError:
             return False
         if not data:
@@ -135,14 +159,31 @@ def _hang_up(session: Session, limits: ConnectionLimits, mid_request: bool,
 def _send(session: Session, data: bytes, limits: ConnectionLimits) -> bool:
     """False when the reply could not be sent: the connection is over (a
     client that does not read its replies must not hold the worker)."""
+    conn = session.conn
+    deadline = time.monotonic() + limits.idle_timeout  # for the whole reply, as sendall's
+    view = memoryview(data)
     try:
-        session.conn.settimeout(limits.idle_timeout)
-        session.conn.sendall(data)
+        while view:
+            try:
+                view = view[conn.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                if not _wait(conn, select.POLLOUT, deadline - time.monotonic()):
+                    raise TimeoutError from None
     except OSError as err:
         session.log.warning("%s client did not take its reply: %s", session.label,
                             err.strerror or type(err).__name__)
         return False
     return True
+
+
+def _wait(conn: socket.socket, events: int, seconds: float) -> bool:
+    """Whether `conn` became ready for `events` (or hung up, or failed: the
+    next call says which) within `seconds`."""
+    if seconds <= 0:
+        return False
+    poller = select.poll()
+    poller.register(conn, events)
+    return bool(poller.poll(math.ceil(seconds * 1000)))
 
 
 def send_last_words(session: Session, reason: str) -> None:

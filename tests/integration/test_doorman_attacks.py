@@ -260,3 +260,96 @@ def test_a_reload_keeps_what_the_doorman_holds(daemon):
         while not replies and (data := sock.recv(65536)):
             replies = [reply.get("return_value") for reply in decoder.feed(data)]
     assert replies == [CLEAN], replies
+
+
+def big_block(job: Path, size: int, end: bytes = b"\r\n") -> bytes:
+    """An AM.PDP request for a spooled message, with recipients up to `size`
+    bytes; `end`: b"" for one that never ends."""
+    head = block(job)[:-2]  # without its empty line
+    lines = [head]
+    total, n = len(head), 0
+    while total < size:
+        line = b"recipient=<recipient-%06d@a-rather-long-domain-name.example.test>\r\n" % n
+        lines.append(line)
+        total += len(line)
+        n += 1
+    return b"".join(lines) + end
+
+
+def test_requests_that_stop_past_the_peek_window_hold_no_worker(short_tmp, clamd_nodecomp):
+    """Issue 17: more clients than workers each send 64 KiB and a bit of a
+    request, then nothing. A peek cannot tell them from a big request whose
+    client waits for us to read; passed on, each held the one worker for
+    request_timeout. The doorman reads on and holds them itself: a real
+    request meanwhile is answered at once, and they are closed
+    request_timeout after their first byte."""
+    timeout = 3.0
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                            max_requests=0, request_timeout=timeout)
+    daemon.start()
+    try:
+        daemon.wait_for_workers(1)
+        stalled = []
+        for n in range(4):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(daemon.socket_path)
+            sock.sendall(big_block(spool(daemon, f"stall{n}"), 64 * 1024 + 1000, end=b""))
+            stalled.append(sock)
+        sent = time.monotonic()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert request(daemon.socket_path, spool(daemon, "real"), timeout=30) == CLEAN
+        waited = time.monotonic() - started
+        closed = []
+        for sock in stalled:
+            sock.settimeout(timeout + 3)
+            assert sock.recv(100) == b""  # end-of-file, no reply: the client tempfails
+            closed.append(time.monotonic() - sent)
+        print(f"\n4 requests stopped past 64 KiB, 1 worker: a real request answered in "
+              f"{waited * 1000:.0f} ms; the 4 closed after {min(closed):.1f}-{max(closed):.1f} s")
+        assert waited < 1.0, waited
+        assert max(closed) < timeout + 1.5, closed
+        for sock in stalled:
+            sock.close()
+    finally:
+        daemon.stop()
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """sendall, for a thread: the server may hang up before the end."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def test_a_one_mib_request_is_answered(daemon):
+    """15,000 recipients (1 MiB, far past the peek window and the client's
+    send buffer): read by the doorman, answered by the worker from the bytes
+    it was given; a request past max_request_bytes gets a clear refusal, at
+    once (not request_timeout later)."""
+    data = big_block(spool(daemon, "big"), 1 << 20)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(daemon.socket_path)
+        started = time.monotonic()
+        sock.sendall(data)
+        decoder = Decoder()
+        replies = []
+        while not replies and (chunk := sock.recv(65536)):
+            replies = list(decoder.feed(chunk))
+        took = time.monotonic() - started
+    print(f"\n1 MiB request ({data.count(b'recipient=')} recipients): answered in {took:.2f} s")
+    assert [reply.get("return_value") for reply in replies] == [CLEAN], replies
+    huge = big_block(spool(daemon, "huge"), 4 * 1024 * 1024 + 100_000, end=b"")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(daemon.socket_path)
+        started = time.monotonic()
+        threading.Thread(target=send_quietly, args=(sock, huge), daemon=True).start()
+        decoder = Decoder()
+        replies = []
+        while not replies and (chunk := sock.recv(65536)):
+            replies = list(decoder.feed(chunk))
+        took = time.monotonic() - started
+    assert [reply.get("return_value") for reply in replies] == ["tempfail"], replies
+    assert "too large" in replies[0].get("setreply", ""), replies
+    assert took < 5.0, took

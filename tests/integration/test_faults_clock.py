@@ -96,7 +96,7 @@ def test_wall_clock_jumps_mid_stream(short_tmp, clamd_nodecomp, jump, ingress):
 # The test found a worker bug: the worker that lost the race for the one
 # connection blocked on the doorman's queue (socket.recv_fds dropped its
 # MSG_DONTWAIT), its heartbeat still, and was aborted as stuck too, at times
-# while serving the resend (amavisd.doorman.recv_fds_nowait).
+# while serving the resend (amavisd.doorman.handout.recv_fds_nowait).
 STUCK_CHILD_TIMEOUT = 3.0
 
 

@@ -152,7 +152,7 @@ def test_a_worker_that_loses_the_race_for_a_connection_does_not_block_on_the_que
     once to touch its heartbeat. socket.recv_fds (CPython 3.11) drops its
     MSG_DONTWAIT, and the loser blocked until the next connection: aborted as
     stuck after child_timeout on a quiet server (test_faults_clock caught it)."""
-    from amavisd.doorman import recv_fds_nowait
+    from amavisd.doorman.handout import recv_fds_nowait
 
     send, queue = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     passed, _ = socket.socketpair()

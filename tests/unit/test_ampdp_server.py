@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -111,7 +112,7 @@ class StandIn:
         self.config = configuration.load(None, {"tempbase": str(tempbase),
                                                 "work_base": str(tempbase) + "-work"}
                                          | (settings or {}))
-        self.ids = iter(range(1, 100))
+        self.ids = itertools.count(1)
         self.calls = []
         self.process = process or self.clean
 
