@@ -10,7 +10,11 @@ clamd) and the same daemon settings:
 - postfix: no milter, the floor a milter is measured against;
 - ours: `smtpd_milters` -> our amavisd-milter -> our daemon -> clamd;
 - c-milter: Debian's C amavisd-milter (1.7.2) -> our daemon -> clamd, the
-  client nobody here wrote, for scale.
+  client nobody here wrote, for scale;
+- baseline: ours, but run from another copy of amavisd_client/ (`--baseline
+  DIR`, e.g. `git archive HEAD amavisd_client | tar -x -C DIR`): a change's
+  before and after on the same machine load. Runs alternate rows, so load
+  that comes and goes hits each row alike.
 
 The clock covers smtp-source from start to exit: every message has had its
 250 (so the milter's verdict) by then. Each row is then checked, outside
@@ -19,7 +23,8 @@ the sink after its queue drained; a row that fails prints no number.
 
 Usage (as root: Postfix, the daemon's user):
     .venv/bin/python bench/milter_throughput.py [-n 500] [-s 10] [-l 4096] [--workers 2]
-        [--runs 3] [--rows postfix,ours,c-milter]
+        [--runs 3] [--rows postfix,ours,c-milter] [--profile milter.svg]
+        [--rows postfix,baseline,ours --baseline /tmp/before]
 """
 
 from __future__ import annotations
@@ -87,13 +92,83 @@ def c_milter(workdir: Path, daemon, user: str = DAEMON_USER):
         proc.wait(10)
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU of a live process so far (/proc/PID/stat); with
+    `children`, plus its live children's and its reaped children's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        seconds = sum(cpu_seconds(int(kid), True) for kid in kids)
+        return ticks / os.sysconf("SC_CLK_TCK") + seconds
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds every core spent busy so far (/proc/stat: all but idle and iowait)."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_now(pid: int | None, daemon) -> dict[str, float]:
+    """CPU seconds so far: the machine's, our milter's, the daemon's process tree."""
+    now = {"machine": machine_cpu_seconds()}
+    if pid:
+        now["milter"] = cpu_seconds(pid)
+    if getattr(daemon, "proc", None) is not None:
+        now["daemon"] = cpu_seconds(daemon.proc.pid, children=True)
+    return now
+
+
 @contextlib.contextmanager
-def milter_for(row: str, base: Path, daemon: DaemonInstance):
+def py_spy(pid: int | None, out: Path | None):
+    """`py-spy record` on our milter for the timed part, when asked (--profile)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if pid is None or out is None or not os.access(spy, os.X_OK):
+        yield
+        return
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format",
+                             "raw" if out.suffix == ".txt" else "flamegraph", "-o", str(out),
+                             *os.environ.get("PY_SPY_ARGS", "").split()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the clock starts
+    try:
+        yield
+    finally:
+        proc.send_signal(2)
+        proc.wait(60)
+
+
+class MilterFrom(MilterInstance):
+    """Our milter run from another copy of amavisd_client/ (`--baseline DIR`):
+    a before and an after measured in one session, on one machine's load."""
+
+    def __init__(self, root: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.root = root
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        assert argv[1:3] == ["-m", "amavisd_client.milter.main"]
+        return [argv[0], "-c", f"import sys, runpy; sys.path.insert(0, {self.root!r}); "
+                "runpy.run_module('amavisd_client.milter.main', run_name='__main__')",
+                *argv[3:]]
+
+
+@contextlib.contextmanager
+def milter_for(row: str, base: Path, daemon: DaemonInstance, baseline: str | None = None):
+    """The milter's address for Postfix (None: no milter), and its pid when it is ours."""
     if row == "postfix":
-        yield None
-    elif row == "ours":
-        milter = MilterInstance(base / "m", daemon, f"unix:{base}/milter.sock",
-                                "--socket-group", "postfix")
+        yield None, None
+    elif row in ("ours", "baseline"):
+        where = (base / "m", daemon, f"unix:{base}/milter.sock", "--socket-group", "postfix")
+        if row == "baseline":
+            if not baseline:
+                raise SystemExit("row baseline needs --baseline DIR")
+            milter: MilterInstance = MilterFrom(baseline, *where)
+        else:
+            milter = MilterInstance(*where)
         # It drops to the daemon's user, as in production, and must still
         # reach the rig's NOTIFY_SOCKET: bound under umask 0 it is 0777.
         old = os.umask(0)
@@ -102,22 +177,26 @@ def milter_for(row: str, base: Path, daemon: DaemonInstance):
         finally:
             os.umask(old)
         try:
-            yield milter.listen
+            assert milter.proc is not None
+            yield milter.listen, milter.proc.pid
         finally:
             milter.stop()
     elif row == "c-milter":
         with c_milter(base / "c", daemon) as address:
-            yield address
+            yield address, None
     elif row == "c-milter+amavisd-new":  # daemon is an AmavisdNewInstance
         with c_milter(base / "c", daemon, AMAVIS_USER) as address:
-            yield address
+            yield address, None
     else:
         raise SystemExit(f"unknown row {row!r}")
 
 
 def run_row(row: str, base: Path, daemon: DaemonInstance, args) -> float:
-    """Seconds smtp-source took for args.n messages; raises if any went astray."""
-    with smtp_sink(base) as relay, milter_for(row, base, daemon) as milter:
+    """Seconds smtp-source took for args.n messages; raises if any went astray.
+    With args.cpu (a dict), CPU seconds in the clock go to args.cpu[row,
+    what] (what: machine, milter, daemon; see cpu_now); with args.profile (a path), py-spy records it meanwhile."""
+    with smtp_sink(base) as relay, \
+            milter_for(row, base, daemon, getattr(args, "baseline", None)) as (milter, pid):
         main = {"milter_content_timeout": "300s", "in_flow_delay": "0",
                 "default_process_limit": "200"}
         pfx = PostfixInstance(base / "postfix", relay=relay,
@@ -126,9 +205,15 @@ def run_row(row: str, base: Path, daemon: DaemonInstance, args) -> float:
             argv = ["smtp-source", "-s", str(args.sessions), "-m", str(args.n),
                     "-l", str(args.length), "-f", "bench@example.test",
                     "-t", "rcpt@example.test", f"127.0.0.1:{pfx.smtp_port}"]
-            started = time.perf_counter()
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-            elapsed = time.perf_counter() - started
+            profile = getattr(args, "profile", None)
+            with py_spy(pid if row == "ours" else None, Path(profile) if profile else None):
+                cpu = cpu_now(pid, daemon)
+                started = time.perf_counter()
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+                elapsed = time.perf_counter() - started
+                if isinstance(getattr(args, "cpu", None), dict):
+                    for what, seconds in cpu_now(pid, daemon).items():
+                        args.cpu.setdefault((row, what), []).append(seconds - cpu[what])
             if done.returncode:
                 raise RuntimeError(f"{row}: smtp-source exit {done.returncode}: "
                                    f"{done.stdout[-500:]}{done.stderr[-500:]}")
@@ -149,7 +234,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="daemon workers")
     parser.add_argument("--runs", type=int, default=1, help="runs a row (median)")
     parser.add_argument("--rows", default="postfix,ours,c-milter")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="row baseline: our milter from DIR/amavisd_client (a before)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="py-spy our milter into FILE (.svg flame graph, .txt raw stacks)")
     args = parser.parse_args()
+    args.cpu = {}
     if os.geteuid() != 0:
         raise SystemExit("run as root (a private Postfix; the daemon's user)")
     rows = args.rows.split(",")
@@ -169,17 +259,23 @@ def main() -> int:
                     base = top / f"{row}-{run}"
                     base.mkdir()
                     results[row].append(run_row(row, base, daemon, args))
+                    print(f"run {run + 1} {row}: {args.n / results[row][-1]:.0f} msgs/s",
+                          flush=True)
     finally:
         clamd.stop()
         shutil.rmtree(top, ignore_errors=True)
     floor = statistics.median(results["postfix"]) if "postfix" in results else None
     print(f"\n{args.n} messages of {args.length} bytes, {args.sessions} sessions, "
           f"{args.workers} daemon workers, {os.cpu_count()} cores, median of {args.runs}\n")
-    print("| Row | seconds | msgs/s | vs postfix |\n|:---|---:|---:|---:|")
+    print("| Row | seconds | msgs/s | vs postfix | CPU ms/msg: machine | milter | daemon |\n"
+          "|:---|---:|---:|---:|---:|---:|---:|")
     for row, times in results.items():
         seconds = statistics.median(times)
         ratio = f"{seconds / floor:.2f}x" if floor else "-"
-        print(f"| {row} | {seconds:.2f} | {args.n / seconds:.0f} | {ratio} |")
+        cpu = " | ".join(f"{statistics.median(args.cpu[row, what]) * 1000 / args.n:.2f}"
+                         if (row, what) in args.cpu else ""
+                         for what in ("machine", "milter", "daemon"))
+        print(f"| {row} | {seconds:.2f} | {args.n / seconds:.0f} | {ratio} | {cpu} |")
     return 0
 
 

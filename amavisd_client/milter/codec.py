@@ -257,25 +257,41 @@ class Framer:
         """Bytes of an incomplete packet held (bounded by max_packet + 4)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         if self._error is not None:
             raise ProtocolError(self._error)
-        self._buffer += data
+        held = self._buffer
+        if held:  # a packet began in an earlier read: go on only once it is whole
+            held += data
+            if len(held) < 4:
+                return []
+            (length,) = _U32.unpack_from(held)
+            self._check(length)
+            if len(held) < 4 + length:
+                return []
+            data = bytes(held)
+            held.clear()
+        # The usual case: whole packets, sliced from the bytes as they came.
         packets: list[tuple[int, bytes]] = []
-        pos, buf = 0, self._buffer
-        while len(buf) - pos >= 4:
-            (length,) = _U32.unpack_from(buf, pos)
-            if length < 1 or length > self.max_packet:
-                self._error = (f"packet of {length} bytes "
-                               f"({'empty' if length < 1 else f'over {self.max_packet}'})")
-                del buf[:]
-                raise ProtocolError(self._error)
-            if len(buf) - pos < 4 + length:
+        pos, end = 0, len(data)
+        while end - pos >= 4:
+            (length,) = _U32.unpack_from(data, pos)
+            self._check(length)
+            after = pos + 4 + length
+            if after > end:
                 break
-            packets.append((buf[pos + 4], bytes(buf[pos + 5:pos + 4 + length])))
-            pos += 4 + length
-        del buf[:pos]
+            packets.append((data[pos + 4], bytes(data[pos + 5:after])))
+            pos = after
+        if pos < end:
+            held += memoryview(data)[pos:]
         return packets
+
+    def _check(self, length: int) -> None:
+        if length < 1 or length > self.max_packet:
+            self._error = (f"packet of {length} bytes "
+                           f"({'empty' if length < 1 else f'over {self.max_packet}'})")
+            self._buffer.clear()
+            raise ProtocolError(self._error)
 
 
 class Decoder:
@@ -284,7 +300,7 @@ class Decoder:
     def __init__(self, max_packet: int = MAX_PACKET):
         self.framer = Framer(max_packet)
 
-    def feed(self, data: bytes) -> list[Command]:
+    def feed(self, data: bytes | memoryview) -> list[Command]:
         commands: list[Command] = []
         for code, payload in self.framer.feed(data):
             parse = COMMANDS.get(code)

@@ -7,7 +7,8 @@ no further command (it keeps what arrives); the driver hands back the
 daemon's reply with `answer(block)` or its own failure with `fail(reason)`
 and gets the end-of-message packets. The message goes to a sink the driver
 supplies (`open_sink`), header by header and chunk by chunk as it arrives:
-the machine never holds a message in memory.
+the machine never holds a message in memory (the sink may hold its start:
+spool.py).
 
 Negotiation: version 6 when the MTA offers 6 or more, else version 2 (the
 MTA then sends only version-2 events, and every event gets a reply). We ask
@@ -77,7 +78,9 @@ DEFAULT_POLICY = Policy()
 
 
 class Sink(Protocol):
-    """Where a message's bytes go: the spool file (spool.py), or memory in tests."""
+    """Where a message's bytes go: the spool file (spool.py), or memory in tests.
+    `path` and `dir` may be known only once the driver has opened it (spool.py
+    makes the file when the daemon is asked: daemon.py)."""
 
     path: str  # the mail file, for AM.PDP's mail_file
     dir: str  # its private dir, for AM.PDP's tempdir
@@ -95,11 +98,19 @@ class Send:
 @dataclass
 class Ask:
     """Ask the daemon: `attrs` is the AM.PDP request; the driver owns `sink` now
-    and removes it when the daemon is done with it."""
+    and removes it when the daemon is done with it. The request names the
+    sink's path, so `attrs` is read once the driver has opened the sink."""
 
-    attrs: list[tuple[str, str | list[str]]]
+    envelope: list[tuple[str, str | list[str]]]  # request, sender, recipients
+    details: list[tuple[str, str | list[str]]]  # queue id, client, policy banks ...
     sink: Sink
     summary: str  # for the log line: queue id, sender, recipients
+
+    @property
+    def attrs(self) -> list[tuple[str, str | list[str]]]:
+        sink = self.sink
+        return [*self.envelope, ("tempdir", sink.dir), ("tempdir_removed_by", "client"),
+                ("mail_file", sink.path), ("delivery_care_of", "client"), *self.details]
 
 
 @dataclass
@@ -164,7 +175,7 @@ class MilterSession:
 
     # -- driver side ------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
         """Take bytes from the MTA (b"" to go on after an answer) and return
         what to do; stops at an Ask, keeping the rest for later."""
         if self.closed:
@@ -341,7 +352,7 @@ class MilterSession:
             return [Send(failure_packets(self.policy))]
         self.waiting = True
         sink, message.sink = message.sink, None  # the driver's now: it alone removes it
-        return [Ask(self._request(sink), sink, self._summary())]
+        return [Ask(*self._request(), sink, self._summary())]
 
     def on_Unknown(self, command: codec.Unknown) -> list[Event]:
         return self._reply(command)
@@ -362,7 +373,9 @@ class MilterSession:
 
     # -- the question -------------------------------------------------------------------------
 
-    def _request(self, sink: Sink) -> list[tuple[str, str | list[str]]]:
+    def _request(self) -> tuple[list[tuple[str, str | list[str]]],
+                                list[tuple[str, str | list[str]]]]:
+        """The AM.PDP request around the spool's attributes: (envelope, details)."""
         m, client = self.message, self.client
         attrs: list[tuple[str, str | list[str]]] = [
             ("request", "AM.PDP"),
@@ -371,8 +384,6 @@ class MilterSession:
         recipients = m.recipients or ([self.macro("rcpt_addr")] if self.macro("rcpt_addr")
                                       else [])
         attrs.extend(("recipient", angle(r)) for r in recipients)
-        attrs += [("tempdir", sink.dir), ("tempdir_removed_by", "client"),
-                  ("mail_file", sink.path), ("delivery_care_of", "client")]
         address = client.address if client.family in ("4", "6") else ""
         optional = {
             "queue_id": self.macro("i"),
@@ -383,5 +394,4 @@ class MilterSession:
             "protocol_name": self.macro("r") or ("ESMTP" if m.esmtp else "SMTP"),
             "policy_bank": policy_banks(self.policy_bank, self.macro),
         }
-        attrs.extend((name, value) for name, value in optional.items() if value)
-        return attrs
+        return attrs, [(name, value) for name, value in optional.items() if value]

@@ -286,6 +286,197 @@ def test_many_mta_connections_are_served_at_once(short_tmp, tempbase):
         f"<r{i}@example.test>" for i in range(20))
 
 
+def test_a_small_message_touches_the_disk_only_when_the_daemon_is_asked(short_tmp, tempbase):
+    """The event loop makes no spool for a message that fits in memory: up to
+    the end of message the temp base stays empty; the call that asks the
+    daemon makes it, and the daemon reads exactly what the MTA sent."""
+    daemon = FaultDaemon(short_tmp / "daemon.sock", clean_reply)
+    config = settings(short_tmp, tempbase)
+    *start, eom = message()
+
+    async def watched(server):
+        reader, writer = await asyncio.open_unix_connection(config.listen.path)
+        writer.write(b"".join(codec.encode_command(c) for c in start))
+        await asyncio.wait_for(reader.read(100), 10)  # the negotiation reply
+        await asyncio.sleep(0.3)  # every command before EOM is in
+        before_eom = os.listdir(tempbase)
+        writer.write(codec.encode_command(eom))
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        return before_eom, reply
+    try:
+        before_eom, reply = run_server(config, watched)
+    finally:
+        daemon.close()
+    assert before_eom == []
+    assert [code for code, _ in Framer().feed(reply)][-1] == ord("c")
+    assert daemon.spooled[0][0] == b"From:alice@example.test\r\nSubject:hi\r\n\r\nhello\r\n"
+    assert os.listdir(tempbase) == []
+
+
+def test_a_message_larger_than_the_memory_hold_is_spooled_whole(short_tmp, tempbase):
+    """Past spool.MEMORY the message goes to the file chunk by chunk, on the loop."""
+    from amavisd_client.milter import spool
+
+    daemon = FaultDaemon(short_tmp / "daemon.sock", clean_reply)
+    config = settings(short_tmp, tempbase)
+    chunks = [bytes([65 + n]) * 60_000 + b"\r\n" for n in range(5)]  # 300 KB, 5 packets
+    body = b"".join(chunks)
+    assert len(body) > 4 * spool.MEMORY
+    commands = message(body=chunks[0])
+    commands[9:9] = [codec.Body(c) for c in chunks[1:]]  # after the first chunk
+    try:
+        replies = run_server(config, lambda s: mta_session(config.listen.path, commands))
+    finally:
+        daemon.close()
+    assert final(replies) == [("c", b"")]
+    assert daemon.spooled[0][0] == b"From:alice@example.test\r\nSubject:hi\r\n\r\n" + body
+    assert os.listdir(tempbase) == []
+
+
+def test_the_spool_sink_holds_then_makes_the_file_and_never_after_discard(tempbase):
+    from amavisd_client.milter.spool import SpoolSink
+    from amavisd_client.spool import SpoolError
+
+    sink = SpoolSink(str(tempbase), memory=10)
+    sink.write(b"12345")
+    assert os.listdir(tempbase) == [] and sink.size == 5
+    with pytest.raises(SpoolError):
+        _ = sink.path  # no path to name before the file exists
+    sink.write(b"6789abc")  # past `memory`: made now, the held bytes first
+    with open(sink.path, "rb") as fh:
+        assert fh.read() == b"123456789abc"
+    assert stat.S_IMODE(os.stat(sink.path).st_mode) == 0o600
+    sink.discard()
+    sink.discard()
+    assert os.listdir(tempbase) == []
+    held = SpoolSink(str(tempbase))
+    held.write(b"x")
+    held.discard()  # the connection went away before the daemon was asked
+    with pytest.raises(SpoolError):
+        held.open()  # a late thread makes nothing
+    with pytest.raises(SpoolError):
+        held.write(b"y")
+    assert os.listdir(tempbase) == []
+
+
+def test_the_daemon_is_asked_over_tcp_on_the_loop_and_the_spool_goes_after(tempbase):
+    """daemon.py's non-blocking exchange over TCP (the rest of these tests use
+    a Unix socket): the daemon reads the spool while asked; it is gone after."""
+    from amavisd_client.milter.daemon import DaemonCall
+    from amavisd_client.milter.spool import SpoolSink
+    from amavisd_client.milter.state import Ask
+
+    seen = []
+
+    async def daemon(reader, writer):
+        decoder, blocks = Decoder(), []
+        while not blocks:
+            blocks = decoder.feed(await reader.read(65536))
+        with open(blocks[0].get("mail_file"), "rb") as fh:
+            seen.append((blocks[0], fh.read()))
+        writer.write(clean_reply(None))
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(daemon, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sink = SpoolSink(str(tempbase))
+        sink.write(b"Subject: x\r\n\r\nbody\r\n")
+        question = Ask([("request", "AM.PDP"), ("sender", "<a@x>")], [], sink, "test")
+        try:
+            return await DaemonCall(Address("tcp", host="127.0.0.1", port=port),
+                                    question).run()
+        finally:
+            server.close()
+    reply = asyncio.run(main())
+    assert reply.get("return_value") == "continue"
+    assert seen[0][1] == b"Subject: x\r\n\r\nbody\r\n"
+    assert os.listdir(tempbase) == []
+
+
+def test_a_daemon_socket_with_a_full_backlog_is_waited_for_not_failed(short_tmp, tempbase):
+    """A connect to a Unix socket whose backlog is full fails at once (EAGAIN;
+    the thread-and-timeout client made that a tempfail): the call tries again
+    until the daemon accepts, within daemon_timeout, and gets its verdict."""
+    from amavisd_client.milter.daemon import DaemonCall
+    from amavisd_client.milter.spool import SpoolSink
+    from amavisd_client.milter.state import Ask
+
+    path = str(short_tmp / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    while True:  # queue connections nobody accepts until one would have to wait
+        filler = socket.socket(socket.AF_UNIX)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            filler.close()
+            break
+        fillers.append(filler)
+
+    def accept_later():
+        time.sleep(0.5)
+        for _ in range(len(fillers) + 1):
+            conn, _ = listener.accept()
+            conn.settimeout(5)
+            decoder, blocks = Decoder(), []
+            try:
+                while not blocks:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    blocks = decoder.feed(data)
+                if blocks:
+                    conn.sendall(clean_reply(blocks[0]))
+            except OSError:
+                pass
+            conn.close()
+    daemon = threading.Thread(target=accept_later, daemon=True)
+    daemon.start()
+    for filler in fillers:
+        filler.close()  # accepted, then seen closed
+
+    async def main():
+        sink = SpoolSink(str(tempbase))
+        sink.write(b"\r\nbody\r\n")
+        question = Ask([("request", "AM.PDP"), ("sender", "<a@x>")], [], sink, "test")
+        return await DaemonCall(Address("unix", path=path), question).run()
+    try:
+        reply = asyncio.run(main())
+    finally:
+        daemon.join(10)
+        listener.close()
+    assert reply.get("return_value") == "continue"
+    assert os.listdir(tempbase) == []
+
+
+def test_a_silent_mta_connection_is_closed_after_the_idle_timeout(short_tmp, tempbase,
+                                                                 monkeypatch):
+    from amavisd_client.milter import server as server_module
+
+    monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.5)
+    config = settings(short_tmp, tempbase)
+
+    async def silent(server):
+        reader, writer = await asyncio.open_unix_connection(config.listen.path)
+        writer.write(b"".join(codec.encode_command(c) for c in message()[:5]))
+        started = time.monotonic()
+        first = await asyncio.wait_for(reader.read(100), 10)
+        rest = await asyncio.wait_for(reader.read(100), 10)  # b"": closed on us
+        writer.close()
+        return first, rest, time.monotonic() - started, len(server.connections)
+    first, rest, took, left = run_server(config, silent)
+    assert first[4:5] == b"O" and rest == b"" and left == 0
+    assert 0.4 <= took < 5
+    assert os.listdir(tempbase) == []  # the half-begun message is gone
+
+
 def test_several_messages_on_one_connection_after_abort(short_tmp, tempbase):
     daemon = FaultDaemon(short_tmp / "daemon.sock", clean_reply)
     config = settings(short_tmp, tempbase)
