@@ -310,6 +310,12 @@ class Worker:
             self.alive = False
         return self.alive
 
+    def others_waiting(self) -> bool:
+        """Connections in the doorman's queue no idle worker has taken (asked
+        by the loop while a client is silent between requests: it then gives
+        its worker up)."""
+        return handout.waiting(self.queue) > 0
+
     def beat(self) -> None:
         """Touch the heartbeat, unless we did less than BEAT_SLACK ago."""
         now = time.monotonic()

@@ -34,7 +34,7 @@ import smtplib
 
 from amavisd.actions.outcome import ForwardError, Handed, Message, Params
 from amavisd.actions.smtpdata import message_chunks, message_size
-from amavisd.actions.smtpsession import IDLE, HopClient, close
+from amavisd.actions.smtpsession import IDLE, HopClient, close, unread
 from amavisd.envelope import bare_address
 
 log = logging.getLogger("amavisd.forward")
@@ -184,10 +184,25 @@ class Transaction:
             go = client.docmd("DATA")
         if go[0] != 354:
             raise self.hop_said("DATA", *go, refused)
-        for chunk in message_chunks(data):
-            client.send(chunk)
+        self.send_content(client, data)
         client.in_data = False
         return self.data_replies(client, accepted, refused)
+
+    def send_content(self, client: HopClient, data: Message) -> None:
+        """The content, its final dot last, sent only while the hop has said
+        nothing since its 354: a byte from it before the dot is a reply out of
+        step (a stray or early line) that would be taken for the reply to the
+        end of DATA, "delivered" for a message the hop never ended. Then no
+        dot goes: the connection is dropped in DATA and the hop keeps nothing."""
+        last = None
+        for chunk in message_chunks(data):
+            if last is not None:
+                client.send(last)
+            last = chunk
+        if unread(client):
+            raise self.fail("the next hop spoke before the end of DATA (out of step): "
+                            "not ended, dropped")
+        client.send(last)
 
     def pipelined(self, client: HopClient, commands: list[str]) -> list[tuple[int, bytes]]:
         """Send the group in one write, read its replies in order. A kept

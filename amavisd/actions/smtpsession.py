@@ -76,7 +76,7 @@ class IdleSessions:
         if time.monotonic() - since > keep_idle:
             close(client)
             return None
-        if _unread(client):  # a stray line would be taken for the next reply
+        if unread(client):  # a stray line would be taken for the next reply
             close(client, quit=False)
             return None
         if client.has_extn("pipelining"):
@@ -111,7 +111,7 @@ class IdleSessions:
                 close(client)
 
 
-def _unread(client: HopClient) -> bool:
+def unread(client: HopClient) -> bool:
     """Bytes the hop sent since its last reply (or no socket at all), found
     without blocking: such a session's replies would be out of step."""
     sock = client.sock

@@ -95,6 +95,17 @@ def recv_fds_nowait(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes,
     return data, list(fds)
 
 
+def waiting(queue: socket.socket | None) -> int:
+    """Hand-outs in the queue not yet taken by a worker (one byte each:
+    FIONREAD of a SEQPACKET socket counts them all); 0 if it cannot be told."""
+    if queue is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(queue, termios.FIONREAD, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0
+
+
 MAX_FDS = 2  # the connection, and its spill if the doorman read some of it
 
 
@@ -167,12 +178,8 @@ class Outbox:
 
     @property
     def queued(self) -> int:
-        """Connections in the queue, passed and not yet taken by a worker
-        (one byte a hand-out: FIONREAD of a SEQPACKET socket counts them all)."""
-        try:
-            return struct.unpack("i", fcntl.ioctl(self.queue, termios.FIONREAD, b"\0" * 4))[0]
-        except (OSError, ValueError):
-            return 0
+        """Connections in the queue, passed and not yet taken by a worker."""
+        return waiting(self.queue)
 
     def spilled_now(self) -> int:
         """Bytes of spills still ours to answer for: waiting in `ready`, or in

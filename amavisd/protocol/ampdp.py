@@ -192,6 +192,9 @@ class Session(session.Session):
     label = "AM.PDP"
     log = log
     max_request_bytes = MAX_REQUEST_BYTES
+    # seconds silent between requests, then closed if others wait for a worker
+    # (protocol.loop): AM.PDP clients reconnect when they find it closed
+    gives_way = 0.1
 
     def __init__(self, conn: socket.socket, handler: Handler) -> None:
         super().__init__(conn, handler)

@@ -25,6 +25,17 @@ MSG_DONTWAIT; the loop waits in poll() only when the kernel has nothing for
 it. So the usual request, whole by the time the connection is handed to a
 worker, costs one recv, and the reply one send: no settimeout() (an ioctl
 each time) and no poll before every call, as a socket timeout would cost.
+
+Between requests, a session that may be ended there gives its worker up
+once other connections wait for one (`others_waiting`, the handler's):
+otherwise a client that sends one cheap request and then keeps silent holds
+a worker for client_idle_timeout, again and again, and with as many
+connections as there are workers starves every real client, the very
+attack the doorman holds first requests for. The session says after how
+much silence (`gives_way`, seconds; 0: never) and what it says before it
+hangs up (`give_way_reply`, e.g. SMTP's 421); AM.PDP's clients reconnect
+when they find their kept connection closed. Asked only after that
+silence, so a client that goes on at once costs nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import math
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from amavisd.protocol.session import Session
@@ -78,7 +90,8 @@ def serve(session: Session, limits: ConnectionLimits, first: bytes = b"") -> int
         eager = not greeting
         while answered < current.max_requests and not session.closing:
             current = session.connection_limits(limits)  # for the request to come
-            if not _next_request(session, current, ends, eager):
+            if not _next_request(session, current, ends, eager,
+                                 _give_way(session)):
                 break
             eager = False
             answered += 1
@@ -94,13 +107,27 @@ def serve(session: Session, limits: ConnectionLimits, first: bytes = b"") -> int
     return answered
 
 
+GiveWay = tuple[float, Callable[[], bool]]  # seconds of silence, then: do others wait?
+
+
+def _give_way(session: Session) -> GiveWay | None:
+    """For a session that may be ended between requests (`gives_way`
+    seconds, a class attribute: 0 never), the handler's question whether
+    others wait for a worker; else None."""
+    every = getattr(session, "gives_way", 0.0)
+    others_waiting = getattr(session.handler, "others_waiting", None)
+    return (every, others_waiting) if every > 0 and others_waiting is not None else None
+
+
 def _next_request(session: Session, limits: ConnectionLimits, ends: float,
-                  eager: bool = False) -> bool:
+                  eager: bool = False, give_way: GiveWay | None = None) -> bool:
     """Read until a complete request waits; False when the connection should
     end: EOF, idle past the idle timeout, a request not complete within the
     request timeout (from its first byte), one too large (answered), or the
     connection past its own time (`ends`: max_time after it was accepted).
-    `eager`: bytes are likely there already, so recv before any poll."""
+    `eager`: bytes are likely there already, so recv before any poll.
+    `give_way`: while no byte of the request has come, asked after each
+    silence that long: True ends the connection (others wait for a worker)."""
     if session.request_ready():
         return True
     conn = session.conn
@@ -119,7 +146,17 @@ def _next_request(session: Session, limits: ConnectionLimits, ends: float,
         if remaining <= 0:
             _hang_up(session, limits, request_until is not None, whole=deadline >= ends)
             return False
-        if not eager and not _wait(conn, select.POLLIN, remaining):
+        if give_way is not None and request_until is None:
+            every, others_waiting = give_way
+            if not eager and not _wait(conn, select.POLLIN, min(remaining, every)):
+                if remaining > every and others_waiting() and not _pending(conn):
+                    session.log.info("%s client idle between requests while others wait "
+                                     "for a worker: closing the connection", session.label)
+                    if words := getattr(session, "give_way_reply", b""):
+                        _send(session, words, limits)
+                    return False
+                continue
+        elif not eager and not _wait(conn, select.POLLIN, remaining):
             continue  # the deadline check above decides
         eager = False
         try:
@@ -173,6 +210,17 @@ def _send(session: Session, data: bytes, limits: ConnectionLimits) -> bool:
         session.log.warning("%s client did not take its reply: %s", session.label,
                             err.strerror or type(err).__name__)
         return False
+    return True
+
+
+def _pending(conn: socket.socket) -> bool:
+    """Whether a byte (or end-of-file, or an error) came after all, just now."""
+    try:
+        conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
     return True
 
 

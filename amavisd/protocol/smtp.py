@@ -68,6 +68,7 @@ log = logging.getLogger("amavisd.smtp")
 
 MAX_ERRORS = 20  # bad commands on one connection before we hang up (Postfix: 20)
 RESERVE = 8  # answers kept for the last transaction before max_connection_requests
+GIVE_WAY_AFTER = 1.0  # seconds silent before a command while others wait: 421, closed
 
 
 class SMTPSession(Chunking, session.Session):
@@ -100,6 +101,20 @@ class SMTPSession(Chunking, session.Session):
         self.filter = Filter(handler, self.lmtp)
 
     # -- what the loop asks ----------------------------------------------------------
+
+    @property
+    def gives_way(self) -> float:
+        """Seconds silent before a command, then the worker is given up if
+        others wait for one (protocol.loop; a silent client of the port held
+        it for smtp_idle_timeout): never inside a message's DATA or BDAT.
+        Postfix proves a cached session with RSET and replaces a closed one."""
+        if self.reader is not None or self.chunk is not None or self.chunked is not None:
+            return 0.0
+        return GIVE_WAY_AFTER
+
+    @property
+    def give_way_reply(self) -> bytes:
+        return reply(421, "4.3.2", f"{self.hostname} busy: closing, try again")
 
     @property
     def max_request_bytes(self) -> int:  # type: ignore[override]

@@ -353,3 +353,110 @@ def test_a_one_mib_request_is_answered(daemon):
     assert [reply.get("return_value") for reply in replies] == ["tempfail"], replies
     assert "too large" in replies[0].get("setreply", ""), replies
     assert took < 5.0, took
+
+
+def test_clients_silent_after_one_request_do_not_hold_the_workers(daemon):
+    """Review of issue 17: the doorman holds first requests, but a client
+    that sends one cheap request and then keeps silent held the worker for
+    client_idle_timeout (10 s here), again and again; two of them, one
+    worker: a real request waited 10-20 s. Between requests a worker now
+    gives its silent client up once others wait: the real request is
+    answered at once, and the silent clients see end-of-file (ours reconnect)."""
+    squatters = []
+    for n in range(2):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(20)
+        sock.connect(daemon.socket_path)
+        sock.sendall(block(spool(daemon, f"squat{n}")))
+        squatters.append(sock)
+    assert [Decoder().feed(sock.recv(65536))[0].get("return_value")
+            for sock in squatters[:1]] == [CLEAN]  # answered: now silent, holding the worker
+    started = time.monotonic()
+    assert request(daemon.socket_path, spool(daemon, "real"), timeout=30) == CLEAN
+    waited = time.monotonic() - started
+    print(f"\n2 clients silent after a request, 1 worker: a real request answered in "
+          f"{waited * 1000:.0f} ms (client_idle_timeout 10 s)")
+    assert waited < 2.0, waited
+    for sock in squatters:
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass  # the second one's reply, then end-of-file
+        sock.close()
+
+
+def memfds(pid: int) -> list[str]:
+    links = []
+    for fd in open_fds(pid):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return [link for link in links if link.startswith("/memfd:")]
+
+
+def test_requests_read_by_the_doorman_leak_nothing_whatever_their_end(short_tmp,
+                                                                      clamd_nodecomp):
+    """Review of issue 17: first requests past the peek window that vanish
+    half-read, expire, or end whole with a client that leaves before its
+    reply, across a HUP: once they are gone the master holds exactly the
+    descriptors it held before (no connection, no memfd), and a real
+    request is still answered."""
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1,
+                            max_requests=0, request_timeout=1.5)
+    daemon.start()
+    try:
+        (old,) = daemon.wait_for_workers(1)
+        master = daemon.pid
+        assert request(daemon.socket_path, spool(daemon, "warm")) == CLEAN
+        before = settled_fds(master, open_fds(master))
+        kept = []
+        for n in range(12):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(daemon.socket_path)
+            whole = n % 3 == 2
+            data = big_block(spool(daemon, f"read{n}"), 100 * 1024, b"\r\n" if whole else b"")
+            send_quietly(sock, data)
+            if n % 3 == 0:
+                sock.close()  # vanishes half-read
+            else:
+                kept.append(sock)  # expires at request_timeout, or whole: to a worker
+        daemon.signal(signal.SIGHUP)  # with reads in progress
+        daemon.wait_for_workers(1, exclude={old})
+        time.sleep(2.5)  # past request_timeout
+        for sock in kept:
+            sock.close()  # the whole ones leave before their reply
+        assert request(daemon.socket_path, spool(daemon, "after")) == CLEAN
+        # the new generation's heartbeat file may take another number: count them
+        deadline = time.monotonic() + 10.0
+        while len(open_fds(master)) != len(before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(open_fds(master)) == len(before), (open_fds(master), before)
+        assert not memfds(master)
+    finally:
+        daemon.stop()
+
+
+def test_a_silent_smtp_client_gives_way_with_a_421(short_tmp, clamd_nodecomp):
+    """SMTP connections go to a worker at once: a local user of the filter
+    port, silent after EHLO, held it for smtp_idle_timeout (300 s). While
+    others wait it now gets a 421 after a second of silence."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = DaemonInstance(short_tmp / "d", clamd_nodecomp.address, workers=1, max_requests=0,
+                            smtp_listen=[f"127.0.0.1:{port}"])
+    daemon.start()
+    try:
+        daemon.wait_for_workers(1)
+        with socket.create_connection(("127.0.0.1", port)) as squat:
+            squat.settimeout(10)
+            assert squat.recv(200).startswith(b"220")
+            squat.sendall(b"EHLO x\r\n")
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert request(daemon.socket_path, spool(daemon, "real")) == CLEAN
+            assert time.monotonic() - started < 2.5  # was smtp_idle_timeout (300 s)
+            said = b""
+            while chunk := squat.recv(4096):
+                said += chunk
+        assert b"\r\n421 4.3.2 " in said, said
+    finally:
+        daemon.stop()

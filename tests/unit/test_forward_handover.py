@@ -333,3 +333,38 @@ def test_a_kept_session_with_a_stray_reply_is_not_reused(hop):
         assert list(fwd.hand_over("a@x.test", [rcpt], MESSAGE).accepted) == [rcpt]
     assert hop.connections == 3
     assert [m.rcpt_tos for m in hop.messages] == [["b@x.test"], ["c@x.test"], ["d@x.test"]]
+
+
+@pytest.mark.parametrize("hop", [{"replies": {"DATA": "354 go ahead\n250 2.0.0 taken early"}}],
+                         indirect=True)
+def test_a_reply_before_the_final_dot_is_never_taken_for_the_hops_word(hop):
+    """A hop that says more than asked after its 354 (a stray line, an early
+    250): the line was read as the reply to the end of DATA, so a message the
+    hop never ended (here it took the content for commands) was reported
+    delivered. No dot goes once the hop has spoken: dropped in DATA, tempfail."""
+    with pytest.raises(ForwardError) as caught:
+        handing(hop).hand_over("a@x.test", ["b@x.test"], MESSAGE)
+    assert caught.value.temporary and "out of step" in str(caught.value)
+    assert not hop.messages and "." not in hop.commands
+
+
+@pytest.mark.parametrize(("options", "temporary"), [
+    # 354 to the pipelined DATA though every recipient was refused (some hops do)
+    ({"rcpt_replies": {"b@x.test": "550 5.1.1 no such user"},
+      "replies": {"DATA": "354 go ahead"}}, False),
+    # a 421 to MAIL, the hop going on as if it had not said it
+    ({"replies": {"MAIL": "421 4.3.2 shutting down", "DATA": "354 go ahead"}}, True),
+    # a 421 to RCPT with one reply for all: nothing goes, the message is retried whole
+    ({"rcpt_replies": {"b@x.test": "421 4.3.2 shutting down"},
+      "replies": {"DATA": "354 go ahead"}}, True),
+])
+def test_a_354_after_a_refusal_in_the_group_gets_no_content(options, temporary):
+    """Whatever the hop says to DATA, the content goes only if MAIL and the
+    recipients said go: here it said 354 after a refusal, and got no content
+    and no dot (the connection dropped in DATA, it keeps nothing)."""
+    with NextHop(**options) as hop:
+        with pytest.raises(ForwardError) as caught:
+            handing(hop).hand_over("a@x.test", ["b@x.test"], MESSAGE)
+        assert caught.value.temporary is temporary
+        assert not hop.messages and "." not in hop.commands
+        assert not any(c.startswith("Subject") for c in hop.commands)
