@@ -24,13 +24,15 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from amavisd_client.milter import server as _server
 from amavisd_client.milter.state import Ask, Close, Event, MilterSession, Send
 
 if TYPE_CHECKING:
     from amavisd_client.milter.server import MilterServer
 
 log = logging.getLogger("amavisd.milter")
+
+IDLE_TIMEOUT = 3600.0  # an MTA connection silent this long is closed (SMTP's own are 300 s)
+MAX_CONNECTIONS = 1000  # more at once are closed at once: the MTA applies its default action
 
 
 READ_BUFFER = 256 * 1024  # bytes a read takes at most, into the server's one buffer
@@ -59,13 +61,13 @@ class MtaConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if len(self.server.connections) >= _server.MAX_CONNECTIONS:
+        if len(self.server.connections) >= MAX_CONNECTIONS:
             log.warning("more than %d MTA connections: closing a new one",
-                        _server.MAX_CONNECTIONS)
+                        MAX_CONNECTIONS)
             transport.close()
             return
         self.server.connections.add(self)
-        self.timer = self.loop.call_later(_server.IDLE_TIMEOUT, self._idle)
+        self.timer = self.loop.call_later(IDLE_TIMEOUT, self._idle)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.read_buffer
@@ -163,7 +165,7 @@ class MtaConnection(asyncio.BufferedProtocol):
     def _idle(self) -> None:
         """Close a connection silent for IDLE_TIMEOUT (not while the daemon is
         asked: daemon_timeout bounds that), else look again when it could be."""
-        idle = _server.IDLE_TIMEOUT
+        idle = IDLE_TIMEOUT
         now = self.loop.time()
         if self.asking is not None:
             self.timer = self.loop.call_at(now + idle, self._idle)

@@ -35,8 +35,6 @@ from amavisd_client.wire.address import Address
 
 log = logging.getLogger("amavisd.milter")
 
-IDLE_TIMEOUT = 3600.0  # an MTA connection silent this long is closed (SMTP's own are 300 s)
-MAX_CONNECTIONS = 1000  # more at once are closed at once: the MTA applies its default action
 PROGRESS = codec.encode(codec.Progress())
 
 

@@ -458,7 +458,7 @@ def test_a_daemon_socket_with_a_full_backlog_is_waited_for_not_failed(short_tmp,
 
 def test_a_silent_mta_connection_is_closed_after_the_idle_timeout(short_tmp, tempbase,
                                                                  monkeypatch):
-    from amavisd_client.milter import server as server_module
+    from amavisd_client.milter import mta as server_module
 
     monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.5)
     config = settings(short_tmp, tempbase)
@@ -516,7 +516,7 @@ def test_a_peer_that_sends_and_never_reads_loses_its_connection(short_tmp, tempb
     events and reads none fills our send buffer; the connection must end
     after the idle timeout instead of waiting to drain for ever (a few of
     those would take every connection the milter serves)."""
-    from amavisd_client.milter import server as server_module
+    from amavisd_client.milter import mta as server_module
 
     monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 1.0)
     config = settings(short_tmp, tempbase)
