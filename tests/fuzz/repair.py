@@ -150,10 +150,15 @@ def fix_lzip(data: bytearray) -> None:
     if data[:5] != b"LZIP\x01" or len(data) < 26:
         return
     code = data[5]
+    if not 12 <= code & 0x1F <= 29:  # lzip's range; the reader refuses the rest unread,
+        return  # and a 2 GiB dictionary would be allocated here first (MemoryError)
     dictionary = (1 << (code & 0x1F)) - (1 << (code & 0x1F)) // 16 * (code >> 5)
     inflater = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[{
         "id": lzma.FILTER_LZMA1, "dict_size": dictionary, "lc": 3, "lp": 0, "pb": 2}])
-    out = inflater.decompress(bytes(data[6:]), INFLATE_BOUND)
+    try:
+        out = inflater.decompress(bytes(data[6:]), INFLATE_BOUND)
+    except lzma.LZMAError:
+        return
     if not inflater.eof:
         return
     end = len(data) - len(inflater.unused_data)

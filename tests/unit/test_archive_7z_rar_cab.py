@@ -5,10 +5,12 @@ RAR cannot be written on Debian (rar is non-free), so RAR is tested on the corpu
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -474,3 +476,56 @@ def test_cab_cut_short_keeps_what_was_read(tmp_path, no_decoder_crash):
     assert [reason.kind for reason in dec.unchecked] == ["undecipherable"]
     assert dec.root in dec.scannable()
     dec.cleanup()
+
+
+
+# Found by the mutation driver's long run (var/fuzz-findings): an encoded header
+# whose coder asks liblzma for a huge dictionary (py7zr: MemoryError under a
+# memory cap, which the engine made a tempfail, again at every retry), and a
+# header with streams but no folders (py7zr: AttributeError, "decoder failed").
+HUGE_DICTIONARY_HEADER = base64.b64decode(
+    "N3q8ryccAAR7i0HF9AMAAAAAAAAjAAAAAAAAAKdRqX3gAUsBRV0ARJQFxHon9vfuiY5QkIizqtVQLHMmLW6Ylq7U"
+    "I5uXhWFvOgyIhczhD5GKwjVOBeqxtV+xKEiOj/oK5IW4d/gdSncThVEpU9IW/5uyoy74i9ldbfeagz+GnvhWPxGE"
+    "0CSwS2vwrn3SrxUhuOX4pruPP39DY3UroJM3TBW4Vc+1xteL2S/DhuvQUoeLx4kFWuce6JFRLqF8jMui0dONkqEs"
+    "228EnxQsL6AuaiAvJLpmg7Cca1f5np2RmQAtpmlF6lTXnR20c5GKbFYiZZXM99pojGzE2JfLq1FVp6nHyMr4mfXz"
+    "i7Vb5PCynimgp0vKM9eV0mhBjWeYFP01/anSCvQoAp6zWCn4pBDeL2xsuokKjSqXByOUsMUJj202Y5/PNZWEemXn"
+    "vFxdXofhIt3AzkYBQMPut6o3fUJLaqOd2YeL89p8VQrAAADgAUsBRV0ARJQFxHon9vfuiY5QkIizqtVQLHMmLW6Y"
+    "lq7UI5uXhWFvOgyIhczhD5GKwjVOBeqxtV+xKEiOj/oK5IW4d/gdSncThVEpU9IW/5uyoy74i9ldbfeagz+GnvhW"
+    "PxGE0CSwS2vwrn3SrxUhuOX4pruPP39DY3UroJM3TBW4Vc+1xteL2S/DhuvQUoeLx4kFWuce6JFRLqF8jMui0dON"
+    "kqEs228EnxQsL6AuaiAvJLpmg7Cca1f5np2RmQAtpmlF6lTXnR20c5GKbFYiZZXM99pojGzE2JfLq1FVp6nHyMr4"
+    "mfXzi7Vb5PCynimgp0vKM9eV0mhBjWeYFP01/anSCvQoAp6zWCn4pBDeL2xsuokKjSqXByOUsMUJj202Y5/PNZWE"
+    "OmXnvFxdXofhIt3AzkYBQMPut6o3fUJLaqOd2YeL89p8VQrAAAAAAIEzB64xnuQqVgO9ENFUQ+YCjZmGjK9d+5HQ"
+    "7K412qhyc/zA1QFnFQGmgPYEugSQxgFDbxEqLGAlvSi9DlBs9Nfn/CsD7CwlPRvHpoC6R5Qiive8NnNWRjVGdYQX"
+    "NzSe0s+BI3nVMn5I0um/Xk0NjaSJBFbj772N1tTNWyKZ8tnNwQFoLzCp7TAUZZsWqL7pCLmidegUcZPPt+W6y8yE"
+    "UkcyxD838kEJ2z6QDHlJHRLXNZIkueVmeLKGjM7mC5PTXJ7jrAHR6FTnchfFyMmNOPT0N4b74H8Sf2y3zTD8JPgq"
+    "i+rdf+SzaiI6KQRHG1q1AWmkcKKrJVht50Upcq4U36tE79vnsJqxa3m8CX0dyVQSm11JELG7LaGQ0LXT/rGQ7Ddy"
+    "Y9Jb9GKJ4i1pwY8jwFnZd8CfREigbUiqceFDC2A1f3U0Bmse1/6+3iOILyNMlR+GBbwFwpOxFwaCmgEJgVoABwsB"
+    "AAEjAwEBBV0AEH//DIPmCgEqeoBCAAA=")
+STREAMS_WITHOUT_FOLDERS = base64.b64decode(
+    "N3q8ryccAAMZ3P5jPAAAAAAAAABCAAAAAAAAAG7trEsgICAgICAgICAgICAgICAgICAgICAgICAgIGZpbGUgMSBj"
+    "b250ZW50cwpoAAAAAAAAAIBsbwpoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAApoZWxsbwoBBAYAAQk8AAAAAAgKAaod3g8AAAUBEQ0AZgBpAGwAZQAxAAAAFAoB"
+    "AIDWQACosp0BFQYBACAAAAAAAA==")
+
+
+@pytest.mark.parametrize("data", [HUGE_DICTIONARY_HEADER, STREAMS_WITHOUT_FOLDERS],
+                         ids=["huge-dictionary", "no-folders"])
+def test_7z_headers_py7zr_chokes_on_go_to_7zz_and_end_undecipherable(data):
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, hard))  # a cap, as the fuzz run had
+    try:
+        dec = decompose(data, Limits(), bare_file=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    try:
+        assert dec.unchecked and not any("failed:" in r and "decoder" in r
+                                         for r in dec.unchecked), dec.unchecked
+        assert "undecipherable" in dec.root.flags
+    finally:
+        dec.cleanup()

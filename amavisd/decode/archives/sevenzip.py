@@ -95,6 +95,8 @@ def decode_7z(part: Part, ctx: Context) -> None:
         except PasswordRequired:
             _mark_encrypted(part, ctx, [], "encrypted 7z headers")
             return
+        except MemoryError:  # an encoded header asking liblzma for a huge dictionary:
+            archive = None  # 7zz, under its memory limit, decides
         except Exception as err:  # whatever py7zr cannot parse, 7zz may
             if members.is_ours(err):
                 raise
@@ -165,8 +167,12 @@ def _one_stream_each(archive: py7zr.SevenZipFile) -> bool:
     """Every folder packed as one stream (only BCJ2 makes several), so folder i
     is packed stream i."""
     streams = archive.header.main_streams if hasattr(archive, "header") else None
-    return streams is None or all(c["numinstreams"] == 1 for folder in
-                                  streams.unpackinfo.folders for c in folder.coders)
+    if streams is None:
+        return True
+    if streams.unpackinfo is None:  # streams without folders: not for us to guess
+        return False
+    return all(c["numinstreams"] == 1 for folder in streams.unpackinfo.folders
+               for c in folder.coders)
 
 
 def _encrypted(member) -> bool:
