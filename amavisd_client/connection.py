@@ -24,10 +24,6 @@ class ClientError(Exception):
     """Something kept us from getting a verdict: always a tempfail."""
 
 
-class _Unanswered(Exception):
-    """The connection ended before any byte of a reply."""
-
-
 class Connection:
     """One AM.PDP connection, reused for several requests while the daemon keeps it.
 
@@ -77,46 +73,23 @@ class Connection:
     def request(self, attrs: list[tuple[str, object]]) -> Block:
         if self.sock is not None and not self._still_open():
             self.close()
-        reused = self.sock is not None
-        try:
-            return self._ask(attrs)
-        except _Unanswered as err:
-            # A kept connection the daemon closed as we spoke (a worker giving
-            # way to waiting clients, or retiring) never read our request; ask
-            # once more on a new one. Only a check whose verdict comes back to
-            # us: were the request read after all, a delivery or a release
-            # must not happen twice.
-            if not reused or ("delivery_care_of", "client") not in attrs:
-                raise ClientError(str(err)) from None
-        return self._ask(attrs)
-
-    def _ask(self, attrs: list[tuple[str, object]]) -> Block:
         self.open()
-        answered = False  # any byte of a reply yet
         try:
             self.sock.sendall(encode_block(attrs))
             while True:
                 data = self.sock.recv(65536)
                 if not data:
-                    if answered:
-                        raise ClientError("amavisd closed the connection without a verdict")
-                    raise _Unanswered("amavisd closed the connection without a verdict")
-                answered = True
+                    raise ClientError("amavisd closed the connection without a verdict")
                 blocks = self.decoder.feed(data)
                 if blocks:
                     return blocks[0]
         except TimeoutError:
             self.close()
             raise ClientError(f"no verdict from amavisd within {self.timeout:g}s") from None
-        except (BrokenPipeError, ConnectionResetError) as err:
-            self.close()
-            if answered:
-                raise ClientError(f"amavisd connection failed: {err}") from None
-            raise _Unanswered(f"amavisd connection failed: {err}") from None
         except OSError as err:
             self.close()
             raise ClientError(f"amavisd connection failed: {err}") from None
-        except (ClientError, _Unanswered):
+        except ClientError:
             self.close()
             raise
 

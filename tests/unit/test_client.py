@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from amavisd_client.client import parse_args
-from amavisd_client.connection import ClientError, Connection, check
+from amavisd_client.connection import Connection, check
 from amavisd_client.delivery import deliver, delivery_argvs
 from amavisd_client.edits import apply_edits, edit_message, header_edits
 from amavisd_client.spool import inside
@@ -277,49 +277,3 @@ def test_the_connection_reaches_the_daemon_at_each_spelling(tmp_path):
     assert first["tempdir"] == ["/t/client-1"] and first["sender"] == ["<a@x>"]
     assert first["recipient"] == ["<b@y>", "<c@y>"]
     assert "sender" not in unix.requests[1]
-
-
-class ClosingAsWeSpeak(OneVerdictServer):
-    """A named fake for a race a real daemon has only for microseconds: the
-    worker gives its idle connection up (others wait) just as the client's
-    next request arrives, unread. Here: one answer a connection, then the
-    next request is waited for and the connection closed without reading it."""
-
-    def serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                decoder = Decoder()
-                for block in decoder.feed(conn.recv(65536)):
-                    self.requests.append(block.as_dict())
-                conn.sendall(encode_block([("return_value", "continue")]))
-                conn.recv(1, socket.MSG_PEEK)  # the next request is there: close, unread
-
-
-def test_a_kept_connection_closed_as_the_next_check_arrives_is_asked_again(tmp_path):
-    server = ClosingAsWeSpeak(socket.AF_UNIX, str(tmp_path / "amavisd.sock"))
-    conn = Connection(str(tmp_path / "amavisd.sock"), timeout=5)
-    try:
-        for n in range(3):
-            assert check(conn, f"/t/c{n}/email.txt", "a@x", ["b@y"]).get("return_value")
-    finally:
-        conn.close()
-        server.listener.close()
-    assert [r["mail_file"] for r in server.requests] == [
-        ["/t/c0/email.txt"], ["/t/c1/email.txt"], ["/t/c2/email.txt"]]  # each read once
-
-
-def test_a_release_on_a_connection_closed_as_it_arrives_is_not_sent_again(tmp_path):
-    server = ClosingAsWeSpeak(socket.AF_UNIX, str(tmp_path / "amavisd.sock"))
-    conn = Connection(str(tmp_path / "amavisd.sock"), timeout=5)
-    try:
-        assert check(conn, "/t/c0/email.txt", "a@x", ["b@y"]).get("return_value")
-        with pytest.raises(ClientError):
-            conn.request([("request", "release"), ("mail_id", "x"), ("secret_id", "y")])
-    finally:
-        conn.close()
-        server.listener.close()
-    assert len(server.requests) == 1
