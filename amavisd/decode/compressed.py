@@ -373,7 +373,9 @@ def decode_bzip2(part: Part, ctx: Context) -> None:
 
 @register("xz")
 def decode_xz(part: Part, ctx: Context) -> None:
-    stream(part, ctx, lzma.LZMADecompressor, inner_name(part, (".xz", ".txz")),
+    # an xz block header may ask for any dictionary too: liblzma refuses past memlimit
+    stream(part, ctx, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT),
+           inner_name(part, (".xz", ".txz")),
            is_member=lambda head: head[:6] == b"\xfd7zXZ\x00")
 
 

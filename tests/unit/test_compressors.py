@@ -261,3 +261,20 @@ def test_gzip_inside_compress_inside_zstd(tmp_path):
     dec = decode_bare(packed)
     assert [p.detected for p in dec.root.walk()][:3] == ["zstd", "compress", "gzip"]
     assert any(p.read() == PAYLOAD for p in dec.root.walk())
+
+
+def test_an_xz_stream_asking_for_a_huge_dictionary_is_refused_unread():
+    """Found by the mutation driver's long run: an xz block's LZMA2 filter may
+    ask for any dictionary, which liblzma allocates first (MemoryError under
+    a memory cap: a tempfail at every retry). Past LZMA_MEMLIMIT liblzma
+    refuses it, as for .lzma: the message is UNCHECKED, nothing decoded."""
+    import lzma
+
+    data = lzma.compress(b"hello " * 100, format=lzma.FORMAT_XZ,
+                         filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1536 << 20}])
+    dec = decode_bare(data)
+    assert dec.root.flags & {"decode-error", "undecipherable"} and dec.unchecked, dec.root.flags
+    assert not any(c.read() for c in dec.root.children)
+    small = lzma.compress(b"hello " * 100, format=lzma.FORMAT_XZ)  # xz's own defaults: fine
+    _, _, child = only_child(small)
+    assert child.read() == b"hello " * 100
