@@ -24,6 +24,10 @@ class ClientError(Exception):
     """Something kept us from getting a verdict: always a tempfail."""
 
 
+class _Unanswered(ClientError):
+    """The connection ended (EOF, reset, broken pipe) before any byte of the reply."""
+
+
 class Connection:
     """One AM.PDP connection, reused for several requests while the daemon keeps it.
 
@@ -37,6 +41,7 @@ class Connection:
         self.timeout = timeout
         self.sock = None
         self.decoder = Decoder()
+        self.carried = False  # this socket has had a whole reply: a kept connection
 
     def _connect(self):
         where = self.target
@@ -57,6 +62,7 @@ class Connection:
         if self.sock is None:
             self.sock = self._connect()
             self.decoder = Decoder()
+            self.carried = False
 
     def _still_open(self) -> bool:
         """A retiring worker may have closed our idle connection; find out first."""
@@ -71,21 +77,45 @@ class Connection:
             self.sock.settimeout(self.timeout)
 
     def request(self, attrs: list[tuple[str, object]]) -> Block:
+        """The daemon's reply to `attrs`. Asked once more, on a new
+        connection, only when a kept one (it carried a whole reply before)
+        ended before any byte of this reply -- a worker giving it away or
+        retiring as the request arrived -- and the request is a check whose
+        verdict comes back to us: a first request (the worker may have died
+        on this very message), a delivery by the daemon or a release is
+        never sent twice."""
         if self.sock is not None and not self._still_open():
             self.close()
+        kept = self.sock is not None and self.carried
+        try:
+            return self._ask(attrs)
+        except _Unanswered:
+            if not (kept and asks_back(attrs)):
+                raise
+        return self._ask(attrs)  # a new connection: the kept one is closed
+
+    def _ask(self, attrs: list[tuple[str, object]]) -> Block:
         self.open()
+        answered = False  # any byte of the reply yet
         try:
             self.sock.sendall(encode_block(attrs))
             while True:
                 data = self.sock.recv(65536)
                 if not data:
-                    raise ClientError("amavisd closed the connection without a verdict")
+                    raise (ClientError if answered else _Unanswered)(
+                        "amavisd closed the connection without a verdict")
+                answered = True
                 blocks = self.decoder.feed(data)
                 if blocks:
+                    self.carried = True
                     return blocks[0]
         except TimeoutError:
             self.close()
             raise ClientError(f"no verdict from amavisd within {self.timeout:g}s") from None
+        except (ConnectionResetError, BrokenPipeError) as err:
+            self.close()
+            raise (ClientError if answered else _Unanswered)(
+                f"amavisd connection failed: {err}") from None
         except OSError as err:
             self.close()
             raise ClientError(f"amavisd connection failed: {err}") from None
@@ -97,6 +127,17 @@ class Connection:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.carried = False
+
+
+def asks_back(attrs: list[tuple[str, object]]) -> bool:
+    """A check whose verdict comes back to the client (AM.PDP with
+    delivery_care_of=client, nothing saying otherwise): asking it twice
+    costs a second scan, never a second delivery."""
+    values = {}
+    for name, value in attrs:
+        values.setdefault(name, set()).add(str(value))
+    return values.get("request") == {"AM.PDP"} and values.get("delivery_care_of") == {"client"}
 
 
 def angle(address: str) -> str:

@@ -8,6 +8,10 @@ accepted recipient (LMTP, RFC 2033), QUIT -- or, with `keep_idle`, no QUIT: the
 session waits in `IDLE` for the worker's next message to the same hop
 (RSET proves it alive first; a dead one is replaced before anything is sent,
 so reuse can never deliver twice), saving the connect, greeting and EHLO.
+A kept session's replies are trusted only in the plain shape (`in_step`): a
+stray line from the hop shifts every reply by one, and a refusal read one
+place off would bounce good mail, so then the message goes again, whole,
+on a fresh session, whose replies are final.
 A hop that offers PIPELINING (RFC 2920; Postfix does) gets [RSET,] XFORWARD,
 MAIL, every RCPT and DATA in one write and answers them in one read: two
 round trips a message instead of five or more. The content follows only
@@ -91,6 +95,12 @@ class Transaction:
                     # Only the kept session's RSET failed: nothing of this
                     # message was taken (no content sent); a new session.
                     close(client, quit=False)
+                except _OutOfStep as odd:
+                    # No content went, so the hop keeps nothing; no QUIT: the
+                    # hop may be in DATA, and its replies answer nothing.
+                    log.warning("%s: a kept session's replies are out of step (%s): "
+                                "sent again on a new session", self.where, odd)
+                    close(client, quit=False)
             client = HopClient(self.path, self.lmtp, self.helo, self.timeout)
             try:
                 # a path: any port, so smtplib does not look for one in the "host"
@@ -133,8 +143,10 @@ class Transaction:
                             reply=said, refused=refused, from_hop=True)
 
     def converse(self, client: HopClient, sender: str, recipients: list[str], data: Message,
-                 params: Params, greeted: bool = False) -> Handed:
-        if not greeted:
+                 params: Params, reused: bool = False) -> Handed:
+        """The transaction on a greeted session; `reused`: a kept one, whose
+        replies out of the plain shape raise `_OutOfStep` (see `in_step`)."""
+        if not reused:
             self.greet(client)
         client.command_encoding = "ascii"
         sender = bare_address(sender)
@@ -159,6 +171,8 @@ class Transaction:
             if code != 250:
                 log.warning("%s: XFORWARD refused: %s", self.where, _reply(code, text))
         mail, *said, go = replies[xforwards:]
+        if reused:
+            in_step(mail, said, go)
         if go[0] == 354:
             client.in_data = True  # from here only the content, or a dropped connection
         if mail[0] != 250:
@@ -182,6 +196,8 @@ class Transaction:
                             refused=refused)
         if not go[0]:
             go = client.docmd("DATA")
+            if reused:
+                in_step(mail, said, go)
         if go[0] != 354:
             raise self.hop_said("DATA", *go, refused)
         self.send_content(client, data)
@@ -361,3 +377,30 @@ def plain_path(address: str) -> bool:
 
 class _Stale(Exception):
     """A kept session did not answer the RSET in front of a message's group."""
+
+
+class _OutOfStep(Exception):
+    """A kept session's replies are not in the plain shape: maybe shifted by a stray line."""
+
+
+# The replies a kept session may give and be believed, by command (0: not
+# sent). A 4xx at any place is believed too: read one place off, it
+# tempfails what it did not answer, and the MTA's retry loses nothing, where
+# a fresh session for each would double the hop's load just when it asks
+# us to back off. (Shifted, DATA's place never holds the hop's 354, so
+# nothing is delivered on shifted replies; a stray 354 just there meets
+# `send_content`'s check.) A 5xx, or a reply that does not belong (a 250 to
+# DATA: every reply one place late), is not: read one place off, a 5xx
+# bounces good mail. Cost: a genuine 5xx on a kept session is asked twice,
+# the second time on a new session.
+_IN_STEP = {"MAIL": (250,), "RCPT": (250, 251, 0), "DATA": (354, 0)}
+
+
+def in_step(mail: tuple[int, bytes], rcpts: list[tuple[int, bytes]],
+            go: tuple[int, bytes]) -> None:
+    """Raise `_OutOfStep` unless a kept session's group replies are believable."""
+    if 400 <= mail[0] <= 499:
+        return  # a tempfail, whatever the rest says (Postfix: 503 "need MAIL" to each)
+    for step, (code, text) in [("MAIL", mail), *(("RCPT", r) for r in rcpts), ("DATA", go)]:
+        if code not in _IN_STEP[step] and not 400 <= code <= 499:
+            raise _OutOfStep(f"{step}: {_reply(code, text)}")

@@ -8,7 +8,9 @@ group (`HopClient.unproven`), so the check costs no round trip of its own.
 Either way nothing of the message is accepted on a dead session: the
 content is sent only after every reply of the group was read. A kept
 session with unread bytes (a hop that said more than it was asked) is
-dropped, never reused: each reply must answer its own command.
+dropped, never reused: each reply must answer its own command. A stray line
+that comes after this check is caught by the shape of the replies
+(smtpout's `in_step`): then the message goes again on a fresh session.
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ greeting of 421, a connection dropped after a given command, extensions
 was sent, command lines included, so a test can check that parameters and
 XFORWARD went through.
 
+One named fake fault a real MTA shows only when buggy or hostile:
+`stray_on_reuse=("RSET", "250 2.0.0 stray")` writes that line before its
+reply to RSET on a session that already carried a message -- a line that
+comes after the client's check for unread bytes, so every reply it reads
+from then on answers the command before.
+
     hop = NextHop(lmtp=True, rcpt_replies={"b@x": "550 5.1.1 no such user"},
                   data_replies={"c@x": "452 4.2.2 mailbox full"})
     host, port = hop.start()        # or NextHop(unix="/tmp/x.sock").start()
@@ -68,7 +74,7 @@ class _Handler(socketserver.StreamRequestHandler):
         self.reply(hop.greeting)
         if not hop.greeting.startswith("220"):
             return
-        state: dict = {"mail": None, "rcpts": [], "helo": "", "xforward": {}}
+        state: dict = {"mail": None, "rcpts": [], "helo": "", "xforward": {}, "carried": 0}
         while True:
             line = self.rfile.readline(MAX_LINE + 1)
             if not line:
@@ -78,6 +84,9 @@ class _Handler(socketserver.StreamRequestHandler):
             verb = text.split(" ", 1)[0].upper()
             if verb == hop.drop_after:
                 return
+            if state["carried"] and hop.stray_on_reuse and verb == hop.stray_on_reuse[0]:
+                self.reply(hop.stray_on_reuse[1])  # the fake fault: a line out of step
+                self.server.strays += 1
             if verb in hop.replies:
                 self.reply(hop.replies[verb])
                 continue
@@ -144,6 +153,7 @@ class _Handler(socketserver.StreamRequestHandler):
             self.reply("503 5.5.1 need RCPT")
             return None
         self.reply("354 go ahead")
+        state["carried"] += 1
         try:
             data = read_data(self.rfile)
         except TooBig:
@@ -186,6 +196,7 @@ class _Server(Keeping, socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.hop = hop
         self.commands: list[str] = []
         self.connections = 0
+        self.strays = 0
         self.start_keeping()
 
 
@@ -197,6 +208,7 @@ class _UnixServer(Keeping, socketserver.ThreadingMixIn, socketserver.UnixStreamS
         self.hop = hop
         self.commands: list[str] = []
         self.connections = 0
+        self.strays = 0
         self.start_keeping()
 
 
@@ -214,7 +226,8 @@ class NextHop(ServerRig):
                  greeting: str = "220 hop.test ESMTP next hop",
                  replies: dict[str, str] | None = None,
                  drop_after: str = "", data_delay: float = 0.0,
-                 hang_up_after_message: bool = False):
+                 hang_up_after_message: bool = False,
+                 stray_on_reuse: tuple[str, str] | None = None):
         super().__init__()
         self.lmtp = lmtp
         self.unix = unix
@@ -228,6 +241,8 @@ class NextHop(ServerRig):
         self.data_delay = data_delay
         self.hang_up_after_message = hang_up_after_message  # closes a session kept for reuse
         self.aborted_in_data = 0  # transactions the client left after 354, before the dot
+        self.stray_on_reuse = (stray_on_reuse[0].upper(), stray_on_reuse[1]) \
+            if stray_on_reuse else None  # (verb, line): see the module's docstring
 
     def make_server(self) -> _Server | _UnixServer:
         if not self.unix:
@@ -256,6 +271,11 @@ class NextHop(ServerRig):
     @property
     def connections(self) -> int:
         return self._server.connections if self._server else 0
+
+    @property
+    def strays(self) -> int:
+        """Stray lines written (`stray_on_reuse`)."""
+        return self._server.strays if self._server else 0
 
     def stop(self) -> None:
         started = self._server is not None

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from amavisd_client.client import parse_args
-from amavisd_client.connection import Connection, check
+from amavisd_client.connection import ClientError, Connection, check
 from amavisd_client.delivery import deliver, delivery_argvs
 from amavisd_client.edits import apply_edits, edit_message, header_edits
 from amavisd_client.spool import inside
@@ -248,11 +248,22 @@ class OneVerdictServer:
             except OSError:
                 return
             with conn:
-                decoder = Decoder()
-                while data := conn.recv(65536):
-                    for block in decoder.feed(data):
-                        self.requests.append(block.as_dict())
-                        conn.sendall(encode_block([("return_value", "continue")]))
+                self.talk(conn)
+
+    def talk(self, conn: socket.socket) -> None:
+        decoder = Decoder()
+        while data := conn.recv(65536):
+            for block in decoder.feed(data):
+                self.requests.append(block.as_dict())
+                conn.sendall(encode_block([("return_value", "continue")]))
+
+    def read_one(self, conn: socket.socket) -> None:
+        """Read one whole request and keep it."""
+        decoder = Decoder()
+        blocks = []
+        while not blocks and (data := conn.recv(65536)):
+            blocks = decoder.feed(data)
+        self.requests.extend(block.as_dict() for block in blocks)
 
 
 def test_the_connection_reaches_the_daemon_at_each_spelling(tmp_path):
@@ -277,3 +288,114 @@ def test_the_connection_reaches_the_daemon_at_each_spelling(tmp_path):
     assert first["tempdir"] == ["/t/client-1"] and first["sender"] == ["<a@x>"]
     assert first["recipient"] == ["<b@y>", "<c@y>"]
     assert "sender" not in unix.requests[1]
+
+
+class ClosingAsWeSpeak(OneVerdictServer):
+    """A named fake for a race a real daemon has only for microseconds: the
+    worker gives its kept connection away (others wait), or retires, just as
+    the client's next request arrives. Here: one answer a connection, then
+    the connection is closed once the next request is there, unread."""
+
+    def talk(self, conn: socket.socket) -> None:
+        self.read_one(conn)
+        conn.sendall(encode_block([("return_value", "continue")]))
+        conn.recv(1, socket.MSG_PEEK)  # the next request is there: close, unread
+
+
+class DyingMidScan(OneVerdictServer):
+    """A named fake for a worker killed while it scans: the request is read,
+    the connection ends without a byte of the reply."""
+
+    def talk(self, conn: socket.socket) -> None:
+        self.read_one(conn)
+
+
+RELEASE = [("request", "release"), ("mail_id", "x"), ("secret_id", "y")]
+SERVER_DELIVERS = [("request", "AM.PDP"), ("tempdir", "/t/s"), ("mail_file", "/t/s/email.txt"),
+                   ("delivery_care_of", "server"), ("recipient", "<b@y>")]
+
+
+@pytest.fixture(params=[socket.AF_UNIX, socket.AF_INET], ids=["unix", "tcp"])
+def spelling(request, tmp_path):
+    """(family, bind address, the client's spelling of it) for each transport."""
+    if request.param == socket.AF_UNIX:
+        path = str(tmp_path / "amavisd.sock")
+        return request.param, path, lambda _server: path
+    return request.param, ("127.0.0.1", 0), \
+        lambda server: f"127.0.0.1:{server.listener.getsockname()[1]}"
+
+
+def test_a_kept_connection_closed_as_the_next_check_arrives_is_asked_again(spelling):
+    family, bind_to, spelled = spelling
+    server = ClosingAsWeSpeak(family, bind_to)
+    conn = Connection(spelled(server), timeout=5)
+    try:
+        conn.open()  # as the command line does: the first request is on a fresh connection
+        for n in range(3):
+            assert check(conn, f"/t/c{n}/email.txt", "a@x", ["b@y"]).get("return_value")
+    finally:
+        conn.close()
+        server.listener.close()
+    assert [r["mail_file"] for r in server.requests] == [
+        ["/t/c0/email.txt"], ["/t/c1/email.txt"], ["/t/c2/email.txt"]]  # each read once
+
+
+def test_the_first_request_on_a_connection_is_never_asked_again(spelling):
+    """The connection is opened before the request (the command line does
+    so): its first request ending without a reply is a worker dying on this
+    message, not a kept connection given away: a tempfail, asked once."""
+    family, bind_to, spelled = spelling
+    server = DyingMidScan(family, bind_to)
+    conn = Connection(spelled(server), timeout=5)
+    try:
+        conn.open()
+        with pytest.raises(ClientError, match="without a verdict|connection failed"):
+            check(conn, "/t/c0/email.txt", "a@x", ["b@y"])
+        with pytest.raises(ClientError):  # unopened: the same
+            check(conn, "/t/c1/email.txt", "a@x", ["b@y"])
+    finally:
+        conn.close()
+        server.listener.close()
+    assert [r["mail_file"] for r in server.requests] == [["/t/c0/email.txt"],
+                                                         ["/t/c1/email.txt"]]
+
+
+@pytest.mark.parametrize("attrs", [RELEASE, SERVER_DELIVERS], ids=["release", "server-delivers"])
+def test_a_release_or_a_delivery_by_the_daemon_is_never_sent_twice(tmp_path, attrs):
+    server = ClosingAsWeSpeak(socket.AF_UNIX, str(tmp_path / "amavisd.sock"))
+    conn = Connection(str(tmp_path / "amavisd.sock"), timeout=5)
+    try:
+        assert check(conn, "/t/c0/email.txt", "a@x", ["b@y"]).get("return_value")
+        with pytest.raises(ClientError):
+            conn.request(attrs)
+    finally:
+        conn.close()
+        server.listener.close()
+    assert len(server.requests) == 1  # the check; the second request was never read
+
+
+class HalfAnswering(OneVerdictServer):
+    """A named fake: the first request is answered, the second gets part of
+    a reply and then the end of the connection."""
+
+    def talk(self, conn: socket.socket) -> None:
+        reply = encode_block([("return_value", "continue")])
+        self.read_one(conn)
+        conn.sendall(reply)
+        self.read_one(conn)
+        conn.sendall(reply[:5])
+
+
+def test_a_reply_cut_short_on_a_kept_connection_is_not_asked_again(tmp_path):
+    """Some of the reply came: the daemon read the request and answered, so
+    nothing says it did not act on it; a tempfail."""
+    server = HalfAnswering(socket.AF_UNIX, str(tmp_path / "amavisd.sock"))
+    conn = Connection(str(tmp_path / "amavisd.sock"), timeout=5)
+    try:
+        assert check(conn, "/t/c0/email.txt", "a@x", ["b@y"]).get("return_value")
+        with pytest.raises(ClientError, match="without a verdict"):
+            check(conn, "/t/c1/email.txt", "a@x", ["b@y"])
+    finally:
+        conn.close()
+        server.listener.close()
+    assert len(server.requests) == 2
