@@ -14,6 +14,13 @@ noticed before reuse; if it dies before the first reply of a message anyway,
 that message is sent once more on a new connection. A part over clamd's
 StreamMaxLength (`max_stream`, or clamd's own `INSTREAM size limit exceeded`)
 is reported as missed, so a backup scanner gets it or the message is UNCHECKED.
+
+So is a part clamd gave up on: past one of its own limits (MaxFileSize,
+MaxScanSize, MaxScanTime, MaxRecursion, ...) clamd stops scanning and, with
+`AlertExceedsMax yes`, says `Heuristics.Limits.Exceeded.<limit> FOUND`: not
+a virus, a part nobody looked at to its end (UNCHECKED, like clamscan's
+`unchecked_names`). Without that setting clamd answers a plain `OK` for it,
+which no client can tell from clean: the README says to set it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from amavisd_client.wire.address import Address, parse
 log = logging.getLogger("amavisd.scan")
 
 SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded"
+GAVE_UP = "Heuristics.Limits.Exceeded"  # clamd stopped at a limit (AlertExceedsMax yes)
 WINDOW = 8  # requests in flight on one session
 WINDOW_BYTES = 1024 * 1024  # bytes in flight; a bigger part goes alone
 
@@ -230,7 +238,11 @@ class ClamdScanner:
         if text == "OK":
             return False
         if text.endswith(" FOUND"):
-            found[index] = text[: -len(" FOUND")]
+            name = text[: -len(" FOUND")]
+            if name.startswith(GAVE_UP):
+                report.missed[part.path] = f"{self.name}: gave up at its limit ({name})"
+            else:
+                found[index] = name
             return False
         if SIZE_LIMIT_REPLY in text:
             report.missed[part.path] = f"{self.name}: over clamd's StreamMaxLength ({text})"

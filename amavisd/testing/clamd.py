@@ -157,6 +157,9 @@ class ClamdInstance:
             f"MaxThreads {self.max_threads}",
             f"ReadTimeout {self.read_timeout}",
             "CommandReadTimeout 30",
+            # as the README asks of every clamd we use: a part clamd gives up
+            # on at a limit is named (UNCHECKED), not answered "OK"
+            "AlertExceedsMax yes",
         ]
         if self.temp_dir is not None:
             lines.append(f"TemporaryDirectory {self.temp_dir}")

@@ -294,3 +294,21 @@ def test_a_bad_scanner_table_is_a_one_line_config_error(tmp_path):
     unknown.write_text('[scan]\nprimary_scanners = ["nope"]\n')
     with pytest.raises(configuration.ConfigError, match="no scanner named 'nope'"):
         configuration.load(str(unknown))
+
+
+def test_a_part_clamd_gave_up_on_is_unchecked_not_a_virus(short_tmp, tmp_path):
+    """clamd past its own limit (here MaxFileSize) with AlertExceedsMax says
+    Heuristics.Limits.Exceeded...: a part nobody read to its end. Without that
+    setting clamd says OK (what the README warns of); with it, UNCHECKED."""
+    if clamd_testing.skip_reason():
+        pytest.skip(clamd_testing.skip_reason())
+    with clamd_testing.ClamdInstance(short_tmp / "lim", options=(
+            "AlertExceedsMax yes", "MaxFileSize 4000", "MaxScanSize 4000")) as limited:
+        pipeline = pipeline_for(clamd=limited.address, backup_scanners=[])
+        result = process(pipeline, big_message(6000, eicar=False), tmp_path)
+        assert result.verdict == "UNCHECKED", result.summary()
+        assert not result.findings
+        assert "gave up at its limit (Heuristics.Limits.Exceeded.MaxFileSize)" in result.summary()
+        # under the limit, the same clamd still finds what it finds
+        small = process(pipeline, big_message(100, eicar=True), tmp_path, "s.eml")
+        assert small.verdict == "INFECTED", small.summary()
