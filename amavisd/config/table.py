@@ -175,8 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("clamd", "scan", str, "unix:/var/run/clamav/clamd.ctl",
             "clamd to ask: unix:/path or tcp:host:port.", scanner_address, ("--clamd",),
             metavar="ADDR"),
-    Setting("clamd_timeout", "scan", float, 120.0,
-            "Seconds to wait for clamd on one message before giving up (tempfail).", positive),
+    Setting("clamd_timeout", "scan", float, 100.0,
+            "Seconds to wait for clamd on one message before giving up (tempfail). Below "
+            "clamd's MaxScanTime (120 s by default): clamd cutting a scan short first would "
+            "answer OK for that part unless AlertExceedsMax is set.", positive),
     Setting("clamd_max_stream", "scan", int, 25 * 1024 * 1024,
             "clamd's StreamMaxLength: larger parts go to a backup scanner, or the message is "
             "UNCHECKED; they are never called clean.", positive),

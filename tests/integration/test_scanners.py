@@ -312,3 +312,10 @@ def test_a_part_clamd_gave_up_on_is_unchecked_not_a_virus(short_tmp, tmp_path):
         # under the limit, the same clamd still finds what it finds
         small = process(pipeline, big_message(100, eicar=True), tmp_path, "s.eml")
         assert small.verdict == "INFECTED", small.summary()
+
+
+def test_our_clamd_timeout_ends_before_clamds_default_max_scan_time():
+    """clamd cuts a scan short at MaxScanTime (120 s unless set) and, without
+    AlertExceedsMax, answers OK for it: our timeout (a tempfail) must come first."""
+    clamd_default_max_scan_time = 120.0
+    assert configuration.load(None, {})["clamd_timeout"] < clamd_default_max_scan_time
