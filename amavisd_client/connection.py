@@ -25,7 +25,8 @@ class ClientError(Exception):
 
 
 class _Unanswered(ClientError):
-    """The connection ended (EOF, reset, broken pipe) before any byte of the reply."""
+    """The daemon closed the connection with our request unread (reset,
+    broken pipe) before any byte of the reply: it never saw the request."""
 
 
 class Connection:
@@ -79,11 +80,13 @@ class Connection:
     def request(self, attrs: list[tuple[str, object]]) -> Block:
         """The daemon's reply to `attrs`. Asked once more, on a new
         connection, only when a kept one (it carried a whole reply before)
-        ended before any byte of this reply -- a worker giving it away or
-        retiring as the request arrived -- and the request is a check whose
-        verdict comes back to us: a first request (the worker may have died
-        on this very message), a delivery by the daemon or a release is
-        never sent twice."""
+        was reset before any byte of this reply -- a worker giving it away or
+        retiring as the request arrived closes it with the request unread,
+        which the kernel tells us as a reset -- and the request is a check
+        whose verdict comes back to us. A plain end of the connection is a
+        worker that read the request and died on it (a poison message, or
+        killed after it quarantined and notified): never asked again, nor
+        is a first request, a delivery by the daemon or a release."""
         if self.sock is not None and not self._still_open():
             self.close()
         kept = self.sock is not None and self.carried
@@ -102,8 +105,7 @@ class Connection:
             while True:
                 data = self.sock.recv(65536)
                 if not data:
-                    raise (ClientError if answered else _Unanswered)(
-                        "amavisd closed the connection without a verdict")
+                    raise ClientError("amavisd closed the connection without a verdict")
                 answered = True
                 blocks = self.decoder.feed(data)
                 if blocks:

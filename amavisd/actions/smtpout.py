@@ -200,6 +200,7 @@ class Transaction:
                 in_step(mail, said, go)
         if go[0] != 354:
             raise self.hop_said("DATA", *go, refused)
+        client.in_data = True  # also when DATA went alone (no PIPELINING)
         self.send_content(client, data)
         client.in_data = False
         return self.data_replies(client, accepted, refused)
@@ -254,21 +255,31 @@ class Transaction:
 
     def data_replies(self, client: HopClient, accepted: list[str],
                      refused: dict[str, str]) -> Handed:
-        """SMTP: one reply for all. LMTP: one per accepted recipient, in order."""
+        """SMTP: one reply for all. LMTP: one per accepted recipient, in order.
+        A refusal with more bytes behind the replies may be a stray line
+        read in place of the hop's answer: a tempfail, never a bounce of mail
+        the hop may have taken. (A 250 with more behind is believed, as a hop
+        that said it twice; the session is then not reused.)"""
         if not self.lmtp:
             code, text = client.getreply()
+            if code != 250 and unread(client):
+                raise self.out_of_step(_reply(code, text), refused)
             if code != 250:
                 raise self.hop_said("end of DATA", code, text, refused)
             said = _reply(code, text)
             return Handed(self.where, said, refused, dict.fromkeys(accepted, said))
         taken: dict[str, str] = {}
         said = ""
+        at_rcpt = dict(refused)  # read before the content: believed
         for rcpt in accepted:
             code, text = client.getreply()
             if code == 250:
                 taken[rcpt] = said = _reply(code, text)
             else:
                 refused[rcpt] = _reply(code, text)
+        if len(taken) < len(accepted) and unread(client):
+            raise self.out_of_step("; ".join(why for r, why in refused.items()
+                                             if r not in at_rcpt), at_rcpt)
         if not taken:
             raise self.none_taken("every recipient refused at DATA", refused)
         late = {r: why for r, why in refused.items() if not why.startswith("5")}
@@ -281,6 +292,12 @@ class Transaction:
                             + "; ".join(f"{r}: {why}" for r, why in late.items()),
                             451, "4.5.3", refused=refused)
         return Handed(self.where, said, refused, taken)
+
+    def out_of_step(self, said: str, refused: dict[str, str]) -> ForwardError:
+        """A refusal at the end of DATA with more bytes behind it (see
+        `data_replies`); `refused`: those of RCPT only, read before the content."""
+        return self.fail(f"a refusal at the end of DATA with more behind it ({said}): "
+                         "out of step", 451, "4.4.2", refused=refused)
 
     def none_taken(self, why: str, refused: dict[str, str]) -> ForwardError:
         """Every recipient refused, each for its reason: permanent only if

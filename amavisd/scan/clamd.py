@@ -26,6 +26,7 @@ which no client can tell from clean: the README says to set it.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import threading
@@ -42,7 +43,10 @@ from amavisd_client.wire.address import Address, parse
 log = logging.getLogger("amavisd.scan")
 
 SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded"
-GAVE_UP = "Heuristics.Limits.Exceeded"  # clamd stopped at a limit (AlertExceedsMax yes)
+# clamd stopped at a limit (AlertExceedsMax yes): its own names only, the
+# bare one before ClamAV 0.103; a signature of another database that merely
+# starts so (clamd adds ".UNOFFICIAL" to its name) is what it found
+GAVE_UP = re.compile(r"Heuristics\.Limits\.Exceeded(\.Max[A-Za-z0-9]+)?")
 WINDOW = 8  # requests in flight on one session
 WINDOW_BYTES = 1024 * 1024  # bytes in flight; a bigger part goes alone
 
@@ -53,7 +57,7 @@ def address_of(text: str) -> Address:
 
 
 class ClamdScanner:
-    def __init__(self, address: str, timeout: float = 120.0, max_stream: int = 25 * 1024 * 1024,
+    def __init__(self, address: str, timeout: float = 100.0, max_stream: int = 25 * 1024 * 1024,
                  name: str = "clamd", window: int = WINDOW, window_bytes: int = WINDOW_BYTES,
                  keep_session: bool = True):
         self.name = name
@@ -239,7 +243,7 @@ class ClamdScanner:
             return False
         if text.endswith(" FOUND"):
             name = text[: -len(" FOUND")]
-            if name.startswith(GAVE_UP):
+            if GAVE_UP.fullmatch(name):
                 report.missed[part.path] = f"{self.name}: gave up at its limit ({name})"
             else:
                 found[index] = name

@@ -23,8 +23,10 @@ class CommandDefinition:
     clean: frozenset[int] = frozenset({0})
     infected: frozenset[int] = frozenset({1})
     names: str = r"^(?P<path>.+?): (?P<name>\S+) FOUND$"  # groups: name, optional path
-    # names that mean "I gave up on this file" (a size limit), not a virus: missed
-    unchecked_names: str = r"^Heuristics\.Limits\.Exceeded"
+    # names that mean "I gave up on this file" (a size limit), not a virus:
+    # missed. ClamAV's own only: another database's signature named so is
+    # reported with ".UNOFFICIAL" appended, and is what it found
+    unchecked_names: str = r"^Heuristics\.Limits\.Exceeded(\.Max[A-Za-z0-9]+)?$"
     version_argv: tuple[str, ...] = ()
     timeout: float = 300.0
 
