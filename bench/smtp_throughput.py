@@ -11,7 +11,17 @@ on the same private clamd (test signatures, no decoding in clamd):
 - amavisd-new: Debian's amavisd-new (max_servers = C), its SMTP port;
 - postfix-only: the content_filter pointed straight at the re-injection
   port, so Postfix makes the same two passes with no filter between: the
-  ceiling any filter can reach on this machine.
+  ceiling any filter can reach on this machine;
+- baseline: ours, but the daemon's code from another copy of the package
+  (`--baseline DIR`, DIR/amavisd: a before), for side-by-side runs.
+
+On a shared machine msgs/s swing with everything else running, so each row
+also reports the CPU it cost a message: the daemon's process tree (master
+and workers), clamd's and Postfix's (its master and every child), from the
+first message sent to the last one at the sink. `--repeat R` runs the rows
+R times alternating (old, new, old, new...) and reports each run; `--strace`
+counts the daemon's system calls a message (strace -c -f on the master and
+its workers: slow, for counts only, not for rates).
 
 The clock runs from the first message smtp-source sends to the last one
 the sink has. Every recipient is unique (smtp-source -N), so the sink
@@ -22,7 +32,8 @@ all messages to Postfix (its queue absorbs them: the filter runs after).
 
 Usage (as root: Postfix and amavisd-new need it):
     .venv/bin/python bench/smtp_throughput.py [-n 2000] [-c 4] [--size 4096]
-        [--rows ours,amavisd-new,postfix-only] [--clamd-temp tmpfs|disk]
+        [--rows ours,amavisd-new,postfix-only,baseline] [--baseline DIR]
+        [--repeat R] [--strace] [--clamd-temp tmpfs|disk]
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ampdp_throughput import add_clamd_temp, clamd_temp_dir  # noqa: E402
+from ampdp_throughput import TICK, add_clamd_temp, clamd_temp_dir, tree_ticks  # noqa: E402
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from tests.rigs import amavisd_new  # noqa: E402
@@ -89,27 +100,73 @@ class AmavisdNewSMTP(amavisd_new.AmavisdNewInstance):
                             f"$notify_method = '{forward}';")
 
 
-def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size: int) -> dict:
+def code_from(directory: str) -> list[str]:
+    """`python ARGS` that runs the daemon's command line from DIR/amavisd."""
+    return ["-c", f"import sys; sys.path.insert(0, {directory!r}); "
+            "from amavisd.cli import main; sys.exit(main())"]
+
+
+def filter_for(name: str, work: Path, clamd: ClamdInstance, conc: int, filter_port: int,
+               reinject_port: int, code: dict[str, str]):
+    if name == "postfix-only":
+        return None
+    if name in ("ours", "baseline"):
+        forward = f"smtp:[127.0.0.1]:{reinject_port}"
+        extra = {}
+        if name == "baseline" and not code.get(name):
+            raise SystemExit("row baseline needs --baseline DIR")
+        if code.get(name):
+            extra["python_args"] = code_from(code[name])
+        return DaemonInstance(work / "d", clamd.address, workers=conc,
+                              smtp_listen=[f"127.0.0.1:{filter_port}"], forward_method=forward,
+                              notify_method=forward, log_level="warning",
+                              max_requests=0, child_timeout=300.0, **extra)
+    return AmavisdNewSMTP(work / "a", clamd.address, filter_port, reinject_port, conc)
+
+
+def strace_daemon(server) -> subprocess.Popen | None:
+    """strace -c -f on the daemon's master and workers (None for other rows)."""
+    if not isinstance(server, DaemonInstance):
+        return None
+    pids = [server.pid, *sorted(server.worker_pids())]
+    argv = ["strace", "-c", "-f", "-o", str(server.workdir / "strace.txt")]
+    for pid in pids:
+        argv += ["-p", str(pid)]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    return proc
+
+
+def strace_total(server, proc: subprocess.Popen) -> tuple[int, str]:
+    """(calls in all, the top lines) once strace is stopped."""
+    proc.send_signal(2)
+    proc.wait(30)
+    text = (server.workdir / "strace.txt").read_text()
+    total = re.search(r"^\S+\s+\S+\s+\S+\s+(\d+)\s+(?:\d+\s+)?total$", text, re.M)
+    lines = [line for line in text.splitlines()[2:12] if line.strip()]
+    return (int(total.group(1)) if total else 0), "\n".join(lines)
+
+
+def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size: int,
+            code: dict[str, str] | None = None, trace: bool = False) -> dict:
     filter_port, reinject_port = free_port(), free_port()
     main, master = snippets(filter_port, reinject_port, conc)
     work = base / name
+    if work.exists():
+        shutil.rmtree(work)
     if name == "postfix-only":  # the same two passes through Postfix, no filter between
         main["content_filter"] = re.sub(r":\d+$", f":{reinject_port}", main["content_filter"])
-        server = None
-    elif name == "ours":
-        forward = f"smtp:[127.0.0.1]:{reinject_port}"
-        server = DaemonInstance(work / "d", clamd.address, workers=conc,
-                                smtp_listen=[f"127.0.0.1:{filter_port}"], forward_method=forward,
-                                notify_method=forward, log_level="warning",
-                                max_requests=0, child_timeout=300.0)
-    else:
-        server = AmavisdNewSMTP(work / "a", clamd.address, filter_port, reinject_port, conc)
+    server = filter_for(name, work, clamd, conc, filter_port, reinject_port, code or {})
     if server is not None:
         server.start()
     pfx = PostfixInstance(work / "pfx", main=main | {"default_process_limit": "100"},
                           master=master)
     pfx.start()
+    tracer = None
     try:
+        tracer = strace_daemon(server) if trace else None
+        server_pid = getattr(server, "pid", None) if server is not None else None
+        before = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
         started = time.monotonic()
         source = subprocess.run(
             ["smtp-source", "-s", str(conc), "-m", str(n), "-l", str(size), "-N",
@@ -120,14 +177,23 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
             raise RuntimeError(f"smtp-source failed: {source.stderr}")
         pfx.sink.wait(n, timeout=max(600.0, n * 0.5))
         done = time.monotonic() - started
+        after = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
+        calls, top = strace_total(server, tracer) if tracer is not None else (0, "")
+        tracer = None
         time.sleep(2.0)  # a duplicate would arrive now
         pfx.wait_queue_empty(60)
         rcpts = Counter(r for m in pfx.sink.messages for r in m.rcpt_tos)
         ok = len(pfx.sink.messages) == n and len(rcpts) == n and max(rcpts.values()) == 1
+        cpu = [(a - b) * 1000 / TICK / n for a, b in zip(after, before, strict=True)]
         return {"name": name, "n": n, "conc": conc, "handed": handed, "done": done,
                 "rate": n / done, "ok": ok, "arrived": len(pfx.sink.messages),
-                "duplicates": sum(c - 1 for c in rcpts.values())}
+                "duplicates": sum(c - 1 for c in rcpts.values()),
+                "cpu": cpu[0], "clamd_cpu": cpu[1], "postfix_cpu": cpu[2],
+                "syscalls": calls / n if calls else None, "strace": top}
     finally:
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
         pfx.stop()
         if server is not None:
             server.stop()
@@ -140,6 +206,13 @@ def main() -> int:
                         "amavisfeed maxproc and filter workers")
     parser.add_argument("--size", type=int, default=4096, help="message size (smtp-source -l)")
     parser.add_argument("--rows", default="ours,amavisd-new")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="row baseline: the daemon from DIR/amavisd (a before)")
+    parser.add_argument("--ours-from", metavar="DIR",
+                        help="row ours: the daemon from DIR/amavisd (default: this checkout)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the rows R times, alternating")
+    parser.add_argument("--strace", action="store_true",
+                        help="count the daemon's system calls a message (slows it down)")
     add_clamd_temp(parser)
     args = parser.parse_args()
     reasons = [r for r in (postfix_skip_reason(), shutil.which("smtp-source") is None and
@@ -158,8 +231,12 @@ def main() -> int:
                           temp_dir=clamd_temp_dir(args.clamd_temp, stack)).start()
     results = []
     try:
-        for row in rows:
-            results.append(run_row(row, base, clamd, args.n, args.conc, args.size))
+        for turn in range(args.repeat):
+            for row in rows if turn % 2 == 0 else rows[::-1]:  # old, new, new, old, ...
+                results.append(run_row(row, base, clamd, args.n, args.conc, args.size,
+                                       {"baseline": args.baseline, "ours": args.ours_from},
+                                       args.strace))
+                print_row(results[-1], header=len(results) == 1)
     finally:
         clamd.stop()
         stack.close()
@@ -167,14 +244,25 @@ def main() -> int:
     print(f"\n{args.n} messages of {args.size} bytes, smtp-source -s {args.conc}, "
           f"Postfix content_filter (maxproc {args.conc}) -> filter ({args.conc} workers) -> "
           "Postfix -> sink\n")
-    print("| filter | msgs/s (end to end) | all through | smtp-source done | arrived | "
-          "duplicates |")
-    print("|:---|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(results):
+        print_row(r, header=i == 0)
     for r in results:
-        flag = "" if r["ok"] else " **FAILED**"
-        print(f"| {r['name']}{flag} | {r['rate']:.1f} | {r['done']:.1f} s | {r['handed']:.1f} s "
-              f"| {r['arrived']} | {r['duplicates']} |")
+        if r["strace"]:
+            print(f"\n{r['name']}: strace -c -f, top calls\n{r['strace']}")
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def print_row(r: dict, header: bool) -> None:
+    if header:
+        print("| filter | msgs/s (end to end) | all through | smtp-source done | arrived | "
+              "duplicates | filter CPU ms/msg | clamd CPU ms/msg | Postfix CPU ms/msg | "
+              "syscalls/msg |")
+        print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    flag = "" if r["ok"] else " **FAILED**"
+    calls = f"{r['syscalls']:.0f}" if r["syscalls"] else ""
+    print(f"| {r['name']}{flag} | {r['rate']:.1f} | {r['done']:.1f} s | {r['handed']:.1f} s "
+          f"| {r['arrived']} | {r['duplicates']} | {r['cpu']:.2f} | {r['clamd_cpu']:.2f} "
+          f"| {r['postfix_cpu']:.2f} | {calls} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ class SMTPSession(Chunking, session.Session):
         self.free_answers = 0  # answers to chunks mid-message: not requests of their own
         self.in_flight = 0  # replies owed for a message being checked (last words)
         self.filter = Filter(handler, self.lmtp)
+        self._limits: dict[tuple[bool, int], ConnectionLimits] = {}  # a command's, a DATA's
+        self._limits_of: ConnectionLimits | None = None
 
     # -- what the loop asks ----------------------------------------------------------
 
@@ -125,6 +127,16 @@ class SMTPSession(Chunking, session.Session):
         return MAX_LINE * 64
 
     def connection_limits(self, limits: ConnectionLimits) -> ConnectionLimits:
+        # asked twice a loop turn: a command's and a DATA's limits are kept
+        # (dataclasses.replace costs microseconds); BDAT's run down with the clock
+        steady = self.chunked is None and self.chunk is None
+        if limits is not self._limits_of:  # the daemon's limits (one object a connection)
+            self._limits_of = limits
+            self._limits.clear()
+        key = (self.reader is not None, self.free_answers)
+        cached = self._limits.get(key) if steady else None
+        if cached is not None:
+            return cached
         request, setting = self.config.smtp_idle_timeout, "smtp_idle_timeout"
         if self.reader is not None:  # after the 354: the whole message
             request, setting = self.config.smtp_data_timeout, "smtp_data_timeout"
@@ -132,10 +144,15 @@ class SMTPSession(Chunking, session.Session):
             since = self.chunked.since if self.chunked is not None else self.chunk_since
             request = max(0.0, since + self.config.smtp_data_timeout - time.monotonic())
             setting = "smtp_data_timeout"
-        return dataclasses.replace(limits, idle_timeout=self.config.smtp_idle_timeout,
+        mine = dataclasses.replace(limits, idle_timeout=self.config.smtp_idle_timeout,
                                    idle_setting="smtp_idle_timeout",
                                    request_timeout=request, request_setting=setting,
                                    max_requests=limits.max_requests + self.free_answers)
+        if steady:
+            if len(self._limits) > 4:  # free_answers moved on (BDAT): the old ones are done
+                self._limits.clear()
+            self._limits[key] = mine
+        return mine
 
     def greeting(self) -> bytes:
         if not self.allowed:

@@ -21,6 +21,7 @@ the stream unframeable, so the session hangs up.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class SyntaxProblem(ValueError):
 # -- replies -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)  # the same few replies, message after message
 def reply(code: str | int, enhanced: str, *lines: str) -> bytes:
     """A reply, multi-line when given several lines; control characters in a
     line (from an address or a next hop's text) become spaces."""

@@ -72,14 +72,22 @@ class Transaction:
                 raise
             fd, path = tempfile.mkstemp(prefix="smtp-", dir=work_base)
             os.unlink(path)
-        self.spool = open(fd, "w+b", buffering=256 * 1024)  # noqa: SIM115 (closed in close_spool)
+        # unbuffered: the reader hands over what one recv gave (up to 64 KiB), and
+        # a buffered file lseeks at open, flush and close and around each read
+        # back (edit_spool, the forward): 7 calls a message
+        self.spool = open(fd, "w+b", buffering=0)  # noqa: SIM115 (closed in close_spool)
         return self._write
 
     def _write(self, data: bytes) -> None:
         if self.spool_error is not None or self.spool is None:
             return
+        view = memoryview(data)
         try:
-            self.spool.write(data)
+            while view:  # a raw write may take part of it (the disk filling up)
+                written = self.spool.write(view)
+                if not written:
+                    raise OSError(errno.ENOSPC, "the spool took nothing")
+                view = view[written:]
         except OSError as err:  # disk full: the client hears 451 at the end of DATA
             self.spool_error = err
 

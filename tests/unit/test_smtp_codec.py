@@ -123,12 +123,46 @@ def test_encoder_keeps_crlf_split_across_blocks():
     assert out == b"a\r\n..b\r\n.\r\n"
 
 
+def test_encoder_same_bytes_with_and_without_bare_lf_in_any_blocks():
+    """The no-bare-LF shortcut (counts instead of the regex) must send what
+    the whole message normalised by the regex and stuffed gives, however the
+    message is cut into blocks."""
+    import random
+    import re
+    rng = random.Random(16)
+    for _ in range(1000):
+        message = bytes(rng.choice(b"\r\n.ab") for _ in range(rng.randrange(0, 40)))
+        want = re.sub(rb"(?<!\r)\n", b"\r\n", message).replace(b"\n.", b"\n..")
+        want = (b"." if want[:1] == b"." else b"") + want
+        want += (b"\n.\r\n" if want.endswith(b"\r") else
+                 b".\r\n" if not want or want.endswith(b"\r\n") else b"\r\n.\r\n")
+        encoder, out, at = DataEncoder(), b"", 0
+        while at < len(message):
+            step = rng.randrange(1, 8)
+            out += encoder.feed(message[at:at + step])
+            at += step
+        assert out + encoder.end() == want == b"".join(message_chunks(message)), message
+
+
 def test_prefixed_reads_the_prefix_then_the_body():
     import io
     body = io.BytesIO(b"HEAD\r\n\r\nbody\r\n")
     body.seek(6)
     data = Prefixed(b"X: 1\r\nHEAD\r\n", body, 8)
     assert data.size == 20 and data.read() == b"X: 1\r\nHEAD\r\n\r\nbody\r\n"
+
+
+def test_a_small_edited_message_goes_out_in_one_write():
+    """Our header lines and the spooled body in one block: sent apart, the
+    body waited behind the small first write (two sends a message)."""
+    import io
+    body = io.BytesIO(b"HEAD: x\r\n\r\n" + b"line\r\n" * 1000)
+    chunks = list(message_chunks(Prefixed(b"X-Virus-Scanned: ok\r\n", body, 7011)))
+    assert chunks == [b"X-Virus-Scanned: ok\r\nHEAD: x\r\n\r\n" + b"line\r\n" * 1000
+                      + b".\r\n"]
+    big = io.BytesIO(b"y" * 600_000)
+    got = b"".join(message_chunks(Prefixed(b"X: 1\r\n", big, 600_000)))
+    assert got == b"X: 1\r\n" + b"y" * 600_000 + b"\r\n.\r\n"
 
 
 def test_take_line_and_parse_command():
