@@ -70,7 +70,7 @@ TEMPBASE_MODE = 0o1770  # clients of the group spool here; sticky: none removes 
 WORK_BASE_MODE = 0o700  # ours alone
 # Heartbeat touches closer together than this are one (several call sites
 # follow each other within microseconds); the master polls far less often.
-BEAT_SLACK = 0.001
+BEAT_SLACK = 0.05
 
 
 class BootError(Exception):
