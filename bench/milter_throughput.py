@@ -21,9 +21,16 @@ The clock covers smtp-source from start to exit: every message has had its
 the clock: smtp-source exited 0, and Postfix's log has N `status=sent` to
 the sink after its queue drained; a row that fails prints no number.
 
+CPU is counted per process class over the clock (`cpu_split`): our milter,
+the daemon's tree, clamd, Postfix's smtpd, cleanup, qmgr, smtp and the rest,
+the sink, smtp-source; a process that exits in the clock is counted through
+its parent's reaped-children times (Postfix's in "postfix-reaped": pass
+--max-use 100000 so no smtpd or cleanup exits and each is seen by name).
+Their sum is the chain's CPU a message, whatever else the machine runs.
+
 Usage (as root: Postfix, the daemon's user):
     .venv/bin/python bench/milter_throughput.py [-n 500] [-s 10] [-l 4096] [--workers 2]
-        [--runs 3] [--rows postfix,ours,c-milter] [--profile milter.svg]
+        [--runs 3] [--rows postfix,ours,c-milter] [--profile milter.svg] [--max-use N]
         [--rows postfix,baseline,ours --baseline /tmp/before]
 """
 
@@ -33,6 +40,7 @@ import argparse
 import contextlib
 import os
 import pwd
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,7 +70,7 @@ def smtp_sink(workdir: Path):
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "sink.err", "wb"))
     try:
         time.sleep(0.3)
-        yield ("127.0.0.1", port)
+        yield ("127.0.0.1", port), proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -109,6 +117,63 @@ def machine_cpu_seconds() -> float:
     """CPU seconds every core spent busy so far (/proc/stat: all but idle and iowait)."""
     ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+POSTFIX_CLASSES = ("smtpd", "cleanup", "qmgr", "smtp")  # the rest of Postfix: "postfix-other"
+
+
+def _proc_table() -> dict[int, tuple[str, int, float, float]]:
+    """Every live process: pid -> (comm, ppid, own CPU s, reaped children's CPU s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw.rpartition(")")[2].split()
+        table[int(entry)] = (comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick,
+                             (int(fields[13]) + int(fields[14])) / tick)
+    return table
+
+
+def cpu_split(roots: dict[str, int | None]) -> dict[tuple[int, str], float]:
+    """CPU seconds so far by (pid, class): each root's process tree (`roots`:
+    class -> pid; Postfix's tree split by program name), and each root's reaped
+    children (in its class; Postfix's in "postfix-reaped": its exited smtpd and
+    cleanup, see --max-use)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[tuple[int, str], float] = {}
+    for name, root in roots.items():
+        if not root or root not in table:
+            continue
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            comm, _, own, reaped = table[pid]
+            what = name
+            if name == "postfix" and pid != root:
+                what = comm if comm in POSTFIX_CLASSES else "postfix-other"
+            out[pid, what] = out.get((pid, what), 0.0) + own
+            # Reaped children are their tree's, but Postfix's are by program only while alive.
+            where = (pid, "postfix-reaped" if name == "postfix" else name)
+            out[where] = out.get(where, 0.0) + reaped
+            todo.extend(children.get(pid, ()))
+    return out
+
+
+def split_delta(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds a class spent between two `cpu_split`s."""
+    spent: dict[str, float] = {}
+    for key in after.keys() | before.keys():  # one gone: its CPU moved to its parent's reaped
+        spent[key[1]] = spent.get(key[1], 0.0) + after.get(key, 0.0) - before.get(key, 0.0)
+    return spent
 
 
 def cpu_now(pid: int | None, daemon) -> dict[str, float]:
@@ -195,10 +260,12 @@ def run_row(row: str, base: Path, daemon: DaemonInstance, args) -> float:
     """Seconds smtp-source took for args.n messages; raises if any went astray.
     With args.cpu (a dict), CPU seconds in the clock go to args.cpu[row,
     what] (what: machine, milter, daemon; see cpu_now); with args.profile (a path), py-spy records it meanwhile."""
-    with smtp_sink(base) as relay, \
+    with smtp_sink(base) as (relay, relay_pid), \
             milter_for(row, base, daemon, getattr(args, "baseline", None)) as (milter, pid):
         main = {"milter_content_timeout": "300s", "in_flow_delay": "0",
                 "default_process_limit": "200"}
+        if getattr(args, "max_use", None):
+            main["max_use"] = str(args.max_use)
         pfx = PostfixInstance(base / "postfix", relay=relay,
                               milters=[milter] if milter else [], main=main).start()
         try:
@@ -207,11 +274,22 @@ def run_row(row: str, base: Path, daemon: DaemonInstance, args) -> float:
                     "-t", "rcpt@example.test", f"127.0.0.1:{pfx.smtp_port}"]
             profile = getattr(args, "profile", None)
             with py_spy(pid if row == "ours" else None, Path(profile) if profile else None):
-                cpu = cpu_now(pid, daemon)
+                roots = {"milter": pid, "daemon": getattr(getattr(daemon, "proc", None),
+                                                          "pid", None),
+                         "clamd": getattr(args, "clamd_pid", None), "postfix": pfx.master_pid(),
+                         "sink": relay_pid}
+                cpu, split = cpu_now(pid, daemon), cpu_split(roots)
+                kids = resource.getrusage(resource.RUSAGE_CHILDREN)
                 started = time.perf_counter()
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
                 elapsed = time.perf_counter() - started
                 if isinstance(getattr(args, "cpu", None), dict):
+                    spent = split_delta(split, cpu_split(roots))
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    spent["smtp-source"] = (after.ru_utime + after.ru_stime
+                                            - kids.ru_utime - kids.ru_stime)
+                    for what, seconds in spent.items():
+                        args.split.setdefault((row, what), []).append(seconds)
                     for what, seconds in cpu_now(pid, daemon).items():
                         args.cpu.setdefault((row, what), []).append(seconds - cpu[what])
             if done.returncode:
@@ -226,6 +304,23 @@ def run_row(row: str, base: Path, daemon: DaemonInstance, args) -> float:
             pfx.stop()
 
 
+def print_split(args, rows: list[str]) -> None:
+    """CPU ms a message by process class and row (median over runs): the chain's split."""
+    classes = sorted({what for _, what in args.split})
+    print("\n| CPU ms/msg | " + " | ".join(rows) + " |\n|:---|"
+          + "---:|" * len(rows))
+    totals = dict.fromkeys(rows, 0.0)
+    for what in classes:
+        cells = []
+        for row in rows:
+            ms = statistics.median(args.split.get((row, what), [0.0])) * 1000 / args.n
+            totals[row] += ms
+            cells.append(f"{ms:.2f}")
+        if any(float(c) for c in cells):
+            print(f"| {what} | " + " | ".join(cells) + " |")
+    print("| **chain** | " + " | ".join(f"{totals[r]:.2f}" for r in rows) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=500, help="messages a run")
@@ -236,10 +331,13 @@ def main() -> int:
     parser.add_argument("--rows", default="postfix,ours,c-milter")
     parser.add_argument("--baseline", metavar="DIR",
                         help="row baseline: our milter from DIR/amavisd_client (a before)")
+    parser.add_argument("--max-use", type=int,
+                        help="Postfix's max_use (default 100): high, no smtpd exits in the "
+                        "clock, so the CPU split shows smtpd and cleanup by name")
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy our milter into FILE (.svg flame graph, .txt raw stacks)")
     args = parser.parse_args()
-    args.cpu = {}
+    args.cpu, args.split = {}, {}
     if os.geteuid() != 0:
         raise SystemExit("run as root (a private Postfix; the daemon's user)")
     rows = args.rows.split(",")
@@ -251,6 +349,7 @@ def main() -> int:
     top.chmod(0o755)
     results: dict[str, list[float]] = {row: [] for row in rows}
     clamd = ClamdInstance(top / "clamd", mode="nodecomp").start()
+    args.clamd_pid = clamd.pid
     try:
         with DaemonInstance(top / "d", clamd.address, workers=args.workers, user=DAEMON_USER,
                             group=DAEMON_USER, admin_notify=[]) as daemon:
@@ -276,6 +375,7 @@ def main() -> int:
                          if (row, what) in args.cpu else ""
                          for what in ("machine", "milter", "daemon"))
         print(f"| {row} | {seconds:.2f} | {args.n / seconds:.0f} | {ratio} | {cpu} |")
+    print_split(args, list(results))
     return 0
 
 

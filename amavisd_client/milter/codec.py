@@ -183,15 +183,18 @@ def _optneg(data: bytes) -> OptNeg:
 
 
 def _macro(data: bytes) -> Macro:
+    """Name, value, name, value ... (a name without its value is dropped);
+    "{name}" loses its braces. An MTA sends eight or more a message: one loop
+    over pairs, decoded in one call each."""
     if not data:
         return Macro("")
-    names_values = _strings(data[1:])
+    parts = _strings(data[1:])
+    even = len(parts) & ~1
     macros = {}
-    for i in range(0, len(names_values) - 1, 2):
-        name = _text(names_values[i])
-        if name.startswith("{") and name.endswith("}"):
+    for name, value in zip(parts[0:even:2], parts[1:even:2], strict=True):
+        if name[:1] == b"{" and name[-1:] == b"}":
             name = name[1:-1]
-        macros[name] = _text(names_values[i + 1])
+        macros[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
     return Macro(chr(data[0]), macros)
 
 
@@ -274,9 +277,11 @@ class Framer:
         # The usual case: whole packets, sliced from the bytes as they came.
         packets: list[tuple[int, bytes]] = []
         pos, end = 0, len(data)
+        limit = self.max_packet
         while end - pos >= 4:
             (length,) = _U32.unpack_from(data, pos)
-            self._check(length)
+            if not 0 < length <= limit:
+                self._check(length)
             after = pos + 4 + length
             if after > end:
                 break

@@ -16,7 +16,8 @@ the spool until it has answered, or until we hung up on it.
 
 The spool belongs to the call: made here (the loop only held its first
 bytes), checked before the request and after the verdict (the verdict must
-be about the bytes we wrote), and removed whatever happened.
+be about the bytes we wrote), then released to the pool if the daemon
+answered (spool.py), else removed.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class DaemonCall:
             reply = await self._exchange()
             if verify is not None:
                 verify()
-            return reply
-        finally:
-            sink.discard()
+        except BaseException:
+            sink.discard()  # the daemon may still read it: never reused
+            raise
+        getattr(sink, "release", sink.discard)()  # answered: the spool may serve again
+        return reply
 
     async def _exchange(self) -> Block:
         loop = asyncio.get_running_loop()

@@ -7,7 +7,10 @@ of the loop's work a message. Here the bytes go straight from the transport
 to `MilterSession.feed` and its replies straight back to `transport.write`.
 
 Flow control instead of awaits: while the daemon is asked (`MilterServer.ask`
-in a task) reading is paused, so commands wait in the kernel, not in us; when
+in a task) the session takes no command; bytes that arrive meanwhile (an MTA
+waits for the verdict, so rarely) are kept, one read at most, and reading is
+paused until the verdict, so the rest waits in the kernel, not in us (paused
+only then: a pause and a resume are two epoll_ctl calls a message); when
 the MTA stops reading our replies (`pause_writing`), we stop reading its
 commands. One timer a connection, not one a read, closes a connection that
 has been silent (or would not read) for IDLE_TIMEOUT: it wakes at most once
@@ -74,6 +77,8 @@ class MtaConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last = self.loop.time()
+        if self.asking is not None:  # the session keeps these; the rest waits in the kernel
+            self._reading(False)
         self._guarded(self._handle, self.session.feed(self.server.read_buffer[:nbytes]))
 
     def eof_received(self) -> bool:
@@ -126,7 +131,6 @@ class MtaConnection(asyncio.BufferedProtocol):
             if isinstance(event, Send):
                 transport.write(event.data)
             elif isinstance(event, Ask):  # the machine stops at an Ask: rest is empty
-                self._reading(False)
                 self.asking = self.loop.create_task(self._ask(event, events[n + 1:]))
                 return
             elif isinstance(event, Close) and event.reason:

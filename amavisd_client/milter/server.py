@@ -27,7 +27,7 @@ from amavisd_client.milter import codec
 from amavisd_client.milter.daemon import FAILURES, DaemonCall
 from amavisd_client.milter.mta import READ_BUFFER, MtaConnection
 from amavisd_client.milter.options import Settings
-from amavisd_client.milter.spool import SpoolSink
+from amavisd_client.milter.spool import SpoolPool, SpoolSink
 from amavisd_client.milter.state import Ask, MilterSession
 from amavisd_client.milter.verdicts import Policy
 from amavisd_client.socket_file import SocketFileError, bind_unix
@@ -78,6 +78,7 @@ class MilterServer:
         self.policy = Policy(settings.on_error, settings.quarantine)
         self.connections: set[MtaConnection] = set()
         self.read_buffer = memoryview(bytearray(READ_BUFFER))  # every MTA read goes here
+        self.spools = SpoolPool(settings.tempbase)  # answered spools, for the next message
         self.servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[str] = []
 
@@ -105,9 +106,10 @@ class MilterServer:
         if self.connections:
             await asyncio.wait([c.done for c in self.connections], timeout=5.0)
         # An aborted connection's question is cancelled: its socket closed, its spool removed.
+        self.spools.close()
 
     def open_sink(self) -> SpoolSink:
-        return SpoolSink(self.settings.tempbase)
+        return SpoolSink(self.settings.tempbase, pool=self.spools)
 
     async def ask(self, session: MilterSession, question: Ask,
                   transport: asyncio.WriteTransport) -> bytes:

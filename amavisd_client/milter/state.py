@@ -186,9 +186,10 @@ class MilterSession:
             self.close()
             return [Close(f"protocol error: {err}")]
         events: list[Event] = []
+        handlers = HANDLERS
         while self.queue and not self.waiting and not self.closed:
             command = self.queue.popleft()
-            events.extend(getattr(self, "on_" + type(command).__name__)(command))
+            events.extend(handlers[type(command)](self, command))
         return events
 
     def answer(self, reply: Block) -> bytes:
@@ -395,3 +396,10 @@ class MilterSession:
             "policy_bank": policy_banks(self.policy_bank, self.macro),
         }
         return attrs, [(name, value) for name, value in optional.items() if value]
+
+
+# Commands dispatched by name: each command type's `on_<Type>` method, looked up once.
+HANDLERS: dict[type, Callable[[MilterSession, codec.Command], list[Event]]] = {
+    command: getattr(MilterSession, "on_" + command.__name__)
+    for command in codec.Command.__args__  # type: ignore[attr-defined]
+}

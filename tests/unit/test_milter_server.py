@@ -812,3 +812,40 @@ def test_the_lsb_init_script_starts_reports_and_stops_the_milter(short_tmp):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert init("status").returncode == 3
     assert not (run / "m.sock").exists()
+
+
+def test_commands_sent_while_the_daemon_is_asked_wait_in_the_kernel(short_tmp, tempbase):
+    """Reading goes on while the daemon is asked (a pause and a resume a message
+    cost two epoll_ctl calls), but the first bytes that arrive meanwhile pause
+    it: an MTA that streams 8 MiB during a slow scan leaves at most one read
+    with us, and every command is still served after the verdict."""
+    from amavisd_client.milter.mta import READ_BUFFER
+
+    daemon = FaultDaemon(short_tmp / "daemon.sock", clean_reply, delay=1.0)
+    config = settings(short_tmp, tempbase)
+    chunk = codec.encode_command(codec.Body(b"x" * 65_000))
+
+    async def flood(server):
+        reader, writer = await asyncio.open_unix_connection(config.listen.path)
+        writer.write(b"".join(codec.encode_command(c) for c in message()))
+        await asyncio.sleep(0.3)  # the daemon is asked now
+        writer.write(b"".join(codec.encode_command(c) for c in message()[3:-3]))
+        writer.write(chunk * 128)  # the next message's body: 8 MiB
+        writer.write(b"".join(codec.encode_command(c) for c in message()[-2:]))
+        await asyncio.sleep(0.5)
+        (connection,) = server.connections
+        held = connection.session.decoder.framer.pending + sum(
+            len(getattr(c, "data", b"")) for c in connection.session.queue)
+        await writer.drain()
+        framer, got = Framer(), []
+        while sum(1 for code, _ in got if code in FINAL) < 2:
+            got += framer.feed(await asyncio.wait_for(reader.read(65536), 20))
+        writer.close()
+        return held, got
+    try:
+        held, got = run_server(config, flood)
+    finally:
+        daemon.close()
+    assert held <= READ_BUFFER
+    assert [chr(code) for code, _ in got if code in FINAL] == ["c", "c"]
+    assert len(daemon.spooled[1][0]) > 128 * 65_000
