@@ -246,6 +246,9 @@ def milter_for(row: str, base: Path, daemon: DaemonInstance, baseline: str | Non
             yield milter.listen, milter.proc.pid
         finally:
             milter.stop()
+            for line in milter.log_text().splitlines():
+                if "daemon connections:" in line:  # how many it kept (links.py)
+                    print(f"  {row}: {line.split('daemon connections:', 1)[1].strip()}")
     elif row == "c-milter":
         with c_milter(base / "c", daemon) as address:
             yield address, None

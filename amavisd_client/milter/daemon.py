@@ -8,11 +8,12 @@ message through Postfix. Here the AM.PDP exchange is the wire codec
 spool's few system calls (make, verify, remove: spool.py) run on the loop,
 a local file system's tens of microseconds.
 
-One connection a message, closed after the verdict: an idle connection
-would hold one of the daemon's workers. The caller bounds the wait
-(daemon_timeout) by cancelling; cancelled or not, `run` closes the socket
-and removes the spool before it returns, and only then: the daemon reads
-the spool until it has answered, or until we hung up on it.
+The connection comes from the milter's pool (links.py) and goes back to it
+only after a whole reply with nothing unread after it. The caller bounds
+the wait (daemon_timeout) by cancelling; a question that did not get its
+whole reply closes its connection, and `run` removes the spool before it
+returns, and only then: the daemon reads the spool until it has answered,
+or until we hung up on it.
 
 The spool belongs to the call: made here (the loop only held its first
 bytes), checked before the request and after the verdict (the verdict must
@@ -23,22 +24,24 @@ answered (spool.py), else removed.
 from __future__ import annotations
 
 import asyncio
-import socket
 
-from amavisd_client.connection import ClientError
+from amavisd_client.connection import ClientError, asks_back
+from amavisd_client.milter.links import DaemonLinks, Link
 from amavisd_client.milter.state import Ask
 from amavisd_client.spool import SpoolError
-from amavisd_client.wire.address import Address
 from amavisd_client.wire.ampdp import Block, Decoder, encode_block
 
 READ_SIZE = 65536
-BACKLOG_RETRY = 0.01  # seconds between connects while the daemon's backlog is full
 FAILURES = (ClientError, SpoolError)
 
 
+class Unanswered(ClientError):
+    """Reset or broken pipe before any byte of the reply: the request was never read."""
+
+
 class DaemonCall:
-    def __init__(self, address: Address, question: Ask):
-        self.address = address
+    def __init__(self, links: DaemonLinks, question: Ask):
+        self.links = links
         self.question = question
 
     async def run(self) -> Block:
@@ -61,45 +64,48 @@ class DaemonCall:
         return reply
 
     async def _exchange(self) -> Block:
-        loop = asyncio.get_running_loop()
-        sock = await self._connect(loop)
+        """Asked once more, on a new connection, only when a kept one (it
+        carried a whole reply before) was reset before any byte of this
+        reply: its worker gave it away or retired with our request unread.
+        Milter questions are checks whose verdict comes back to us
+        (delivery_care_of=client): asking twice costs a second scan, never a
+        second delivery. A plain end of file is a worker that read the
+        request and died on it, and a timeout is a timeout: never again."""
+        link = await self.links.take()
         try:
-            await loop.sock_sendall(sock, encode_block(self.question.attrs))
+            return await self._ask(link)
+        except Unanswered as err:
+            if not (link.carried and asks_back(self.question.attrs)):
+                raise ClientError(str(err)) from None
+        self.links.retried += 1
+        return await self._ask(await self.links.take(new=True))
+
+    async def _ask(self, link: Link) -> Block:
+        loop = asyncio.get_running_loop()
+        answered = False  # any byte of the reply yet
+        try:
+            await loop.sock_sendall(link.sock, encode_block(self.question.attrs))
             decoder = Decoder()
             while True:
-                data = await loop.sock_recv(sock, READ_SIZE)
+                data = await loop.sock_recv(link.sock, READ_SIZE)
                 if not data:
                     raise ClientError("amavisd closed the connection without a verdict")
+                answered = True
                 blocks = decoder.feed(data)
                 if blocks:
-                    return blocks[0]
+                    break
+        except (ConnectionResetError, BrokenPipeError) as err:
+            self.links.drop(link)
+            raise (ClientError if answered else Unanswered)(
+                f"amavisd connection failed: {err}") from None
         except OSError as err:
+            self.links.drop(link)
             raise ClientError(f"amavisd connection failed: {err}") from None
-        finally:
-            sock.close()
-
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
-        where = self.address
-        family = (socket.AF_INET6 if where.is_ipv6 else socket.AF_INET) if where.is_tcp \
-            else socket.AF_UNIX
-        while True:
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as err:
-                raise ClientError(f"cannot connect to amavisd at {where}: {err}") from None
-            try:
-                sock.setblocking(False)
-                if family != socket.AF_UNIX:
-                    await loop.sock_connect(sock, where.target)
-                    return sock
-                sock.connect(where.target)  # a Unix socket connects at once, or:
-                return sock
-            except BlockingIOError:  # EAGAIN, its backlog is full: try again shortly
-                sock.close()  # (a blocking client failed here; the caller's timeout bounds us)
-            except (OSError, ValueError) as err:
-                sock.close()
-                raise ClientError(f"cannot connect to amavisd at {where}: {err}") from None
-            except BaseException:
-                sock.close()
-                raise
-            await asyncio.sleep(BACKLOG_RETRY)
+        except BaseException:  # a bad reply, or cancelled (daemon_timeout, stop)
+            self.links.drop(link)
+            raise
+        if len(blocks) == 1 and not decoder.pending:
+            self.links.give(link)  # nothing unread after the reply: it may serve again
+        else:
+            self.links.drop(link)
+        return blocks[0]

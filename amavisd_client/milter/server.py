@@ -2,7 +2,8 @@
 
 Each MTA connection is an `MtaConnection` (mta.py): bytes to the state
 machine (state.py), its replies back. At end of message the AM.PDP question
-runs on this loop too (daemon.py: a non-blocking socket, no thread), which
+runs on this loop too (daemon.py: a non-blocking socket, no thread, kept
+for the next question: links.py), which
 meanwhile sends a progress packet every `progress_interval` seconds, so the
 MTA's content timeout never fires on a slow scan, and serves every other
 connection. No verdict within
@@ -25,6 +26,7 @@ import socket
 
 from amavisd_client.milter import codec
 from amavisd_client.milter.daemon import FAILURES, DaemonCall
+from amavisd_client.milter.links import DaemonLinks
 from amavisd_client.milter.mta import READ_BUFFER, MtaConnection
 from amavisd_client.milter.options import Settings
 from amavisd_client.milter.spool import SpoolPool, SpoolSink
@@ -79,6 +81,7 @@ class MilterServer:
         self.connections: set[MtaConnection] = set()
         self.read_buffer = memoryview(bytearray(READ_BUFFER))  # every MTA read goes here
         self.spools = SpoolPool(settings.tempbase)  # answered spools, for the next message
+        self.links = DaemonLinks(settings.daemon_socket)  # answered daemon connections, too
         self.servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[str] = []
 
@@ -107,6 +110,10 @@ class MilterServer:
             await asyncio.wait([c.done for c in self.connections], timeout=5.0)
         # An aborted connection's question is cancelled: its socket closed, its spool removed.
         self.spools.close()
+        self.links.close()
+        links = self.links
+        log.info("daemon connections: %d opened, %d reused, %d asked again after a reset",
+                 links.opened, links.reused, links.retried)
 
     def open_sink(self) -> SpoolSink:
         return SpoolSink(self.settings.tempbase, pool=self.spools)
@@ -127,7 +134,7 @@ class MilterServer:
         progress = loop.call_later(settings.progress_interval, keep_alive)
         try:
             async with asyncio.timeout(settings.daemon_timeout):
-                reply = await DaemonCall(settings.daemon_socket, question).run()
+                reply = await DaemonCall(self.links, question).run()
         except TimeoutError:
             return session.fail(f"no verdict from amavisd within {settings.daemon_timeout:g}s")
         except FAILURES as err:

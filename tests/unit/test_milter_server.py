@@ -28,6 +28,7 @@ import pytest
 from amavisd.config.table import BY_NAME
 from amavisd_client.milter import codec, options
 from amavisd_client.milter.codec import Framer
+from amavisd_client.milter.links import DaemonLinks
 from amavisd_client.milter.options import OptionError, Settings, resolve
 from amavisd_client.milter.server import ListenError, MilterServer, bind
 from amavisd_client.wire.address import Address
@@ -386,10 +387,11 @@ def test_the_daemon_is_asked_over_tcp_on_the_loop_and_the_spool_goes_after(tempb
         sink = SpoolSink(str(tempbase))
         sink.write(b"Subject: x\r\n\r\nbody\r\n")
         question = Ask([("request", "AM.PDP"), ("sender", "<a@x>")], [], sink, "test")
+        links = DaemonLinks(Address("tcp", host="127.0.0.1", port=port))
         try:
-            return await DaemonCall(Address("tcp", host="127.0.0.1", port=port),
-                                    question).run()
+            return await DaemonCall(links, question).run()
         finally:
+            links.close()
             server.close()
     reply = asyncio.run(main())
     assert reply.get("return_value") == "continue"
@@ -446,7 +448,11 @@ def test_a_daemon_socket_with_a_full_backlog_is_waited_for_not_failed(short_tmp,
         sink = SpoolSink(str(tempbase))
         sink.write(b"\r\nbody\r\n")
         question = Ask([("request", "AM.PDP"), ("sender", "<a@x>")], [], sink, "test")
-        return await DaemonCall(Address("unix", path=path), question).run()
+        links = DaemonLinks(Address("unix", path=path))
+        try:
+            return await DaemonCall(links, question).run()
+        finally:
+            links.close()
     try:
         reply = asyncio.run(main())
     finally:
