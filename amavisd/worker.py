@@ -311,10 +311,11 @@ class Worker:
         return self.alive
 
     def others_waiting(self) -> bool:
-        """Connections in the doorman's queue no idle worker has taken (asked
-        by the loop while a client is silent between requests: it then gives
-        its worker up)."""
-        return handout.waiting(self.queue) > 0
+        """Whether a client silent between requests should give its worker up
+        (asked by the loop): connections wait in the doorman's queue that no
+        idle worker has taken, or this worker was told to leave (a stop or a
+        restart must not wait client_idle_timeout for a kept client)."""
+        return not self.alive or handout.waiting(self.queue) > 0
 
     def beat(self) -> None:
         """Touch the heartbeat, unless we did less than BEAT_SLACK ago."""

@@ -460,3 +460,21 @@ def test_a_silent_smtp_client_gives_way_with_a_421(short_tmp, clamd_nodecomp):
         assert b"\r\n421 4.3.2 " in said, said
     finally:
         daemon.stop()
+
+
+def test_a_stop_does_not_wait_for_a_silent_kept_client(daemon):
+    """A worker told to leave (TERM, a stop or a restart) while its client is
+    silent between requests hung up only at client_idle_timeout (10 s here),
+    so every stop took that long with a kept connection open (the milter
+    keeps its connections). It now gives the client up as when others wait."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(daemon.socket_path)
+        sock.sendall(block(spool(daemon, "kept")))
+        assert Decoder().feed(sock.recv(65536))[0].get("return_value") == CLEAN
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        took = time.monotonic() - started
+        assert sock.recv(65536) == b""  # hung up on, no half reply
+    print(f"\nstop with a silent kept client: {took:.2f} s (client_idle_timeout 10 s)")
+    assert took < 3.0, took
