@@ -70,7 +70,8 @@ def raw_blocks(data: bytes | BinaryIO, size: int = BLOCK) -> Iterator[bytes]:
     first = min(size, hint + 1) if isinstance(hint, int) and hint >= 0 else size
     while block := data.read(first):
         yield block
-        first = size
+        if len(block) >= first:  # no hint, or a short one: full blocks from here
+            first = size
 
 
 def message_chunks(data: bytes | BinaryIO) -> Iterator[bytes]:
