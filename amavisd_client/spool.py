@@ -40,6 +40,8 @@ class SpoolError(Exception):
 
 
 class Spool:
+    dir_mode, file_mode = DIR_MODE, FILE_MODE  # from their making on: never wider first
+
     def __init__(self, tempbase: str):
         self.tempbase = tempbase
         self.name = "client-" + os.urandom(8).hex()
@@ -59,7 +61,7 @@ class Spool:
             raise SpoolError(f"temp base {tempbase} is writable by others and not sticky "
                              "(chmod +t it)")
         try:
-            os.mkdir(self.dir, DIR_MODE)
+            os.mkdir(self.dir, self.dir_mode)
         except OSError as err:
             raise SpoolError(f"cannot create a spool dir in {tempbase}: {err.strerror}") \
                 from None
@@ -69,10 +71,10 @@ class Spool:
             if info.st_uid != os.geteuid():
                 raise SpoolError(f"spool dir {self.dir} was replaced as it was made")
             self.dir_id = (info.st_dev, info.st_ino)
-            os.fchmod(self.dir_fd, DIR_MODE)  # exactly, whatever the umask
+            os.fchmod(self.dir_fd, self.dir_mode)  # exactly, whatever the umask
             self.fd = os.open(MAIL_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, FILE_MODE, dir_fd=self.dir_fd)
-            os.fchmod(self.fd, FILE_MODE)  # the daemon may be another user of the group
+                              | os.O_CLOEXEC, self.file_mode, dir_fd=self.dir_fd)
+            os.fchmod(self.fd, self.file_mode)  # the daemon may be another user of the group
             share_group(self.dir_fd, base.st_gid)
             share_group(self.fd, base.st_gid)
             info = os.fstat(self.fd)

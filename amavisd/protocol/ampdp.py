@@ -195,6 +195,8 @@ class Session(session.Session):
     # seconds silent between requests, then closed if others wait for a worker
     # (protocol.loop): AM.PDP clients reconnect when they find it closed
     gives_way = 0.1
+    # and right after a reply while others wait (a client never silent)
+    yields_after_reply = True
 
     def __init__(self, conn: socket.socket, handler: Handler) -> None:
         super().__init__(conn, handler)

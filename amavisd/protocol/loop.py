@@ -100,7 +100,7 @@ def serve(session: Session, limits: ConnectionLimits, first: bytes = b"") -> int
             if not sent:
                 break
             session.handler.handle_reply_sent()
-            if not session.handler.keep_going():
+            if not session.handler.keep_going() or _yields_now(session):
                 break
     finally:
         session.finish()
@@ -117,6 +117,23 @@ def _give_way(session: Session) -> GiveWay | None:
     every = getattr(session, "gives_way", 0.0)
     others_waiting = getattr(session.handler, "others_waiting", None)
     return (every, others_waiting) if every > 0 and others_waiting is not None else None
+
+
+def _yields_now(session: Session) -> bool:
+    """After a reply, whether a session whose clients ask again on a new
+    connection (`yields_after_reply`) gives its worker up now because others
+    wait for one: a kept client that is never silent (the milter's links
+    under load) would otherwise hold it for max_connection_requests
+    requests (`_next_request` gives way only after a silence). Logged at
+    debug: under load it may be every request."""
+    if not getattr(session, "yields_after_reply", False):
+        return False
+    others_waiting = getattr(session.handler, "others_waiting", None)
+    if others_waiting is None or not others_waiting():
+        return False
+    session.log.debug("%s others wait for a worker: closing the connection after the reply",
+                      session.label)
+    return True
 
 
 def _next_request(session: Session, limits: ConnectionLimits, ends: float,

@@ -45,19 +45,16 @@ POOL_KEEP = 32  # idle spools a milter holds (2 descriptors each)
 
 
 class MilterSpool(Spool):
+    # Closed to the group from mkdir and open on, not narrowed after: a
+    # descriptor opened in between would read every message the pool
+    # later writes into this same file.
+    dir_mode, file_mode = DIR_MODE, FILE_MODE
     length = 0  # the file's bytes: this message's, or a former, longer one's
 
 
 def make_spool(tempbase: str) -> MilterSpool:
     """A new private dir and file under the temp base, closed to the group."""
-    spool = MilterSpool(tempbase)  # SpoolError: the message gets on_error
-    try:
-        os.fchmod(spool.dir_fd, DIR_MODE)
-        os.fchmod(spool.fd, FILE_MODE)
-    except OSError as err:
-        spool.remove()
-        raise SpoolError(f"cannot protect {spool.dir}: {err.strerror}") from None
-    return spool
+    return MilterSpool(tempbase)  # SpoolError: the message gets on_error
 
 
 class SpoolPool:
@@ -75,7 +72,11 @@ class SpoolPool:
             spool = self.idle.pop()
             try:
                 spool.verify()
-            except SpoolError:
+                # a second link to the file would hold every message written in it
+                alone = os.fstat(spool.fd).st_nlink == 1
+            except (SpoolError, OSError):
+                alone = False
+            if not alone:
                 spool.remove()
                 continue
             spool.size = 0
