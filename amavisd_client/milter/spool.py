@@ -49,7 +49,6 @@ class MilterSpool(Spool):
     # descriptor opened in between would read every message the pool
     # later writes into this same file.
     dir_mode, file_mode = DIR_MODE, FILE_MODE
-    length = 0  # the file's bytes: this message's, or a former, longer one's
 
 
 def make_spool(tempbase: str) -> MilterSpool:
@@ -79,8 +78,7 @@ class SpoolPool:
             if not alone:
                 spool.remove()
                 continue
-            spool.size = 0
-            return spool
+            return spool  # empty: emptied by `give`, and `verify` saw size 0
         return make_spool(self.tempbase)
 
     def give(self, spool: MilterSpool) -> None:
@@ -90,7 +88,7 @@ class SpoolPool:
                      and os.listdir(spool.dir_fd) == [MAIL_FILE])
             if clean:  # no message lies in the temp base longer than its check
                 os.ftruncate(spool.fd, 0)
-                spool.length = spool.size = 0
+                spool.size = 0
         except OSError:
             clean = False
         if clean:
@@ -143,13 +141,6 @@ class SpoolSink:
         if self.held:
             held, self.held = self.held, bytearray()
             self._write(held)
-        spool = self.spool
-        if spool.length > spool.size:  # a former, longer message's tail
-            try:
-                os.ftruncate(spool.fd, spool.size)
-            except OSError as err:
-                raise SpoolError(f"cannot truncate {spool.path}: {err.strerror}") from None
-            spool.length = spool.size
 
     def write(self, data: bytes) -> None:
         if self.spool is None and len(self.held) + len(data) <= self.memory:
@@ -172,7 +163,6 @@ class SpoolSink:
                 raise SpoolError(f"cannot write {spool.path}: {err.strerror}") from None
             view = view[written:]
             spool.size += written
-        spool.length = max(spool.length, spool.size)
 
     def verify(self) -> None:
         self._opened().verify()
