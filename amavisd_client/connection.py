@@ -24,7 +24,7 @@ class ClientError(Exception):
     """Something kept us from getting a verdict: always a tempfail."""
 
 
-class _Unanswered(ClientError):
+class Unanswered(ClientError):
     """The daemon closed the connection with our request unread (reset,
     broken pipe) before any byte of the reply: it never saw the request."""
 
@@ -92,7 +92,7 @@ class Connection:
         kept = self.sock is not None and self.carried
         try:
             return self._ask(attrs)
-        except _Unanswered:
+        except Unanswered:
             if not (kept and asks_back(attrs)):
                 raise
         return self._ask(attrs)  # a new connection: the kept one is closed
@@ -116,7 +116,7 @@ class Connection:
             raise ClientError(f"no verdict from amavisd within {self.timeout:g}s") from None
         except (ConnectionResetError, BrokenPipeError) as err:
             self.close()
-            raise (ClientError if answered else _Unanswered)(
+            raise (ClientError if answered else Unanswered)(
                 f"amavisd connection failed: {err}") from None
         except OSError as err:
             self.close()

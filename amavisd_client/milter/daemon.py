@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 
-from amavisd_client.connection import ClientError, asks_back
+from amavisd_client.connection import ClientError, Unanswered, asks_back
 from amavisd_client.milter.links import DaemonLinks, Link
 from amavisd_client.milter.state import Ask
 from amavisd_client.spool import SpoolError
@@ -33,10 +33,6 @@ from amavisd_client.wire.ampdp import Block, Decoder, encode_block
 
 READ_SIZE = 65536
 FAILURES = (ClientError, SpoolError)
-
-
-class Unanswered(ClientError):
-    """Reset or broken pipe before any byte of the reply: the request was never read."""
 
 
 class DaemonCall:
