@@ -37,16 +37,14 @@ from collections.abc import Sequence
 from amavisd.decode.parts import Part
 from amavisd.scan.base import Health, ScannerError, ScanReport
 from amavisd.scan.clamd_session import ClamdSession, Hangup, parse_reply
+from amavisd.scan.definitions import CLAMAV_GAVE_UP
 from amavisd.verdict import Finding
 from amavisd_client.wire.address import Address, parse
 
 log = logging.getLogger("amavisd.scan")
 
 SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded"
-# clamd stopped at a limit (AlertExceedsMax yes): its own names only, the
-# bare one before ClamAV 0.103; a signature of another database that merely
-# starts so (clamd adds ".UNOFFICIAL" to its name) is what it found
-GAVE_UP = re.compile(r"Heuristics\.Limits\.Exceeded(\.Max[A-Za-z0-9]+)?")
+GAVE_UP = re.compile(CLAMAV_GAVE_UP)  # clamd stopped at a limit: a miss, not a virus
 WINDOW = 8  # requests in flight on one session
 WINDOW_BYTES = 1024 * 1024  # bytes in flight; a bigger part goes alone
 

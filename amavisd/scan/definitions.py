@@ -16,6 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# ClamAV's name for a file it stopped scanning at one of its limits (with
+# AlertExceedsMax; the bare name before ClamAV 0.103): its own names only,
+# since another database's signature named so is reported with ".UNOFFICIAL"
+# appended, and is what it found. clamd's scanner and clamscan's share it.
+CLAMAV_GAVE_UP = r"Heuristics\.Limits\.Exceeded(\.Max[A-Za-z0-9]+)?"
+
 
 @dataclass(frozen=True)
 class CommandDefinition:
@@ -23,10 +29,8 @@ class CommandDefinition:
     clean: frozenset[int] = frozenset({0})
     infected: frozenset[int] = frozenset({1})
     names: str = r"^(?P<path>.+?): (?P<name>\S+) FOUND$"  # groups: name, optional path
-    # names that mean "I gave up on this file" (a size limit), not a virus:
-    # missed. ClamAV's own only: another database's signature named so is
-    # reported with ".UNOFFICIAL" appended, and is what it found
-    unchecked_names: str = r"^Heuristics\.Limits\.Exceeded(\.Max[A-Za-z0-9]+)?$"
+    # names that mean "I gave up on this file" (a size limit), not a virus: missed
+    unchecked_names: str = rf"^{CLAMAV_GAVE_UP}$"
     version_argv: tuple[str, ...] = ()
     timeout: float = 300.0
 
