@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amavisd.testing.clamd import ClamdInstance  # noqa: E402
+from amavisd.testing.clamd import ClamdInstance, memory_temp_dir  # noqa: E402
 from tests.rigs.amavisd_new import AMAVIS_USER  # noqa: E402
 from tests.rigs.daemon import DaemonInstance  # noqa: E402
 from tests.rigs.mailboxes import ensure_user  # noqa: E402
@@ -339,6 +339,9 @@ def main() -> int:
                         "clock, so the CPU split shows smtpd and cleanup by name")
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy our milter into FILE (.svg flame graph, .txt raw stacks)")
+    parser.add_argument("--clamd-temp", choices=("tmpfs", "disk"), default="tmpfs",
+                        help="clamd's TemporaryDirectory: /dev/shm (default, as make bench "
+                        "and a gateway should run it) or clamd's default /tmp")
     args = parser.parse_args()
     args.cpu, args.split = {}, {}
     if os.geteuid() != 0:
@@ -351,7 +354,8 @@ def main() -> int:
     top = Path(tempfile.mkdtemp(prefix="amb", dir="/tmp"))
     top.chmod(0o755)
     results: dict[str, list[float]] = {row: [] for row in rows}
-    clamd = ClamdInstance(top / "clamd", mode="nodecomp").start()
+    clamd_temp = memory_temp_dir("bench-clamd") if args.clamd_temp == "tmpfs" else None
+    clamd = ClamdInstance(top / "clamd", mode="nodecomp", temp_dir=clamd_temp).start()
     args.clamd_pid = clamd.pid
     try:
         with DaemonInstance(top / "d", clamd.address, workers=args.workers, user=DAEMON_USER,
@@ -366,6 +370,8 @@ def main() -> int:
     finally:
         clamd.stop()
         shutil.rmtree(top, ignore_errors=True)
+        if clamd_temp:
+            shutil.rmtree(clamd_temp, ignore_errors=True)
     floor = statistics.median(results["postfix"]) if "postfix" in results else None
     print(f"\n{args.n} messages of {args.length} bytes, {args.sessions} sessions, "
           f"{args.workers} daemon workers, {os.cpu_count()} cores, median of {args.runs}\n")
