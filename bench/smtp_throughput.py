@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ampdp_throughput import TICK, add_clamd_temp, clamd_temp_dir, tree_ticks  # noqa: E402
+from milter_throughput import cpu_split, split_delta  # noqa: E402
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from tests.rigs import amavisd_new  # noqa: E402
@@ -149,11 +150,13 @@ def strace_total(server, proc: subprocess.Popen) -> tuple[int, str]:
 
 def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size: int,
             code: dict[str, str] | None = None, trace: bool = False,
-            warm: int | None = None) -> dict:
+            warm: int | None = None, split: bool = False) -> dict:
     """One row's run: `warm` messages first, off the clock (default 10 a
     session, at least 20: a cold Postfix spawns its processes on the first
     messages, a fixed cost that weighs on a fast row far more than on a slow
-    one in a short run), then `n` timed until the sink has them all."""
+    one in a short run), then `n` timed until the sink has them all. With
+    `split`, CPU by process class (Postfix's by program: max_use is raised so
+    its smtpd and cleanup stay alive and named)."""
     warm = max(20, 10 * conc) if warm is None else warm
     filter_port, reinject_port = free_port(), free_port()
     main, master = snippets(filter_port, reinject_port, conc)
@@ -165,8 +168,10 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
     server = filter_for(name, work, clamd, conc, filter_port, reinject_port, code or {})
     if server is not None:
         server.start()
-    pfx = PostfixInstance(work / "pfx", main=main | {"default_process_limit": "100"},
-                          master=master)
+    main["default_process_limit"] = "100"
+    if split:
+        main["max_use"] = "10000"
+    pfx = PostfixInstance(work / "pfx", main=main, master=master)
     pfx.start()
     tracer = None
     try:
@@ -181,6 +186,8 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
         tracer = strace_daemon(server) if trace else None
         server_pid = getattr(server, "pid", None) if server is not None else None
         before = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
+        roots = {"filter": server_pid, "clamd": clamd.pid, "postfix": pfx.master_pid()}
+        split_before = cpu_split(roots) if split else {}
         started = time.monotonic()
         source = subprocess.run(smtp_source(n), capture_output=True, text=True, timeout=3600)
         handed = time.monotonic() - started
@@ -189,6 +196,8 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
         pfx.sink.wait(warm + n, timeout=max(600.0, n * 0.5))
         done = time.monotonic() - started
         after = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
+        by_class = ({what: seconds * 1000 / n for what, seconds
+                     in split_delta(split_before, cpu_split(roots)).items()} if split else {})
         calls, top = strace_total(server, tracer) if tracer is not None else (0, "")
         tracer = None
         time.sleep(2.0)  # a duplicate would arrive now
@@ -201,7 +210,7 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
                 "rate": n / done, "ok": ok, "arrived": len(pfx.sink.messages) - warm,
                 "duplicates": sum(c - 1 for c in rcpts.values()),
                 "cpu": cpu[0], "clamd_cpu": cpu[1], "postfix_cpu": cpu[2],
-                "syscalls": calls / n if calls else None, "strace": top}
+                "syscalls": calls / n if calls else None, "strace": top, "split": by_class}
     finally:
         if tracer is not None:
             tracer.kill()
@@ -225,6 +234,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the rows R times, alternating")
     parser.add_argument("--strace", action="store_true",
                         help="count the daemon's system calls a message (slows it down)")
+    parser.add_argument("--split", action="store_true",
+                        help="CPU ms a message by process (Postfix's by program)")
     add_clamd_temp(parser)
     args = parser.parse_args()
     reasons = [r for r in (postfix_skip_reason(), shutil.which("smtp-source") is None and
@@ -247,7 +258,7 @@ def main() -> int:
             for row in rows if turn % 2 == 0 else rows[::-1]:  # old, new, new, old, ...
                 results.append(run_row(row, base, clamd, args.n, args.conc, args.size,
                                        {"baseline": args.baseline, "ours": args.ours_from},
-                                       args.strace))
+                                       args.strace, split=args.split))
                 print_row(results[-1], header=len(results) == 1)
     finally:
         clamd.stop()
@@ -258,6 +269,13 @@ def main() -> int:
           "Postfix -> sink\n")
     for i, r in enumerate(results):
         print_row(r, header=i == 0)
+    classes = sorted({what for r in results for what in r["split"]})
+    if classes:
+        print("\n| CPU ms/msg | " + " | ".join(r["name"] for r in results) + " |\n|:---|"
+              + "---:|" * len(results))
+        for what in classes:
+            print(f"| {what} | " + " | ".join(f"{r['split'].get(what, 0.0):.2f}"
+                                              for r in results) + " |")
     for r in results:
         if r["strace"]:
             print(f"\n{r['name']}: strace -c -f, top calls\n{r['strace']}")
