@@ -252,8 +252,21 @@ def looks_like_text(head: bytes) -> bool:
 
 def looks_like_base64(head: bytes) -> bool:
     """A body that is nothing but base64 lines (a base64 part with no headers)."""
-    lines = [ln for ln in head.strip().splitlines()[:20] if ln.strip()]
+    lines = [ln for ln in first_lines(head.strip(), 20) if ln.strip()]
     return len(lines) >= 2 and all(_BASE64_LINE.fullmatch(ln.strip()) for ln in lines[:-1])
+
+
+def first_lines(data: bytes, count: int) -> list[bytes]:
+    """`data.splitlines()[:count]` without splitting all of a 36 KiB head
+    (every text part's): a prefix that splits into more than `count` lines
+    has the same first `count` (each ends inside it, CR LF included)."""
+    size = 512
+    while size < len(data):
+        lines = data[:size].splitlines()
+        if len(lines) > count:
+            return lines[:count]
+        size *= 4
+    return data.splitlines()[:count]
 
 
 _magic = None

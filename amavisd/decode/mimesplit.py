@@ -61,6 +61,10 @@ _HEADER_RUN = re.compile(
 _CONTENT_FIELD = re.compile(
     rb"(?:^|(?<=\r))content-(?:type|transfer-encoding|disposition):[^\r\n]*+(?:\r\n|\r|\n)?"
     rb"(?:[ \t][^\r\n]*+(?:\r\n|\r|\n)?)*+", re.I | re.M)
+# Header blocks up to this size are searched for those fields line by line
+# (content_fields); a bigger one (a hostile block in a mapped message) by the
+# regex alone, never copied.
+FIELD_SCAN_COPY = 1024 * 1024
 _LINE = re.compile(rb"[^\r\n]*+")
 _BLANKS = re.compile(rb"[ \t]*+")
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -206,6 +210,28 @@ def _line_pattern(boundaries: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(b"--(?:" + alternatives + rb")(?:--)?[ \t]*+(?=[\r\n]|\Z)")
 
 
+def content_fields(data: window.Buffer, pos: int, end: int) -> Iterator[re.Match[bytes]]:
+    """`_CONTENT_FIELD.finditer(data, pos, end)`, tried only where a line
+    starts with "content-" (any case), found by bytes.find in a lower-cased
+    copy of the block: the regex alone tries its start at every byte (17 us
+    on an 840-byte header block, every entity of every message; 2.5 us this way)."""
+    if end - pos > FIELD_SCAN_COPY:
+        yield from _CONTENT_FIELD.finditer(data, pos, end)
+        return
+    low = bytes(data[pos:end]).lower()  # ASCII only, as re.I on bytes
+    starts = [pos] if low.startswith(b"content-") else []
+    for line_end in (b"\n", b"\r"):
+        at = low.find(line_end + b"content-")
+        while at >= 0:
+            starts.append(pos + at + 1)
+            at = low.find(line_end + b"content-", at + 1)
+    done = pos  # where finditer would search on from: past the last match
+    for start in sorted(starts):
+        if start >= done and (match := _CONTENT_FIELD.match(data, start, end)) is not None:
+            done = match.end()
+            yield match
+
+
 class Splitter:
     """Walks one message's bytes and yields its structure as events."""
 
@@ -341,7 +367,7 @@ class Splitter:
             body_start = run_end + eol_length(data, run_end)
         fields = []
         dropped = False
-        for match in _CONTENT_FIELD.finditer(data, pos, header_end):
+        for match in content_fields(data, pos, header_end):
             if len(fields) == MAX_FIELDS:
                 dropped = True
                 break
