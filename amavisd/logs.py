@@ -8,6 +8,12 @@ file, and the failure is logged through whatever still works. When the
 syslog socket (`syslog_socket`, /dev/log by default) is absent the syslog
 target is skipped with one warning rather than failing the daemon.
 
+Under systemd with both targets (the shipped default), stderr is the
+journal (JOURNAL_STREAM names it) and so is /dev/log: every line would be in
+the journal twice, and twice in mail.log where rsyslog takes the journal's,
+double counted by log summarisers. Then syslog alone is used; stderr stays
+when it is anything else (a terminal, a file) or when syslog is missing.
+
 The log file is created 0640 (it names every quarantine id and address: not
 for other users), given to the daemon's user when we are root, and never
 opened through a symlink.
@@ -111,6 +117,17 @@ class LogFile(logging.FileHandler):
                 pass
 
 
+def stderr_is_journal() -> bool:
+    """systemd connected our stderr to the journal: JOURNAL_STREAM is the
+    "device:inode" of that stream, and fd 2 is still it (not redirected since)."""
+    try:
+        device, inode = (int(n) for n in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
     """(Re)build our handlers on the root logger; safe to call again on reload.
     The new handlers are all made before the old ones go: if the log file
@@ -120,7 +137,10 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
     missing_syslog = False
     as_json = config.get("log_format", "text") == "json"
     plain = JsonFormatter() if as_json else logging.Formatter(FORMAT_STDERR)
-    if stderr if stderr is not None else "stderr" in targets:
+    syslog_there = "syslog" in targets and os.path.exists(config["syslog_socket"])
+    if stderr is None:
+        stderr = "stderr" in targets and not (syslog_there and stderr_is_journal())
+    if stderr:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(plain)
         handlers.append(h)
@@ -130,7 +150,7 @@ def setup(config: Mapping[str, Any], stderr: bool | None = None) -> None:
         handlers.append(h)
     if "syslog" in targets:
         address = config["syslog_socket"]
-        if os.path.exists(address):
+        if syslog_there:
             facility = logging.handlers.SysLogHandler.facility_names[config["syslog_facility"]]
             h = logging.handlers.SysLogHandler(address=address, facility=facility)
             h.addFilter(_IdentFilter(config["syslog_ident"]))

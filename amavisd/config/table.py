@@ -147,7 +147,9 @@ SETTINGS: tuple[Setting, ...] = (
             None, ("--daemon",), negative_flag="--foreground"),
     # [log]
     Setting("log_to", "log", list, ["stderr", "syslog"],
-            "Where logs go: syslog (facility below) and/or stderr.", log_targets),
+            "Where logs go: syslog (facility below) and/or stderr. With both, a stderr that "
+            "is systemd's journal is left out (syslog reaches the journal too: each line once).",
+            log_targets),
     Setting("log_file", "log", str, "",
             "Also append logs to this file (reopened on SIGUSR1, for logrotate).",
             absolute_path_or_empty, ("--log-file",), metavar="PATH"),

@@ -5,6 +5,7 @@ the old one, and the failure is logged where logging still works."""
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import stat
 from pathlib import Path
@@ -100,3 +101,60 @@ def test_setup_that_cannot_open_the_file_keeps_the_running_handlers(tmp_path, lo
         log_setup(tmp_path / "no-such-dir" / "amavisd.log")
     logging.getLogger("amavisd").warning("still here")
     assert "still here" in (tmp_path / "amavisd.log").read_text()
+
+
+# -- stderr and syslog under systemd: each line once ------------------------------------
+
+
+@pytest.fixture
+def syslog_socket(tmp_path):
+    """A real Unix datagram socket standing for /dev/log; yields (path, socket)."""
+    import socket
+
+    path = tmp_path / "log.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(2)
+    yield path, sock
+    sock.close()
+
+
+def both_targets(log_setup, path):
+    """The shipped default (stderr and syslog) through logs.setup's own choice of stderr."""
+    logs.setup(configuration.load(None, {"log_to": ["stderr", "syslog"],
+                                         "syslog_socket": str(path)}))
+
+
+def our_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if getattr(h, logs._OURS, False)]
+
+
+def journal_stream_of_stderr() -> str:
+    st = os.fstat(2)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_under_systemd_a_line_goes_to_the_journal_once(log_setup, syslog_socket, monkeypatch):
+    path, sock = syslog_socket
+    monkeypatch.setenv("JOURNAL_STREAM", journal_stream_of_stderr())
+    both_targets(log_setup, path)
+    kinds = [type(h) for h in our_handlers()]
+    assert kinds == [logging.handlers.SysLogHandler]
+    logging.getLogger("amavisd").warning("once")
+    assert b"once" in sock.recv(4096)
+
+
+@pytest.mark.parametrize("stream", ["", "1:2", "garbage", "12"])
+def test_stderr_that_is_not_the_journal_keeps_its_lines(log_setup, syslog_socket, monkeypatch,
+                                                        stream):
+    path, _ = syslog_socket
+    monkeypatch.setenv("JOURNAL_STREAM", stream)
+    both_targets(log_setup, path)
+    kinds = {type(h) for h in our_handlers()}
+    assert kinds == {logging.StreamHandler, logging.handlers.SysLogHandler}
+
+
+def test_the_journal_keeps_stderr_when_there_is_no_syslog(log_setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("JOURNAL_STREAM", journal_stream_of_stderr())
+    both_targets(log_setup, tmp_path / "no-such-socket")
+    assert [type(h) for h in our_handlers()] == [logging.StreamHandler]
