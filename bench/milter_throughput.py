@@ -377,7 +377,7 @@ def main() -> int:
     args.clamd_pid = clamd.pid
     try:
         with DaemonInstance(top / "d", clamd.address, workers=args.workers, user=DAEMON_USER,
-                            group=DAEMON_USER, admin_notify=[]) as daemon:
+                            group=DAEMON_USER, admin_notify=[], log_to=[]) as daemon:
             for run in range(args.runs):
                 for row in rows:
                     base = top / f"{row}-{run}"

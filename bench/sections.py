@@ -161,7 +161,7 @@ def milter(s: Session) -> Table:
         args = argparse.Namespace(sessions=c, n=s.mta_n, length=4096)
         rates = collections.defaultdict(list)
         daemons = {"ours": DaemonInstance(
-            s.base / f"milter-d{c}", s.clamd.address, workers=c, admin_notify=[],
+            s.base / f"milter-d{c}", s.clamd.address, workers=c, admin_notify=[], log_to=[],
             user=milter_throughput.DAEMON_USER, group=milter_throughput.DAEMON_USER)}
         if why_not:
             table["c-milter+amavisd-new"][c] = f"skipped: {why_not}"

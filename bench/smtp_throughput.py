@@ -120,7 +120,7 @@ def filter_for(name: str, work: Path, clamd: ClamdInstance, conc: int, filter_po
             extra["python_args"] = code_from(code[name])
         return DaemonInstance(work / "d", clamd.address, workers=conc,
                               smtp_listen=[f"127.0.0.1:{filter_port}"], forward_method=forward,
-                              notify_method=forward, log_level="warning",
+                              notify_method=forward, log_to=[],  # one file, as amavisd-new's
                               max_requests=0, child_timeout=300.0, **extra)
     return AmavisdNewSMTP(work / "a", clamd.address, filter_port, reinject_port, conc)
 
