@@ -184,18 +184,17 @@ def _optneg(data: bytes) -> OptNeg:
 
 def _macro(data: bytes) -> Macro:
     """Name, value, name, value ... (a name without its value is dropped);
-    "{name}" loses its braces. An MTA sends eight or more a message: one loop
-    over pairs, decoded in one call each."""
+    "{name}" loses its braces. An MTA sends eight or more a message: the
+    packet is decoded in one call (NUL is ASCII: the same text as pair by
+    pair) and split once."""
     if not data:
         return Macro("")
-    parts = _strings(data[1:])
-    even = len(parts) & ~1
-    macros = {}
-    for name, value in zip(parts[0:even:2], parts[1:even:2], strict=True):
-        if name[:1] == b"{" and name[-1:] == b"}":
-            name = name[1:-1]
-        macros[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-    return Macro(chr(data[0]), macros)
+    parts = data[1:].decode("utf-8", "surrogateescape").split("\0")
+    if parts[-1] == "":
+        parts.pop()
+    pairs = zip(parts[0:len(parts) & ~1:2], parts[1::2], strict=True)
+    return Macro(chr(data[0]), {name[1:-1] if name[:1] == "{" and name[-1:] == "}" else name:
+                                value for name, value in pairs})
 
 
 def _connect(data: bytes) -> Connect:
@@ -241,6 +240,9 @@ COMMANDS = {
     ord("Q"): lambda d: Quit(),
     ord("K"): lambda d: QuitNewConnection(),
 }
+
+
+_MACRO = ord("D")
 
 
 class Framer:
@@ -304,10 +306,18 @@ class Decoder:
 
     def __init__(self, max_packet: int = MAX_PACKET):
         self.framer = Framer(max_packet)
+        self._macro: tuple[bytes, Macro] = (b"", Macro(""))  # the latest macro packet
 
     def feed(self, data: bytes | memoryview) -> list[Command]:
         commands: list[Command] = []
         for code, payload in self.framer.feed(data):
+            if code == _MACRO:  # Postfix repeats "D L {i}" before every header: parsed once
+                raw, macro = self._macro
+                if payload != raw:
+                    macro = _macro(payload)
+                    self._macro = (payload, macro)
+                commands.append(macro)
+                continue
             parse = COMMANDS.get(code)
             if parse is None:
                 self.framer._error = f"unknown command {bytes((code,))!r}"

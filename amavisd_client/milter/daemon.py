@@ -29,16 +29,18 @@ from amavisd_client.connection import ClientError, Unanswered, asks_back
 from amavisd_client.milter.links import DaemonLinks, Link
 from amavisd_client.milter.state import Ask
 from amavisd_client.spool import SpoolError
-from amavisd_client.wire.ampdp import Block, Decoder, encode_block
+from amavisd_client.wire.ampdp import Block, Decoder
 
 READ_SIZE = 65536
 FAILURES = (ClientError, SpoolError)
 
 
 class DaemonCall:
-    def __init__(self, links: DaemonLinks, question: Ask):
+    def __init__(self, links: DaemonLinks, question: Ask,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.links = links
         self.question = question
+        self.loop = loop  # the running loop (asked for when not given)
 
     async def run(self) -> Block:
         """The daemon's reply; ClientError or SpoolError when there is none to trust."""
@@ -77,10 +79,10 @@ class DaemonCall:
         return await self._ask(await self.links.take(new=True))
 
     async def _ask(self, link: Link) -> Block:
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         answered = False  # any byte of the reply yet
         try:
-            await loop.sock_sendall(link.sock, encode_block(self.question.attrs))
+            await loop.sock_sendall(link.sock, self.question.encoded())
             decoder = Decoder()
             while True:
                 data = await loop.sock_recv(link.sock, READ_SIZE)

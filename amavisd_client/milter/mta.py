@@ -12,9 +12,11 @@ waits for the verdict, so rarely) are kept, one read at most, and reading is
 paused until the verdict, so the rest waits in the kernel, not in us (paused
 only then: a pause and a resume are two epoll_ctl calls a message); when
 the MTA stops reading our replies (`pause_writing`), we stop reading its
-commands. One timer a connection, not one a read, closes a connection that
-has been silent (or would not read) for IDLE_TIMEOUT: it wakes at most once
-an IDLE_TIMEOUT and re-arms itself from the time of the last bytes.
+commands. One timer for all connections (`IdleSweep`), not one a connection
+(a timer made and cancelled a message, Postfix connecting once a message),
+closes a connection that has been silent (or would not read) for
+IDLE_TIMEOUT: it looks every SWEEP seconds (a quarter of a shorter
+IDLE_TIMEOUT), so such a connection is closed within IDLE_TIMEOUT + SWEEP.
 
 Never: accept on doubt (the server's `ask` and the state machine fail
 closed), or let an exception escape into asyncio (it is logged and the
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("amavisd.milter")
 
 IDLE_TIMEOUT = 3600.0  # an MTA connection silent this long is closed (SMTP's own are 300 s)
+SWEEP = 60.0  # seconds between looks for idle connections
 MAX_CONNECTIONS = 1000  # more at once are closed at once: the MTA applies its default action
 
 
@@ -49,7 +52,7 @@ class MtaConnection(asyncio.BufferedProtocol):
 
     def __init__(self, server: MilterServer):
         self.server = server
-        self.loop = asyncio.get_running_loop()
+        self.loop = server.loop or asyncio.get_running_loop()
         self.done: asyncio.Future = self.loop.create_future()
         self.session = MilterSession(server.open_sink, server.policy,
                                      server.settings.policy_bank)
@@ -57,7 +60,6 @@ class MtaConnection(asyncio.BufferedProtocol):
         self.asking: asyncio.Task | None = None  # the question to the daemon in flight
         self.writing_paused = False
         self.last = self.loop.time()  # when the MTA last sent bytes
-        self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio's side -------------------------------------------------------------------
 
@@ -70,7 +72,6 @@ class MtaConnection(asyncio.BufferedProtocol):
             transport.close()
             return
         self.server.connections.add(self)
-        self.timer = self.loop.call_later(IDLE_TIMEOUT, self._idle)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.read_buffer
@@ -94,8 +95,6 @@ class MtaConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.close()  # a half-spooled message is dropped
-        if self.timer is not None:
-            self.timer.cancel()
         if self.asking is not None:
             self.asking.cancel()  # ask() aborts the daemon call; the call removes its spool
         self.server.connections.discard(self)
@@ -136,7 +135,7 @@ class MtaConnection(asyncio.BufferedProtocol):
             elif isinstance(event, Close) and event.reason:
                 log.warning("closing an MTA connection: %s", event.reason)
         if self.session.closed:
-            self._close()
+            self.close()
 
     async def _ask(self, question: Ask, rest: list[Event]) -> None:
         transport = self.transport
@@ -157,7 +156,7 @@ class MtaConnection(asyncio.BufferedProtocol):
         self._guarded(self._handle, rest + self.session.feed(b""))  # held back meanwhile
         self._reading(True)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -166,14 +165,33 @@ class MtaConnection(asyncio.BufferedProtocol):
         else:
             transport.close()
 
-    def _idle(self) -> None:
-        """Close a connection silent for IDLE_TIMEOUT (not while the daemon is
-        asked: daemon_timeout bounds that), else look again when it could be."""
-        idle = IDLE_TIMEOUT
-        now = self.loop.time()
-        if self.asking is not None:
-            self.timer = self.loop.call_at(now + idle, self._idle)
-        elif now - self.last >= idle:
-            self._close()
-        else:
-            self.timer = self.loop.call_at(self.last + idle, self._idle)
+    def idle_since(self, now: float) -> float:
+        """Seconds the MTA has been silent (0 while the daemon is asked:
+        daemon_timeout bounds that)."""
+        return 0.0 if self.asking is not None else now - self.last
+
+
+class IdleSweep:
+    """Closes the server's connections silent for `idle` seconds (default
+    IDLE_TIMEOUT), looking every SWEEP seconds from `start()` to `stop()`."""
+
+    def __init__(self, connections: set[MtaConnection], idle: float | None = None):
+        self.connections = connections
+        self.idle = IDLE_TIMEOUT if idle is None else idle
+        self.every = min(SWEEP, self.idle / 4)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(self.every, self._sweep)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.every, self._sweep)  # first: whatever happens below
+        now = loop.time()
+        for connection in [c for c in self.connections if c.idle_since(now) >= self.idle]:
+            connection.close()

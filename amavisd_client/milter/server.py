@@ -27,7 +27,7 @@ import socket
 from amavisd_client.milter import codec
 from amavisd_client.milter.daemon import FAILURES, DaemonCall
 from amavisd_client.milter.links import DaemonLinks
-from amavisd_client.milter.mta import READ_BUFFER, MtaConnection
+from amavisd_client.milter.mta import READ_BUFFER, IdleSweep, MtaConnection
 from amavisd_client.milter.options import Settings
 from amavisd_client.milter.spool import SpoolPool, SpoolSink
 from amavisd_client.milter.state import Ask, MilterSession
@@ -79,14 +79,16 @@ class MilterServer:
         self.settings = settings
         self.policy = Policy(settings.on_error, settings.quarantine)
         self.connections: set[MtaConnection] = set()
+        self.sweep = IdleSweep(self.connections)  # closes silent MTA connections
         self.read_buffer = memoryview(bytearray(READ_BUFFER))  # every MTA read goes here
         self.spools = SpoolPool(settings.tempbase)  # answered spools, for the next message
         self.links = DaemonLinks(settings.daemon_socket)  # answered daemon connections, too
         self.servers: list[asyncio.AbstractServer] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
         self.unix_paths: list[str] = []
 
     async def start(self, sockets: list[socket.socket]) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
                 server = await loop.create_unix_server(lambda: MtaConnection(self), sock=sock)
@@ -94,9 +96,11 @@ class MilterServer:
             else:
                 server = await loop.create_server(lambda: MtaConnection(self), sock=sock)
             self.servers.append(server)
+        self.sweep.start()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, give messages in flight `grace` seconds, then close."""
+        self.sweep.stop()
         for server in self.servers:
             server.close()
         for path in self.unix_paths:
@@ -123,7 +127,7 @@ class MilterServer:
         """The end-of-message packets: the daemon's verdict, or on_error. A
         progress packet goes out every progress_interval meanwhile."""
         settings = self.settings
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         progress: asyncio.TimerHandle | None = None
 
         def keep_alive() -> None:
@@ -134,7 +138,7 @@ class MilterServer:
         progress = loop.call_later(settings.progress_interval, keep_alive)
         try:
             async with asyncio.timeout(settings.daemon_timeout):
-                reply = await DaemonCall(self.links, question).run()
+                reply = await DaemonCall(self.links, question, loop).run()
         except TimeoutError:
             return session.fail(f"no verdict from amavisd within {settings.daemon_timeout:g}s")
         except FAILURES as err:

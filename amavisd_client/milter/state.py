@@ -30,6 +30,7 @@ any reply from the daemon that cannot be carried out (verdicts.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from amavisd_client.milter.verdicts import (
     failure_packets,
     verdict_packets,
 )
-from amavisd_client.wire.ampdp import Block
+from amavisd_client.wire.ampdp import Block, encode_block
 
 log = logging.getLogger("amavisd.milter")
 
@@ -56,7 +57,7 @@ WANT_PROTOCOL = (codec.SMFIP_NOUNKNOWN | codec.SMFIP_NODATA | codec.SMFIP_NR_CON
                  | codec.SMFIP_NR_DATA | codec.SMFIP_NR_UNKN | codec.SMFIP_NR_HDR
                  | codec.SMFIP_NR_EOH | codec.SMFIP_NR_BODY | codec.SMFIP_HDR_LEADSPC)
 MAX_RECIPIENTS = 100_000  # far above any MTA's recipient limit; bounds memory
-CONNECTION_STAGES = ("C", "H")  # macros that outlive a message
+CONNECTION_STAGES = frozenset(("C", "H"))  # macros that outlive a message
 # Where a macro is looked for: the latest stage first.
 STAGE_ORDER = ("E", "B", "N", "L", "T", "R", "M", "H", "C")
 
@@ -109,8 +110,24 @@ class Ask:
     @property
     def attrs(self) -> list[tuple[str, str | list[str]]]:
         sink = self.sink
-        return [*self.envelope, ("tempdir", sink.dir), ("tempdir_removed_by", "client"),
-                ("mail_file", sink.path), ("delivery_care_of", "client"), *self.details]
+        return [*self.envelope, *_spool_attrs(sink.dir, sink.path), *self.details]
+
+    def encoded(self) -> bytes:
+        """`attrs` as AM.PDP bytes; the spool's lines are encoded once a spool
+        (a pooled spool serves many messages under the same path)."""
+        sink = self.sink
+        return (encode_block(self.envelope)[:-2] + _spool_lines(sink.dir, sink.path)
+                + encode_block(self.details))
+
+
+def _spool_attrs(tempdir: str, mail_file: str) -> list[tuple[str, str | list[str]]]:
+    return [("tempdir", tempdir), ("tempdir_removed_by", "client"),
+            ("mail_file", mail_file), ("delivery_care_of", "client")]
+
+
+@functools.lru_cache(maxsize=64)
+def _spool_lines(tempdir: str, mail_file: str) -> bytes:
+    return encode_block(_spool_attrs(tempdir, mail_file))[:-2]  # without the block's end
 
 
 @dataclass
@@ -223,10 +240,13 @@ class MilterSession:
     # -- helpers ---------------------------------------------------------------------
 
     def macro(self, name: str) -> str:
+        macros = self.macros
         for stage in STAGE_ORDER:
-            value = self.macros.get(stage, {}).get(name)
-            if value:
-                return value
+            values = macros.get(stage)
+            if values:
+                value = values.get(name)
+                if value:
+                    return value
         return ""
 
     def _reply(self, command: codec.Command) -> list[Event]:
@@ -238,15 +258,16 @@ class MilterSession:
     def _drop_message(self) -> None:
         sink = self.message.sink
         self.message = Message()
-        for stage in list(self.macros):
-            if stage not in CONNECTION_STAGES:
-                del self.macros[stage]
+        macros = self.macros
+        if not macros.keys() <= CONNECTION_STAGES:
+            for stage in list(macros):
+                if stage not in CONNECTION_STAGES:
+                    del macros[stage]
         if sink is not None:
             try:
                 sink.discard()
             except Exception as err:  # noqa: BLE001 - a cleanup failure must not end the session
                 log.warning("could not remove a spool: %s", err)
-
 
     def _write(self, data: bytes) -> None:
         """Into the message's sink, opened on first use; a failure marks the
@@ -297,7 +318,7 @@ class MilterSession:
         return [Send(codec.encode(codec.OptNegReply(n.version, n.actions, n.protocol)))]
 
     def on_Macro(self, command: codec.Macro) -> list[Event]:
-        self.macros[command.stage] = dict(command.macros)
+        self.macros[command.stage] = command.macros  # never changed: the decoder may reuse it
         return []
 
     def on_Connect(self, command: codec.Connect) -> list[Event]:

@@ -108,10 +108,12 @@ def _tempfail(block: Block) -> bytes:
 
 # return_value -> the final packet. "continue" and "accept" both accept at end
 # of message; "accept" also skips any later milter's events (the MTA's business).
+CONTINUE, ACCEPT, DISCARD = (codec.encode(r) for r in (codec.Continue(), codec.Accept(),
+                                                        codec.Discard()))
 FINAL: dict[str, Callable[[Block], bytes]] = {
-    "continue": lambda block: codec.encode(codec.Continue()),
-    "accept": lambda block: codec.encode(codec.Accept()),
-    "discard": lambda block: codec.encode(codec.Discard()),
+    "continue": lambda block: CONTINUE,
+    "accept": lambda block: ACCEPT,
+    "discard": lambda block: DISCARD,
     "reject": _reject,
     "tempfail": _tempfail,
 }
@@ -202,7 +204,7 @@ def verdict_packets(block: Block, negotiated: Negotiated, policy: Policy) -> byt
         packets.append(codec.encode(codec.Quarantine(_printable(reason)[:MAX_LINE_TEXT])))
     # Held mail is accepted into the MTA's hold queue; a quarantine the daemon
     # asked for on its own keeps the daemon's verdict.
-    packets.append(codec.encode(codec.Continue()) if hold else final(block))
+    packets.append(CONTINUE if hold else final(block))
     return b"".join(packets)
 
 

@@ -46,6 +46,22 @@ def test_macro_names_lose_their_braces_and_a_last_string_may_lack_its_nul():
     assert macro == codec.Macro("E", {"msg_id": "<x@y>", "i": "QID"})
 
 
+def test_a_repeated_macro_packet_is_taken_again_and_a_changed_one_is_seen():
+    """Postfix sends the same "D L {i}" before every header: the decoder parses
+    a repeat once, but every packet still yields its own macros, in order."""
+    first = codec.Macro("L", {"i": "QID1"})
+    other = codec.Macro("L", {"i": "QID2", "x": "\udcff"})  # an 8-bit value survives
+    stream = [first, first, other, other, first, codec.Macro("E", {}), first]
+    wire = b"".join(codec.encode_command(m) for m in stream)
+    decoder = Decoder()
+    got = decoder.feed(wire[:30]) + decoder.feed(wire[30:])
+    assert got == stream
+    assert Decoder().feed(codec.frame(b"D", b"")) == [codec.Macro("")]
+    # a name without its value is dropped, a duplicate name keeps its last value
+    (macro,) = Decoder().feed(codec.frame(b"D", b"Mi\x00A\x00i\x00B\x00{lone}\x00"))
+    assert macro == codec.Macro("M", {"i": "B"})
+
+
 def test_a_last_body_chunk_may_ride_on_end_of_message():
     assert Decoder().feed(codec.frame(b"E", b"tail\r\n")) == [codec.EndOfMessage(b"tail\r\n")]
 

@@ -483,6 +483,38 @@ def test_a_silent_mta_connection_is_closed_after_the_idle_timeout(short_tmp, tem
     assert os.listdir(tempbase) == []  # the half-begun message is gone
 
 
+def test_the_idle_sweep_closes_only_silent_connections_with_no_question_open():
+    """One timer for every connection: it closes the silent ones, never one
+    whose daemon question is in flight (daemon_timeout bounds that) nor a
+    recent one, and looks again until stopped."""
+    from types import SimpleNamespace
+
+    from amavisd_client.milter.mta import IdleSweep, MtaConnection
+    from amavisd_client.milter.verdicts import Policy
+
+    async def sweep() -> tuple[set[str], set[str]]:
+        loop = asyncio.get_running_loop()
+        server = SimpleNamespace(loop=loop, open_sink=None, policy=Policy(),
+                                 settings=SimpleNamespace(policy_bank=""))
+        named = {name: MtaConnection(server) for name in ("silent", "asking", "recent")}
+        closed: set[str] = set()
+        for name, connection in named.items():
+            connection.close = lambda name=name: closed.add(name)
+        named["silent"].last = named["asking"].last = loop.time() - 10
+        named["asking"].asking = loop.create_future()  # a question in flight
+        idle = IdleSweep(set(named.values()), idle=5.0)
+        idle.every = 0.01
+        idle.start()
+        await asyncio.sleep(0.05)
+        first = set(closed)
+        named["recent"].last = loop.time() - 10  # silent now too: the next look closes it
+        await asyncio.sleep(0.05)
+        idle.stop()
+        return first, closed
+    first, closed = asyncio.run(sweep())
+    assert first == {"silent"} and closed == {"silent", "recent"}
+
+
 def test_several_messages_on_one_connection_after_abort(short_tmp, tempbase):
     daemon = FaultDaemon(short_tmp / "daemon.sock", clean_reply)
     config = settings(short_tmp, tempbase)

@@ -199,6 +199,35 @@ def test_abort_mid_body_drops_the_message_and_keeps_the_connection():
     assert bytes(MemorySink.opened[1].data) == b"\r\nx\r\n"
 
 
+def test_the_request_bytes_are_the_attributes_encoded():
+    """`Ask.encoded` (the spool's lines encoded once a spool) sends exactly
+    `attrs`, whatever the spool's path and the message's fields."""
+    s = session()
+    feed(s, POSTFIX_OFFER)
+    (ask,) = feed(s, *MESSAGE, codec.EndOfMessage())
+    assert ask.encoded() == encode_block(ask.attrs)
+    s.answer(reply(return_value="continue"))
+    (ask,) = feed(s, codec.Mail(("<\u00e9@x>",)), codec.EndOfMessage())
+    ask.sink.path, ask.sink.dir = "/tb/%n =x/email.txt", "/tb/%n =x"  # another spool
+    assert ask.encoded() == encode_block(ask.attrs)
+    assert decode_blocks(ask.encoded())[0].get("tempdir") == "/tb/%n =x"
+
+
+def test_every_abort_forgets_the_message_stages_only():
+    """An MTA ends each message with abort, abort, quit: each leaves the
+    connection's macros (C, H) and drops the message's, however often."""
+    s = session()
+    feed(s, POSTFIX_OFFER, *MESSAGE[:9])
+    for _ in range(3):
+        assert feed(s, codec.Abort()) == []
+        assert set(s.macros) == {"C"} and s.macro("i") == "" and s.macro("j") == "mx.example"
+    feed(s, codec.Macro("R", {"rcpt_addr": "<r@x>"}), codec.Abort())
+    assert s.macro("rcpt_addr") == ""
+    (ask,) = feed(s, codec.Macro("T", {"i": "Q2"}), codec.Mail(("<d@x>",)),
+                  codec.EndOfMessage())
+    assert dict(ask.attrs)["queue_id"] == "Q2" and "recipient" not in dict(ask.attrs)
+
+
 def test_quit_new_connection_forgets_the_client_too():
     s = session()
     feed(s, POSTFIX_OFFER, *MESSAGE[:3])
