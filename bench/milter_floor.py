@@ -1,6 +1,6 @@
-"""The floor of an asyncio milter: what one message costs with no milter work (H1, s25).
+"""The floor of an asyncio milter: what one message costs with no milter work.
 
-Serves the recorded Postfix conversation of bench/h1_milter_replay.py with
+Serves the recorded Postfix conversation of bench/milter_replay.py with
 canned replies: an asyncio BufferedProtocol a connection (as mta.py), the
 optneg reply after the first read, one AM.PDP round trip on a kept
 non-blocking socket to the replay's fake daemon (sock_sendall/sock_recv, as
@@ -9,13 +9,15 @@ close on quit. No codec, state machine, spool, log line or timers. Its CPU
 a message is what the event loop, the transports and the system calls cost
 before any of ours:
 
-    .venv/bin/python bench/h1_milter_replay.py --a /tmp/h1-base --b-floor -n 1000
+    .venv/bin/python bench/milter_replay.py --a /tmp/before --b-floor -n 1000
+
+(argv: SOCKET DAEMON_SOCKET CONVERSATION.json, as the replay starts it)
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
+import json
 import socket
 import sys
 
@@ -78,7 +80,8 @@ class FloorServer:
 
 def main() -> int:
     path, daemon, conv_file = sys.argv[1:4]
-    conv = pickle.load(open(conv_file, "rb"))
+    conv = [(op, fd, bytes.fromhex(data))
+            for op, fd, data in json.loads(open(conv_file).read())["packets"]]
     mta_fd = conv[0][1]
     request = next(d for op, fd, d in conv if op == "sendto" and fd != mta_fd)
     verdict = [d for op, fd, d in conv if op == "sendto" and fd == mta_fd][-1]

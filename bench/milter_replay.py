@@ -1,4 +1,4 @@
-"""The milter's CPU a message, A against B, without Postfix or clamd (H1, session 25).
+"""The milter's CPU a message, A against B, without Postfix or clamd.
 
 Through Postfix the VM's drift (+-20 % over minutes) hides a 3 % change in
 the milter. Here two milters (A: a pristine copy, `--a DIR`; B: this tree)
@@ -9,17 +9,17 @@ that answers every AM.PDP request with a recorded reply at once. Batches
 alternate A, B, B, A ...; each batch's milter CPU is read from
 /proc/PID/schedstat (ns on CPU) and divided by its messages.
 
-    .venv/bin/python bench/h1_milter_replay.py --a /tmp/h1-base -n 1000 --pairs 8 -s 4
+    .venv/bin/python bench/milter_replay.py --a /tmp/before -n 1000 --pairs 8 -s 4
 
-The conversation: a pickle of [(op, fd, bytes)] (op recvfrom/sendto, as the
-milter saw it under strace -xx), default /tmp/h1r-conv.pkl.
+The conversation: bench/milter_replay.json (recorded with strace
+-xx on our milter through the bench's Postfix; `load_conversation`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import pickle
 import shutil
 import socket
 import statistics
@@ -32,6 +32,13 @@ from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parents[1])
 FINAL = set(b"cartdy")  # reply codes that end a message's replies
+CONVERSATION = Path(__file__).with_name("milter_replay.json")
+
+
+def load_conversation(path: str | Path) -> list[tuple[str, int, bytes]]:
+    """[(op, fd, bytes)]: op recvfrom or sendto, as the milter saw them."""
+    packets = json.loads(Path(path).read_text())["packets"]
+    return [(op, fd, bytes.fromhex(data)) for op, fd, data in packets]
 
 
 def fake_daemon(path: str, reply: bytes) -> None:
@@ -123,8 +130,8 @@ def start_milter(root: str, work: Path, name: str, daemon: str,
     argv = [sys.executable, "-m", "amavisd_client.milter.main", "--foreground",
             "--log", "stderr", "--listen", f"unix:{sock}", "-c", os.devnull,
             "--daemon-socket", daemon, "--tempbase", str(tempbase)]
-    if floor:  # bench/h1_asyncio_floor.py instead of a milter
-        argv = [sys.executable, str(Path(__file__).with_name("h1_asyncio_floor.py")), sock,
+    if floor:  # bench/milter_floor.py instead of a milter
+        argv = [sys.executable, str(Path(__file__).with_name("milter_floor.py")), sock,
                 daemon, floor]
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=root)
     deadline = time.monotonic() + 20
@@ -142,15 +149,15 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=1000, help="messages a batch")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("-s", "--sessions", type=int, default=4)
-    parser.add_argument("--conv", default="/tmp/h1r-conv.pkl")
+    parser.add_argument("--conv", default=str(CONVERSATION))
     parser.add_argument("--b-floor", action="store_true",
-                        help="B is bench/h1_asyncio_floor.py: the event loop's floor")
+                        help="B is bench/milter_floor.py: the event loop's floor")
     args = parser.parse_args()
-    conv = pickle.load(open(args.conv, "rb"))
+    conv = load_conversation(args.conv)
     mta_fd = conv[0][1]
     chunks = [d for op, fd, d in conv if op == "recvfrom" and fd == mta_fd]
     reply = next(d for op, fd, d in conv if op == "recvfrom" and fd != mta_fd)
-    work = Path(tempfile.mkdtemp(prefix="h1r"))
+    work = Path(tempfile.mkdtemp(prefix="milter-replay"))
     daemon = str(work / "daemon.sock")
     threading.Thread(target=fake_daemon, args=(daemon, reply), daemon=True).start()
     time.sleep(0.2)
