@@ -1,4 +1,4 @@
-"""`mimesplit.content_fields` finds what the regex alone finds (session 25, H2).
+"""`mimesplit.content_fields` finds what the regex alone finds.
 
 The Content-* fields of each entity's header block decide how it is split
 and decoded: a field the faster search missed would be a part read as

@@ -1,4 +1,4 @@
-"""`textual.line_start` finds what re.M's `^literal` finds (session 25, H2).
+"""`textual.line_start` finds what re.M's `^literal` finds.
 
 The uuencode and MIME-reading searches find their candidate lines with
 bytes.find instead of the regex engine; a candidate they miss is an
