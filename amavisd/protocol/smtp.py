@@ -44,7 +44,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 from amavisd.protocol import session
 from amavisd.protocol.loop import ConnectionLimits
@@ -99,6 +99,7 @@ class SMTPSession(Chunking, session.Session):
         self.free_answers = 0  # answers to chunks mid-message: not requests of their own
         self.in_flight = 0  # replies owed for a message being checked (last words)
         self.filter = Filter(handler, self.lmtp)
+        self.spare: BinaryIO | None = None  # the last message's spool, emptied for the next
         self._limits: dict[tuple[bool, int], ConnectionLimits] = {}  # a command's, a DATA's
         self._limits_of: ConnectionLimits | None = None
 
@@ -217,6 +218,13 @@ class SMTPSession(Chunking, session.Session):
 
     def finish(self) -> None:
         self.abort_data()
+        self.release_spare()
+
+    def release_spare(self) -> None:
+        """The kept spool closes with the session (at QUIT: before its 221)."""
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
 
     # -- commands ----------------------------------------------------------------------
 
@@ -371,9 +379,10 @@ class SMTPSession(Chunking, session.Session):
         """The transaction's spool, for DATA or the first BDAT; None (and no
         transaction) when the work dir will not take it."""
         assert self.transaction is not None
+        spare, self.spare = self.spare, None
         try:
             try:
-                return self.transaction.open_spool(self.config.work_base_path)
+                return self.transaction.open_spool(self.config.work_base_path, spare)
             except FileNotFoundError:
                 # removed since the worker last looked (before it waited for this
                 # connection): made again, then tried once more
@@ -394,6 +403,7 @@ class SMTPSession(Chunking, session.Session):
 
     def smtp_QUIT(self, argument: str) -> bytes:
         self.closing = True
+        self.release_spare()
         return reply(221, "2.0.0", "Bye")
 
     def smtp_VRFY(self, argument: str) -> bytes:
@@ -437,7 +447,7 @@ class SMTPSession(Chunking, session.Session):
             out = self.filter.run(transaction, size, envelope_client)
         finally:
             self.in_flight = 0
-            transaction.close_spool()
+            self.spare = transaction.close_spool(keep=True)
         if self.answers - self.free_answers + RESERVE >= self.config.max_connection_requests:
             self.closing = True  # at a transaction's end, before the loop's hard limit
         return out
