@@ -1,4 +1,4 @@
-"""Daemon CPU a request, before and after, side by side (session 25, H2).
+"""Daemon CPU a request, before and after, side by side.
 
 Two daemons on one private clamd: "base" runs the amavisd package of another
 tree (`--base DIR`, e.g. an unpacked `git archive HEAD`), "ours" this
@@ -11,7 +11,7 @@ message. Cases:
 - mix: `make bench`'s AM.PDP mix (ampdp_throughput's messages), a connection
   a message, tempdir_removed_by=server, c=4, four workers.
 
-    .venv/bin/python bench/h2_daemon_ab.py --base /tmp/h2-base --case small --pairs 3 -n 2000
+    .venv/bin/python bench/daemon_ab.py --base /tmp/before --case small --pairs 3 -n 2000
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def mix_batch(side: Side, messages: list, n: int, conc: int, tag: str) -> None:
 
 def syscalls(side: Side, work) -> int:
     """System calls the side's workers make while `work` runs (strace -c)."""
-    out = Path(tempfile.mktemp(prefix="h2strace"))
-    argv = ["strace", "-f", "-o", str(out)] if os.environ.get("H2_STRACE_FULL") else \
+    out = Path(tempfile.mktemp(prefix="daemon-ab-strace"))
+    argv = ["strace", "-f", "-o", str(out)] if os.environ.get("BENCH_STRACE_FULL") else \
         ["strace", "-c", "-f", "-o", str(out)]
     for pid in side.daemon.worker_pids():
         argv += ["-p", str(pid)]
@@ -164,7 +164,7 @@ def main() -> int:
                     "system calls a message")
     args = ap.parse_args()
     conc = args.conc or (1 if args.case == "small" else 4)
-    tmp = Path(tempfile.mkdtemp(prefix="h2ab", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="daemon-ab", dir="/tmp"))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         temp = at.clamd_temp_dir("tmpfs", stack)

@@ -1,4 +1,4 @@
-"""Python calls a request inside a worker (session 25, H2): cProfile of the
+"""Python calls a request inside a worker: cProfile of the
 real worker code, driven in-process over a socketpair.
 
 A Worker is built as the master builds one (config, Pipeline, dirs), then
@@ -6,7 +6,7 @@ serves AM.PDP connections the harness feeds from a client thread (not
 profiled: cProfile follows the thread that enabled it). The message is the
 milter's 4 KiB smtp-source mail, asked as the milter asks it.
 
-    .venv/bin/python bench/h2_worker_profile.py -n 2000 [--sort tottime] [--top 40]
+    .venv/bin/python bench/worker_profile.py -n 2000 [--sort tottime] [--top 40]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from amavisd import config as configuration  # noqa: E402
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from amavisd.worker import Worker  # noqa: E402
 from bench import ampdp_throughput as at  # noqa: E402
-from bench.h2_daemon_ab import ask, smtp_source_message  # noqa: E402
+from bench.daemon_ab import ask, smtp_source_message  # noqa: E402
 
 
 class NoBeat:
@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--plain", action="store_true",
                     help="no cProfile (for py-spy or perf from outside)")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="h2prof", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="worker-profile", dir="/tmp"))
     clamd = ClamdInstance(tmp / "c", mode="nodecomp", max_threads=2)
     clamd.start()
     try:
@@ -88,7 +88,7 @@ def main() -> int:
                 thread.join()
 
         import logging
-        logging.basicConfig(stream=sys.stderr if os.environ.get("H2_LOG") else open(os.devnull, "w"), level=logging.INFO)
+        logging.basicConfig(stream=sys.stderr if os.environ.get("BENCH_LOG") else open(os.devnull, "w"), level=logging.INFO)
         run(200, None)
         if args.plain:
             started, before = time.process_time(), os.times()
