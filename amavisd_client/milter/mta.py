@@ -194,4 +194,7 @@ class IdleSweep:
         self.timer = loop.call_later(self.every, self._sweep)  # first: whatever happens below
         now = loop.time()
         for connection in [c for c in self.connections if c.idle_since(now) >= self.idle]:
-            connection.close()
+            try:
+                connection.close()
+            except Exception:  # one connection's failure must not keep the others open
+                log.exception("closing an idle MTA connection")
