@@ -86,7 +86,7 @@ def logs(request, short_tmp, clamd_nodecomp):
                 smtp.sendmail("alice@example.test", ["bob@example.test"], message("clean", 3))
                 smtp.sendmail("alice@example.test", ["bob@example.test"], message("virus", 4))
             log_text = daemon.log_text()
-            qid = re.search(r"(virus-[A-Za-z0-9+-]{12})", log_text).group(1)
+            qid = re.search(r"(virus-[A-Za-z0-9_-]{12})", log_text).group(1)
             secret = daemon_secret(daemon, qid)
             wrong = ampdp(daemon.socket_path, [("request", "release"), ("mail_id", qid),
                                                ("secret_id", WRONG_SECRET)])

@@ -131,7 +131,12 @@ def test_a_workers_descriptors_stay_flat_over_1000_hostile_connections(short_tmp
             got = hop.wait(1002)
         finally:
             flt.daemon.stop()
-    assert sorted(after) == sorted(before) and held == []
+    # Files exactly the same; sockets within the two kept sessions whose idle
+    # timers decide whether they are open at either look (the next hop's, clamd's):
+    # a leak of 1,000 connections or spools could not hide in that.
+    files = sorted(t for t in after if t != "socket")
+    assert files == sorted(t for t in before if t != "socket") and held == []
+    assert after.count("socket") <= before.count("socket") + 2, (before, after)
     assert len(got) == 1002
 
 
