@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import pstats
 import shutil
 import socket
 import subprocess
@@ -41,6 +40,7 @@ from amavisd import config as configuration  # noqa: E402
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
 from amavisd.worker import Worker  # noqa: E402
 from bench.daemon_ab import smtp_source_message  # noqa: E402
+from bench.worker_profile import report  # noqa: E402
 
 
 class NoBeat:
@@ -140,12 +140,7 @@ def main() -> int:
             return 0
         profile = cProfile.Profile(time.thread_time)
         run(args.n, profile)
-        stats = pstats.Stats(profile)
-        total = sum(v[1] for v in stats.stats.values())
-        print(f"{total / args.n:.0f} Python function calls a message")
-        if args.out:
-            stats.dump_stats(args.out)
-        stats.sort_stats(args.sort).print_stats(args.top)
+        report(profile, args, "a message")
     finally:
         sink.terminate()
         sink.wait()

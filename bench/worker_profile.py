@@ -37,6 +37,17 @@ class NoBeat:
         pass
 
 
+def report(profile: cProfile.Profile, args: argparse.Namespace, each: str) -> None:
+    """Python calls `each` (of args.n), the stats to args.out if given, the
+    top args.top functions by args.sort."""
+    stats = pstats.Stats(profile)
+    total = sum(v[1] for v in stats.stats.values())  # primitive + recursive calls
+    print(f"{total / args.n:.0f} Python function calls {each}")
+    if args.out:
+        stats.dump_stats(args.out)
+    stats.sort_stats(args.sort).print_stats(args.top)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=2000)
@@ -100,12 +111,7 @@ def main() -> int:
             return 0
         profile = cProfile.Profile()
         run(args.n, profile)
-        stats = pstats.Stats(profile)
-        total = sum(v[1] for v in stats.stats.values())  # primitive + recursive calls
-        print(f"{total / args.n:.0f} Python function calls a request")
-        if args.out:
-            stats.dump_stats(args.out)
-        stats.sort_stats(args.sort).print_stats(args.top)
+        report(profile, args, "a request")
     finally:
         clamd.stop()
         shutil.rmtree(tmp, ignore_errors=True)
