@@ -556,6 +556,7 @@ def run_concurrency(rows: list[Row], concurrency: int, args: argparse.Namespace,
                 note = f", {r.left} spool dirs left behind" if r.left else ""
                 print(f"- run {run}, {row.name}: {args.n} messages in {r.wall:.2f} s, "
                       f"{r.rate:.1f}/s; machine busy {r.busy:.0f} % (others {r.others:.0f} %), "
+                      f"bench client {r.client_ms:.2f} ms CPU a message, "
                       f"load {r.load:.2f}{note}", flush=True)
     finally:
         for row in rows:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -148,6 +149,19 @@ def strace_total(server, proc: subprocess.Popen) -> tuple[int, str]:
     return (int(total.group(1)) if total else 0), "\n".join(lines)
 
 
+def machine_ticks() -> int:
+    """Busy ticks of the whole machine (all CPUs: user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process: the SMTP sink's threads, the bench's waits."""
+    times = os.times()
+    return times.user + times.system
+
+
 def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size: int,
             code: dict[str, str] | None = None, trace: bool = False,
             warm: int | None = None, split: bool = False) -> dict:
@@ -188,6 +202,7 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
         before = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
         roots = {"filter": server_pid, "clamd": clamd.pid, "postfix": pfx.master_pid()}
         split_before = cpu_split(roots) if split else {}
+        machine_before, sink_before = machine_ticks(), own_cpu()
         started = time.monotonic()
         source = subprocess.run(smtp_source(n), capture_output=True, text=True, timeout=3600)
         handed = time.monotonic() - started
@@ -195,6 +210,8 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
             raise RuntimeError(f"smtp-source failed: {source.stderr}")
         pfx.sink.wait(warm + n, timeout=max(600.0, n * 0.5))
         done = time.monotonic() - started
+        machine = (machine_ticks() - machine_before) * 1000 / TICK / n
+        sink = (own_cpu() - sink_before) * 1000 / n
         after = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
         by_class = ({what: seconds * 1000 / n for what, seconds
                      in split_delta(split_before, cpu_split(roots)).items()} if split else {})
@@ -209,7 +226,7 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
         return {"name": name, "n": n, "conc": conc, "handed": handed, "done": done,
                 "rate": n / done, "ok": ok, "arrived": len(pfx.sink.messages) - warm,
                 "duplicates": sum(c - 1 for c in rcpts.values()),
-                "cpu": cpu[0], "clamd_cpu": cpu[1], "postfix_cpu": cpu[2],
+                "cpu": cpu[0], "machine_cpu": machine, "sink_cpu": sink, "clamd_cpu": cpu[1], "postfix_cpu": cpu[2],
                 "syscalls": calls / n if calls else None, "strace": top, "split": by_class}
     finally:
         if tracer is not None:
@@ -286,13 +303,13 @@ def print_row(r: dict, header: bool) -> None:
     if header:
         print("| filter | msgs/s (end to end) | all through | smtp-source done | arrived | "
               "duplicates | filter CPU ms/msg | clamd CPU ms/msg | Postfix CPU ms/msg | "
-              "syscalls/msg |")
-        print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "sink CPU ms/msg | machine CPU ms/msg | syscalls/msg |")
+        print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     flag = "" if r["ok"] else " **FAILED**"
     calls = f"{r['syscalls']:.0f}" if r["syscalls"] else ""
     print(f"| {r['name']}{flag} | {r['rate']:.1f} | {r['done']:.1f} s | {r['handed']:.1f} s "
           f"| {r['arrived']} | {r['duplicates']} | {r['cpu']:.2f} | {r['clamd_cpu']:.2f} "
-          f"| {r['postfix_cpu']:.2f} | {calls} |", flush=True)
+          f"| {r['postfix_cpu']:.2f} | {r['sink_cpu']:.2f} | {r['machine_cpu']:.2f} | {calls} |", flush=True)
 
 
 if __name__ == "__main__":
