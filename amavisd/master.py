@@ -42,6 +42,7 @@ exits with an error is not worth a warning: it was asked to leave.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -289,13 +290,21 @@ class Arbiter:
         # (inherited) enqueue_signal and be lost: a USR1 or TERM sent right
         # after the fork. Blocked here, it stays pending until Worker.boot().
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        # Frozen, what the worker inherits is out of its collections: they
+        # never write to those objects' GC headers, so a full collection
+        # neither copies their pages (measured: +6 MiB of private memory a
+        # worker without this) nor walks them. The master thaws at once and
+        # keeps collecting its own garbage.
+        gc.freeze()
         try:
             with self.doorman.forking():
                 pid = os.fork()
         except BaseException:
+            gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             raise
         if pid:
+            gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat,
                                               born=heartbeat.last_update(),

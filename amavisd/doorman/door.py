@@ -11,7 +11,9 @@ connections (SMTP, LMTP: the server speaks first) go to the workers at once.
 At most `max_pending_connections` are held: past that, the oldest silent,
 then the reading one idle longest goes.
 The common case costs one accept, one peek and one sendmsg, in the turn the
-connection arrives in when its request is already there.
+connection arrives in when its request is already there; it makes no `Held`
+and registers nothing, and a turn with nothing held checks no deadline: the
+doorman runs under the master's GIL on every client's every connection.
 
 Out of descriptors (EMFILE, ENFILE) or memory on accept(): a connection
 that has not finished its request is closed to make room; with none, the
@@ -33,7 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from amavisd.doorman.first_request import FIRST_REQUEST
+from amavisd.doorman.first_request import FIRST_REQUEST, FirstRequest
 from amavisd.doorman.handout import Outbox, close
 from amavisd.doorman.held import PARTIAL, READY, WAIT, Held, oldest, received
 from amavisd.doorman.reading import READ_BUDGET, Reading
@@ -67,6 +69,11 @@ class Doorman:
         self.lock = threading.Lock()  # held for every change of what we hold, and over fork()
         self.silent: dict[int, Held] = {}  # by fd, oldest first: waiting for first bytes
         self.peeked = bytearray(PEEK_WINDOW)  # one buffer for every first look
+        # What accept() needs of each listener, looked up once (socket.socket's
+        # `family` and `type` make an enum a call).
+        self.doors = [(listener.sock, int(listener.sock.family), int(listener.sock.type),
+                       listener.sock.proto, FIRST_REQUEST.get(listener.protocol))
+                      for listener in listeners]
         self.poll: select.epoll | None = None
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -91,8 +98,13 @@ class Doorman:
         self.thread.start()
 
     def configure(self, idle_timeout: float, cap: int, request_timeout: float) -> None:
-        """New settings (HUP); the held connections keep their deadlines."""
-        self.idle_timeout, self.cap, self.request_timeout = idle_timeout, cap, request_timeout
+        """New settings (HUP); the held connections keep their deadlines. A
+        lower cap holds at once: the accept path trims only when it holds one
+        more (a connection passed at once leaves the count as it was)."""
+        with self.lock:
+            self.idle_timeout, self.cap, self.request_timeout = idle_timeout, cap, request_timeout
+            while self.held > self.cap and self._drop_oldest():
+                pass
 
     def watch(self) -> None:
         """From the master's loop: a doorman thread that died of a bug is replaced."""
@@ -161,21 +173,28 @@ class Doorman:
                 with self.lock:
                     if self.stopping:
                         return
+                    # One clock reading a turn: deadlines set from it are at
+                    # most a turn early, never late.
+                    now = time.monotonic()
                     for fd, _ in events:
                         if fd in by_fd:
-                            self._accept(by_fd[fd])
+                            self._accept(by_fd[fd], now)
                         elif (held := self.silent.get(fd)) is not None:
-                            self._spoke(held)
+                            self._spoke(held, now)
                         elif fd == wake:
                             os.read(wake, 512)
                         # the outbox's end: room in the queue again, pass_ready below
-                    for held, verdict in self.reading.due():
-                        self._settle(held, verdict)
+                    if self.reading.looks:
+                        for held, verdict in self.reading.due(now):
+                            self._settle(held, verdict)
                     if self.outbox.ready:
                         self.outbox.pass_ready()
-                    self._listen(self._room() and time.monotonic() >= self.rest_until)
-                    expired = self._expire()
-                    self._summarise()  # before the hang-up: a client reading the log finds it
+                    if self.listening != (on := self._room() and now >= self.rest_until):
+                        self._listen(on)
+                    expired = self._expire(now) if self.silent or self.reading.held else ()
+                    # the summary before the hang-up: a client reading the log finds it
+                    if now - self._last_summary >= SUMMARY_EVERY:
+                        self._summarise(now)
                     for held in expired:
                         close(held)
         except Exception:
@@ -183,6 +202,8 @@ class Doorman:
 
     def _timeout(self) -> float:
         """Until the next deadline, read, retry or end of a rest; MAX_WAIT at most."""
+        if not (self.silent or self.reading.held or self.outbox.ready or self.rest_until):
+            return MAX_WAIT  # nothing held, no rest: the usual turn
         due = [self.reading.next_deadline(), self.reading.next_look(), self.outbox.next_try()]
         if self.silent:
             due.append(oldest(self.silent).deadline)
@@ -193,16 +214,19 @@ class Doorman:
             return MAX_WAIT
         return max(0.0, min(MAX_WAIT, min(due) - time.monotonic()))
 
-    def _accept(self, index: int) -> None:
+    def _accept(self, index: int, now: float) -> None:
         """The fast path: accepted, the request is here already, the queue has
-        room: one peek and one sendmsg, nothing polled."""
-        sock = self.listeners[index].sock
-        first = FIRST_REQUEST.get(self.listeners[index].protocol)  # None: passed at once
+        room: one peek and one sendmsg, nothing polled, nothing kept. A
+        connection passed or closed at once leaves the room as it was."""
+        sock, family, kind, proto, first = self.doors[index]  # first None: passed at once
+        room = self._room()
         for _ in range(ACCEPTS_PER_TURN):
-            if not self._room():
+            if not room:
                 return
             try:
-                conn, _ = sock.accept()
+                # socket.accept() minus its Python wrapper (an enum call for
+                # `family` and `type`); the new socket stays blocking as there.
+                fd, _ = sock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -212,17 +236,24 @@ class Doorman:
                     raise
                 self._out_of_resources(err)
                 return
+            conn = socket.SocketType(family, kind, proto, fd)
             self.rest = REST_FIRST
-            held = Held(conn, index, time.monotonic() + self.idle_timeout, first)
-            verdict = self._look(held) if first else READY
-            if verdict is WAIT:
-                self.silent[conn.fileno()] = held
-                self.poll.register(conn, select.EPOLLIN)
-            else:
-                held.deadline = time.monotonic() + self.request_timeout
-                self._settle(held, verdict)
+            verdict = self._look(conn, first) if first else READY
+            if verdict is READY:
+                if not self.outbox.ready and self.outbox.hand(conn, index):
+                    continue  # in the queue (or closed on an error it counts)
+                self.outbox.wait(Held(conn, index, now + self.request_timeout, first))
+            elif verdict is WAIT:
+                self.silent[fd] = Held(conn, index, now + self.idle_timeout, first)
+                self.poll.register(fd, select.EPOLLIN)
+            elif verdict is PARTIAL:  # read on: request_timeout from its first byte
+                self._settle(Held(conn, index, now + self.request_timeout, first), verdict)
+            else:  # GONE: end of file, or an error, before a whole request
+                conn.close()
+                continue
             while self.held > self.cap and self._drop_oldest():
                 pass  # the oldest that has not finished its request makes room
+            room = self._room()
 
     def _out_of_resources(self, err: OSError) -> None:
         """accept() failed for want of descriptors or memory. A connection of
@@ -241,7 +272,9 @@ class Doorman:
         """Whether one more connection may be taken: at the cap, only if one
         not yet whole can make room; with none, the listeners rest (the
         kernel's backlog holds new clients) until the workers take some."""
-        return self.held < self.cap or bool(self.silent or self.reading.held)
+        silent, reading = self.silent, self.reading.held
+        return (len(silent) + len(reading) + len(self.outbox.ready) < self.cap
+                or bool(silent or reading))
 
     def _listen(self, on: bool) -> None:
         if on == self.listening:
@@ -255,24 +288,24 @@ class Doorman:
         if on:
             self.rest_until = 0.0
 
-    def _spoke(self, held: Held) -> None:
+    def _spoke(self, held: Held, now: float) -> None:
         """Readable at last: out of the poll; passed on, closed (end of file
         before a word), read on, or watched until its request is whole."""
-        verdict = self._look(held)
+        verdict = self._look(held.conn, held.first)
         if verdict is WAIT:
             return
         del self.silent[held.conn.fileno()]
         self.poll.unregister(held.conn)
-        held.deadline = time.monotonic() + self.request_timeout  # from its first byte
+        held.deadline = now + self.request_timeout  # from its first byte
         self._settle(held, verdict)
 
-    def _look(self, held: Held) -> str:
+    def _look(self, conn: socket.socket, first: FirstRequest) -> str:
         """The first look: READY (a whole request), PARTIAL (not yet), GONE
         (end of file or an error before a whole request), or WAIT (nothing yet)."""
-        size = received(held.conn, self.peeked, PEEK_WINDOW, PEEK)
+        size = received(conn, self.peeked, PEEK_WINDOW, PEEK)
         if isinstance(size, str):
             return size
-        return READY if held.first.complete(self.peeked, size) else PARTIAL
+        return READY if first.complete(self.peeked, size) else PARTIAL
 
     def _settle(self, held: Held, verdict: str) -> None:
         """Out of the poll: to the workers, read on, or closed."""
@@ -290,9 +323,9 @@ class Doorman:
         else:
             self.reading.release(held)
 
-    def _expire(self) -> list[Held]:
+    def _expire(self, now: float) -> list[Held]:
         """Those past their deadline, out of the poll; the caller closes them."""
-        now, expired = time.monotonic(), []
+        expired = []
         while self.silent and (held := oldest(self.silent)).deadline <= now:
             self._unhold(held)
             expired.append(held)
@@ -312,11 +345,10 @@ class Doorman:
         self.closed_cap += 1
         return True
 
-    def _summarise(self) -> None:
+    def _summarise(self, now: float) -> None:
         """At most one line of each kind every few seconds, not one a
         connection: a flood must not flood the log.
         (Only AM.PDP connections are held: FIRST_REQUEST.)"""
-        now = time.monotonic()
         outbox, read = self.outbox, self.reading
         if now - self._last_summary < SUMMARY_EVERY or not (
                 self.closed_idle or self.closed_slow or self.closed_cap

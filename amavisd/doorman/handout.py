@@ -107,6 +107,10 @@ def waiting(queue: socket.socket | None) -> int:
 
 
 MAX_FDS = 2  # the connection, and its spill if the doorman read some of it
+# SCM_RIGHTS payloads and message bodies, made once: a hand-out is the
+# doorman's per-connection path.
+ONE_FD, TWO_FDS = struct.Struct("i"), struct.Struct("ii")
+INDEX = tuple(bytes((index,)) for index in range(256))  # a listener's index, one byte
 
 
 @dataclass
@@ -195,27 +199,36 @@ class Outbox:
         room, else kept in order."""
         if held.spill is not None:
             self.spilled += held.spill.size
-        if self.ready or not self.hand(held):
+        if self.ready or not self.hand(held.conn, held.index, held.spill):
             self.ready.append(held)
+
+    def wait(self, held: Held) -> None:
+        """Whole, tried and no room in the queue yet: kept, in order."""
+        self.ready.append(held)
 
     def pass_ready(self) -> None:
         if time.monotonic() < self.pass_after:
             return
         while self.ready:
-            if not self.hand(self.ready[0]):
+            held = self.ready[0]
+            if not self.hand(held.conn, held.index, held.spill):
                 return
             self.ready.popleft()
         self._want_room(False)
 
-    def hand(self, held: Held) -> bool:
+    def hand(self, conn: socket.socket, index: int, spill: Spill | None = None) -> bool:
         """Into the queue (it holds the connection then) or closed on an error
-        that waiting would not cure: True. False: no room now (the queue is
-        full, or the kernel lacks memory or in-flight room): keep it, retry."""
-        fds = [held.conn.fileno()] + ([held.spill.fd] if held.spill is not None else [])
+        that waiting would not cure: True, and our copies are closed. False:
+        no room now (the queue is full, or the kernel lacks memory or
+        in-flight room): keep it, retry. The doorman's fast path calls this
+        with a connection it never held (`Held`): nothing waits before it."""
+        if spill is None:
+            rights = ONE_FD.pack(conn.fileno())
+        else:
+            rights = TWO_FDS.pack(conn.fileno(), spill.fd)
         try:  # not socket.send_fds: CPython 3.11's drops its flags, and a full queue blocked
-            self.send.sendmsg([bytes((held.index,))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                        array.array("i", fds))],
-                               socket.MSG_DONTWAIT)
+            self.send.sendmsg([INDEX[index]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+                              socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self._want_room(True)
             return False
@@ -225,12 +238,15 @@ class Outbox:
                 self.pass_after = time.monotonic() + RETRY_AFTER
                 return False
             self.closed_unpassed += 1  # never silently: logged; the client sees end of file
-            self.forget(held)
+            if spill is not None:  # its bytes leave the budget
+                self.spilled -= spill.size
         else:
             self.passed += 1
-            if held.spill is not None:
-                self.in_queue.append((self.passed, held.spill.size))
-        close(held)
+            if spill is not None:
+                self.in_queue.append((self.passed, spill.size))
+        conn.close()
+        if spill is not None:
+            spill.close()
         return True
 
     def forget(self, held: Held) -> None:

@@ -1,4 +1,8 @@
-"""A connection the doorman holds, from accept() until a worker has it or it is closed."""
+"""A connection the doorman holds, from accept() until a worker has it or it is closed.
+
+One passed on in the turn it was accepted in (its request whole at the
+first look, room in the queue) is never held: no `Held` is made for it.
+"""
 
 from __future__ import annotations
 

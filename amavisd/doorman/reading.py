@@ -118,9 +118,8 @@ class Reading:
                 return READY
         return WAIT
 
-    def due(self) -> Iterator[tuple[Held, str]]:
+    def due(self, now: float) -> Iterator[tuple[Held, str]]:
         """Those due for a read that are no longer WAIT, out of `held`."""
-        now = time.monotonic()
         while self.looks and self.looks[0][0] <= now:
             held = heapq.heappop(self.looks)[2]
             if self.held.get(held.conn.fileno()) is not held:
