@@ -21,7 +21,11 @@ opened through a symlink.
 One line per message, amavisd-new's (`log_summary`), or with `log_format =
 "json"` one JSON object per record for log shippers: the message's record
 carries the same fields as the line, as fields; other records carry their
-text. ASCII only (json escapes the rest), so a hostile address or
+text. An ingress that forwards the message itself (the SMTP/LMTP filter,
+AM.PDP delivery_care_of=server) holds the line back (`HeldLine`) until the
+next hop has answered, so that the one line also says what became of the
+message: amavisd-new's `queued_as: ID`, the recipients it refused, or why
+nothing went. ASCII only (json escapes the rest), so a hostile address or
 Message-ID can neither split a record nor forge one. Never a body, nor a
 header beyond the Message-ID the line shows: not the Subject either (it is
 content, often personal), nor an attachment's name unless it is why the
@@ -38,7 +42,9 @@ import logging.handlers
 import os
 import stat
 import sys
+import threading
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 from amavisd.envelope import Job, angled
@@ -226,16 +232,125 @@ def summary_line(fields: Mapping[str, Any]) -> str:
     if fields["quarantine_id"]:
         parts.append(f"quarantine: {fields['quarantine_id']}")
     parts.append(f"size: {fields['size']}")
+    if "forwarded_to" in fields:  # where amavisd-new has queued_as
+        parts += forward_parts(fields)
+    if fields.get("interrupted"):
+        parts.append(f"interrupted: {fields['interrupted']}")
     parts.append(f"{fields['elapsed_ms']:.0f} ms")
     return ", ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
+def forward_parts(fields: Mapping[str, Any]) -> list[str]:
+    """What the next hop did, for the line: its queue id, the recipients it
+    refused, or why nothing went; where to when it named no queue id."""
+    if fields["forward_failed"]:
+        where, error = fields["forwarded_to"], fields["forward_error"]
+        return [f"forwarding failed ({fields['forward_failed']}): "
+                + (error if error.startswith(where) else f"{where}: {error}")]
+    parts = [f"queued_as: {fields['queued_as']}" if fields["queued_as"]
+             else f"forwarded to {fields['forwarded_to']}"]
+    if fields["forward_refused"]:
+        parts.append("refused: " + "; ".join(f"{angled(r)}: {why}" for r, why
+                                             in fields["forward_refused"].items()))
+    return parts
+
+
 def log_summary(logger: logging.Logger, job: Job, result: Result) -> None:
     """The one record per message: the line, with its fields attached for
-    the JSON format. A tempfail is a warning."""
+    the JSON format. A tempfail is a warning. Held back while the message's
+    ingress forwards it (`HeldLine`)."""
     fields = summary_fields(job, result)
     level = logging.WARNING if result.destiny is Destiny.TEMPFAIL else logging.INFO
+    held = getattr(_holding, "line", None)
+    if held is not None and held.fields is None:
+        held.logger, held.fields, held.level = logger, fields, max(held.level, level)
+        return
     logger.log(level, "%s", summary_line(fields), extra={"summary": fields})
+
+
+_holding = threading.local()  # the HeldLine of the request in hand, in this thread
+
+
+class HeldLine:
+    """The line of the message in hand, held back while its ingress forwards
+    it, then written once with what the next hop did.
+
+    A context manager around the check and the forward: the pipeline's line
+    (`log_summary`) waits in it, `forwarded` or `not_forwarded` add the
+    outcome, and on the way out, however it is left, the line is written,
+    once. An exception on the way adds `interrupted: <its class>`; a worker
+    killed for its deadline writes it from its abort handler
+    (`write_held`). Holds nothing when no line comes (a request refused
+    before its check): then nothing is written either."""
+
+    def __init__(self) -> None:
+        self.logger: logging.Logger | None = None
+        self.fields: dict[str, Any] | None = None
+        self.level = logging.INFO
+        self.outer: HeldLine | None = None
+
+    def __enter__(self) -> HeldLine:
+        self.outer = getattr(_holding, "line", None)
+        _holding.line = self
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        _holding.line = self.outer
+        if exc_type is not None:
+            self.interrupt(exc_type.__name__)
+        self.write()
+
+    def forwarded(self, log_id: str, where: str, reply: str, queued_as: str,
+                  refused: Mapping[str, str]) -> None:
+        """The next hop took the message (for some recipients at least)."""
+        self.add(log_id, logging.WARNING if refused else logging.INFO, forwarded_to=where,
+                 queued_as=queued_as, forward_reply=reply, forward_refused=dict(refused),
+                 forward_failed="", forward_error="")
+
+    def not_forwarded(self, log_id: str, where: str, error: str, temporary: bool,
+                      level: int = logging.WARNING) -> None:
+        """The next hop took nothing: `error` says why."""
+        self.add(log_id, level, forwarded_to=where, queued_as="", forward_reply="",
+                 forward_refused={}, forward_failed="temporary" if temporary else "permanent",
+                 forward_error=error)
+
+    def add(self, log_id: str, level: int, **facts: Any) -> None:
+        """The forward's facts for the message's line; said on a line of
+        their own when no line of that message is held (never lost)."""
+        if self.fields is not None and self.fields["log_id"] == log_id:
+            self.fields.update(facts)
+            self.level = max(self.level, level)
+            return
+        said = (forward_parts(facts) if facts["forward_failed"] else
+                [f"forwarded to {facts['forwarded_to']}: {facts['forward_reply']}",
+                 *forward_parts(facts)[1:]])
+        logging.getLogger("amavisd.logs").log(level, "(%s) %s", log_id, ", ".join(said))
+
+    def interrupt(self, why: str) -> None:
+        if self.fields is not None:
+            self.fields["interrupted"] = why
+            self.level = max(self.level, logging.WARNING)
+
+    def write(self) -> None:
+        fields, self.fields = self.fields, None
+        if fields is not None and self.logger is not None:
+            self.logger.log(self.level, "%s", summary_line(fields), extra={"summary": fields})
+
+
+def held() -> HeldLine:
+    """The HeldLine of the request in hand; one that holds nothing (its
+    facts are then said on a line of their own) when there is none."""
+    return getattr(_holding, "line", None) or HeldLine()
+
+
+def write_held(why: str) -> None:
+    """Write the held line now, saying why (a worker about to die mid-request)."""
+    line = getattr(_holding, "line", None)
+    while line is not None:
+        line.interrupt(why)
+        line.write()
+        line = line.outer
 
 
 class JsonFormatter(logging.Formatter):

@@ -337,7 +337,10 @@ class Worker:
         # "tempfail" rather than see the connection drop.
         if self.session is not None:
             send_last_words(self.session, failures.TIME_EXCEEDED)
-        os._exit(EXIT_ABORTED)
+        try:  # a line held for the forward's outcome (logs.HeldLine) is not lost
+            logs.write_held("worker aborted after child_timeout")
+        finally:
+            os._exit(EXIT_ABORTED)
 
 
 def ensure_dir(path: str, mode: int, what: str, private: bool = False,

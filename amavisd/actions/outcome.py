@@ -7,10 +7,24 @@ share it without importing each other.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 Message = bytes | BinaryIO  # bytes, or a binary file read from where it stands
+
+# The next hop's queue id in its reply to the content: Postfix's "250 2.0.0
+# Ok: queued as 4QX...", Exim's "250 OK id=1tA...", Sendmail's "250 2.0.0
+# 4B8... Message accepted for delivery". ASCII, no spaces: it goes in the log line.
+_QUEUE_ID = re.compile(r"\bqueued as <?([\w.+-]{1,64})|\bid=([\w.-]{1,64})"
+                       r"|^2\d\d [245]\.\d{1,3}\.\d{1,3} (\w{1,64}) Message accepted",
+                       re.ASCII | re.IGNORECASE)
+
+
+def queue_id(reply: str) -> str:
+    """The queue id a next hop's reply names, or ""."""
+    found = _QUEUE_ID.search(reply)
+    return next(filter(None, found.groups()), "") if found else ""
 
 
 class ForwardError(Exception):
@@ -41,6 +55,15 @@ class Handed:
     reply: str  # the next hop's final reply line, e.g. "250 2.0.0 Ok: queued as 4QX..."
     refused: dict[str, str] = field(default_factory=dict)  # rcpt -> reply, refused
     accepted: dict[str, str] = field(default_factory=dict)  # rcpt -> its DATA reply
+
+    @property
+    def queued_as(self) -> str:
+        """The next hop's queue id (amavisd-new's `queued_as`); LMTP's replies,
+        one a recipient, may name several: "ID1/ID2". "" when none says one."""
+        if len(self.accepted) < 2:
+            return queue_id(self.reply)
+        replies = dict.fromkeys(self.accepted.values())  # SMTP: one for all
+        return "/".join(dict.fromkeys(filter(None, map(queue_id, replies))))
 
 
 @dataclass

@@ -32,6 +32,10 @@ milter semantics (`actions.edits`, as the SMTP filter does), below a
 Received: line of ours (`quarantine.resent`), as amavisd-new does. The copy
 is made in the kernel and forwarded from the file, its edited header block
 in front: a 50 MiB message is never read into the worker's memory here.
+
+The message's one log line (`logs.HeldLine`) is held while its snapshot is
+(`with snapshot:` spans the check and the forward), and says what the next
+hop did: `queued_as: ID`, the recipients it refused, or why nothing went.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
-from amavisd import failures, metrics
+from amavisd import failures, logs, metrics
 from amavisd.actions import relay_dsn
 from amavisd.actions.edits import MAX_HEADER, edit_bytes, edit_spool
 from amavisd.actions.forward import ForwardError, Handed, Params, forwarder
@@ -90,6 +94,7 @@ class Snapshot:
             self._private = -1
             raise
         self.fd = self._private
+        self.line = logs.HeldLine()  # the message's log line, until it is forwarded
 
     def open(self) -> BinaryIO:
         """The message from its start, to be forwarded and closed: our copy,
@@ -111,13 +116,17 @@ class Snapshot:
             return fh.read()
 
     def __enter__(self) -> Snapshot:
+        self.line.__enter__()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._private >= 0:
-            os.close(self._private)
-            self._private = -1
+        try:
+            self.line.__exit__(exc_type, exc, tb)
+        finally:
+            if self._private >= 0:
+                os.close(self._private)
+                self._private = -1
 
 
 def _size(fd: int) -> int:
@@ -216,9 +225,8 @@ class ServerDelivery:
                                             params=self.params(envelope, eight_bit))
         except ForwardError as err:
             return self.not_taken(log_id, err)
-        log.info("(%s) forwarded to %s (delivery_care_of=server): %s%s", log_id,
-                 handed.where, handed.reply,
-                 f"; refused: {handed.refused}" if handed.refused else "")
+        logs.held().forwarded(log_id, handed.where, handed.reply, handed.queued_as,
+                              handed.refused)
         return self.taken(result, envelope, data, handed)
 
     def params(self, envelope: Envelope, eight_bit: bool) -> Params:
@@ -247,8 +255,7 @@ class ServerDelivery:
         return Answer(code, enhanced, text, REPLIES[Destiny.DISCARD])
 
     def not_taken(self, log_id: str, err: ForwardError) -> Answer:
-        log.warning("(%s) forward to %s (delivery_care_of=server) failed: %s", log_id,
-                    self.where, err)
+        logs.held().not_forwarded(log_id, self.where, str(err), err.temporary)
         if err.temporary:
             return self.tempfail(log_id, failures.public_reason(err))
         code, enhanced, text = relayed(self.where, err.reply)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from amavisd import failures, metrics
+from amavisd import failures, logs, metrics
 from amavisd.actions import relay_dsn
 from amavisd.actions.edits import MAX_HEADER, edit_spool
 from amavisd.actions.forward import Forwarder, ForwardError, Handed, Params, forwarder
@@ -136,6 +136,13 @@ class Filter:
                                             keep_idle=config.forward_keep_idle)
 
     def run(self, transaction: Transaction, size: int, client: dict[str, str]) -> bytes:
+        # The message's one log line waits for the next hop's answer (its queue
+        # id, or why not), and is written however this ends.
+        with logs.HeldLine() as line:
+            return self.check_and_answer(transaction, size, client, line)
+
+    def check_and_answer(self, transaction: Transaction, size: int, client: dict[str, str],
+                         line: logs.HeldLine) -> bytes:
         log_id = self.handler.next_log_id()
         spool = transaction.spool
         assert spool is not None
@@ -159,7 +166,7 @@ class Filter:
             return reply(*self.destiny_reply(Destiny.TEMPFAIL, result))
         outcome: Handed | ForwardError | None = None
         if passing:
-            outcome = self.hand_over(transaction, passing, spool, size, result)
+            outcome = self.hand_over(transaction, passing, spool, size, result, line)
         if self.lmtp:
             return b"".join(reply(*self.recipient_reply(r, destinies[r], result, outcome))
                             for r in transaction.recipients)
@@ -202,7 +209,8 @@ class Filter:
                 for r, e in zip(transaction.recipients, envelope.recipients, strict=True)}
 
     def hand_over(self, transaction: Transaction, passing: list[str], spool: BinaryIO,
-                  size: int, result: Result) -> Handed | ForwardError:
+                  size: int, result: Result, line: logs.HeldLine) -> Handed | ForwardError:
+        """Forward to the passing recipients; what came of it goes in the message's line."""
         params = Params(
             mail={k: v for k, v in transaction.params.items() if k != "SIZE"},
             rcpt={r: transaction.rcpt_params.get(r, {}) for r in passing},
@@ -212,15 +220,14 @@ class Filter:
             handed = self.forward.hand_over(transaction.sender, passing, data, params=params,
                                             per_recipient=self.lmtp)
         except ForwardError as err:
-            log.warning("(%s) forwarding failed (%s): %s", result.log_id,
-                        "temporary" if err.temporary else "permanent", err)
+            line.not_forwarded(result.log_id, self.forward_where(), str(err), err.temporary)
             return err
         except OSError as err:  # reading our own spool back
-            log.error("(%s) forwarding failed reading the spool: %s", result.log_id, err)
+            line.not_forwarded(result.log_id, self.forward_where(),
+                               f"reading the spool: {err}", True, logging.ERROR)
             return ForwardError(str(err), temporary=True)
-        log.info("(%s) forwarded to %s: %s%s", result.log_id, handed.where, handed.reply,
-                 "; refused: " + "; ".join(f"<{r}>: {why}" for r, why in handed.refused.items())
-                 if handed.refused else "")
+        line.forwarded(result.log_id, handed.where, handed.reply, handed.queued_as,
+                       handed.refused)
         return handed
 
     # -- replies -----------------------------------------------------------------------
@@ -279,10 +286,8 @@ class Filter:
             return self.failed(outcome, result)
         code, enhanced, text = relayed(outcome.where, outcome.reply)
         notes = []
-        if outcome.refused:  # 5xx only: per_recipient is off for SMTP
+        if outcome.refused:  # 5xx only: per_recipient is off for SMTP; the line names them
             notes.append(f"{len(outcome.refused)} refused by the next hop")
-            log.warning("(%s) next hop refused %s while taking the others: %s", result.log_id,
-                        ", ".join(outcome.refused), "; ".join(outcome.refused.values()))
         for destiny in sorted(set(others), key=lambda d: _RANK[d]):
             notes.append(f"{others.count(destiny)} {destiny.name}")
         if notes:

@@ -112,7 +112,9 @@ def quarantined(directory: str) -> tuple[dict[str, list[int]], list[str]]:
 
 def verdict_pids(log: str) -> dict[str, list[int]]:
     """For each Message-ID in the daemon's log, the pids of the workers that logged
-    a verdict for it (each attempt of a message logs one, before it is forwarded)."""
+    a verdict for it (each attempt of a message logs one once the next hop has
+    answered: one killed while forwarding logs none, and its client saw the
+    connection drop, `Record.dropped`)."""
     found: dict[str, list[int]] = {}
     for pid, mid in _VERDICT_LINE.findall(log):
         found.setdefault(mid, []).append(int(pid))
@@ -181,7 +183,8 @@ class Tally:
         lost = [m for m in delivered if not at_sink[m]]
         duplicated = [m for m, n in at_sink.items() if n > 1]
         dup_window = [m for m in duplicated
-                      if in_kill_window(at_sink[m], logged.get(m, []), killed)]
+                      if in_kill_window(at_sink[m], logged.get(m, []), killed)
+                      or (killed and at_sink[m] - 1 <= self.records[m].dropped)]
         wrongly_at_sink = [m for m in at_sink if self.records[m].final != "delivered"]
         unanswered = [m for m, r in self.records.items() if not r.final]
         mismatched = [f"{m} ({r.planned.source}): {r.final}, expected {want}"
