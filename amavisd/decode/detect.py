@@ -209,9 +209,18 @@ _BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}\r?$")
 HEAD_SIZE = 0x9010  # enough for the deepest signature (ISO 9660's third descriptor)
 
 
+# SIGNATURES as each first byte of a part leaves them, in their order: a
+# signature at offset 0 that starts with another byte cannot match (none is
+# empty), so sniff tries a few, not all, and the first match is the same.
+_SPANS = tuple((offset, offset + len(magic), magic, kind) for offset, magic, kind in SIGNATURES)
+assert all(magic for _, _, magic, _ in _SPANS)
+_BY_FIRST_BYTE = tuple(tuple(span for span in _SPANS if span[0] or span[2][0] == byte)
+                       for byte in range(256))
+
+
 def sniff(head: bytes) -> str:
-    for offset, magic, kind in SIGNATURES:
-        if head[offset:offset + len(magic)] == magic:
+    for offset, end, magic, kind in _BY_FIRST_BYTE[head[0]] if head else ():
+        if head[offset:end] == magic:
             return kind
     for probe, kind in HEAD_PROBES:
         if probe(head):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from amavisd.decode.parts import Part
 
@@ -87,21 +88,21 @@ FIELDS: dict[str, Callable[[Part], tuple[str, ...]]] = {
 }
 
 
-def _regex_test(value: str) -> Callable[[str], bool]:
+def _regex_test(value: str) -> Callable[[str], object]:
     try:
         pattern = re.compile(value, re.IGNORECASE)
     except re.error as err:
         raise ValueError(f"bad regex {value!r}: {err}") from None
-    return lambda text: pattern.search(text) is not None
+    return pattern.search  # a match object or None: only its truth is asked
 
 
-def _equal_test(value: str) -> Callable[[str], bool]:
+def _equal_test(value: str) -> Callable[[str], object]:
     wanted = value.casefold()
     return lambda text: text.casefold() == wanted
 
 
 # operator -> (test builder, negated)
-OPERATORS: dict[str, tuple[Callable[[str], Callable[[str], bool]], bool]] = {
+OPERATORS: dict[str, tuple[Callable[[str], Callable[[str], object]], bool]] = {
     "~": (_regex_test, False),
     "!~": (_regex_test, True),
     "=": (_equal_test, False),
@@ -113,15 +114,12 @@ ACTIONS = ("allow", "deny")
 
 @dataclass(frozen=True)
 class Condition:
-    field: str
-    test: Callable[[str], bool]
-    negated: bool
+    """Holds for a part when its test passes any of the part's strings for
+    the field; negated, when it passes none (BannedRules.first_match)."""
 
-    def holds(self, part: Part) -> bool:
-        """A positive test holds when any of the part's strings passes; a
-        negated one when none does."""
-        found = any(self.test(text) for text in FIELDS[self.field](part))
-        return found != self.negated
+    field: str
+    test: Callable[[str], object]  # its truth: the string passes
+    negated: bool
 
 
 @dataclass(frozen=True)
@@ -129,10 +127,7 @@ class Rule:
     text: str
     number: int  # 1-based position in the list, for messages
     deny: bool
-    conditions: tuple[Condition, ...]
-
-    def matches(self, part: Part) -> bool:
-        return all(c.holds(part) for c in self.conditions)
+    conditions: tuple[Condition, ...]  # all must hold
 
 
 @dataclass(frozen=True)
@@ -223,15 +218,25 @@ class BannedRules:
     def default(cls) -> BannedRules:
         return cls.parse(DEFAULT_RULES)
 
-    @property
+    @cached_property  # asked for every message; the rules never change
     def needs_magic(self) -> bool:
         """True when a rule looks at libmagic's type, which the pipeline
         fills only on request (it triples the cost of decoding)."""
         return any(c.field == "magic" for r in self.rules for c in r.conditions)
 
     def first_match(self, part: Part) -> Rule | None:
+        """The first rule all of whose conditions hold for `part`. One loop,
+        no call a rule or a condition: every part of every message passes
+        through here; each field's strings are found once a part."""
+        strings: dict[str, tuple[str, ...]] = {}
         for rule in self.rules:
-            if rule.matches(part):
+            for condition in rule.conditions:
+                texts = strings.get(condition.field)
+                if texts is None:
+                    texts = strings[condition.field] = FIELDS[condition.field](part)
+                if any(map(condition.test, texts)) == condition.negated:
+                    break  # this condition fails, and with it the rule
+            else:
                 return rule
         return None
 

@@ -92,26 +92,27 @@ def parse_message_request(block: Block, tempbase: str, log_id: str,
         raise RequestError(failures.refused(f"protocol error: {block.errors[0][:100]}"),
                            "protocol error: " + "; ".join(block.errors[:3])
                            + (f" (and {more} more)" if more > 0 else ""))
-    tempdir_raw = block.get("tempdir")
-    mail_file_raw = block.get("mail_file")
+    first = block.firsts()  # each attribute's first value, as block.get gives it
+    tempdir_raw = first.get("tempdir")
+    mail_file_raw = first.get("mail_file")
     if not tempdir_raw and not mail_file_raw:
         raise RequestError(failures.refused("request names neither tempdir nor mail_file"))
     tempdir = within(tempdir_raw, tempbase, "tempdir", real) if tempdir_raw else None
     mail_file = within(mail_file_raw, tempbase, "mail_file", real) if mail_file_raw else None
-    care_of = (block.get("delivery_care_of", "client") or "client").lower()
+    care_of = (first.get("delivery_care_of") or "client").lower()
     if care_of not in CARE_OF:
         raise RequestError(failures.refused("delivery_care_of must be client or server"),
                            f"delivery_care_of={printable_path(care_of)[:60]}")
-    removed_by = block.get("tempdir_removed_by", "server")  # the protocol's default
+    removed_by = first.get("tempdir_removed_by", "server")  # the protocol's default
     envelope = Envelope(
-        sender=block.get("sender", "<>") or "<>",
+        sender=first.get("sender") or "<>",
         recipients=block.getall("recipient"),
-        queue_id=block.get("queue_id", "") or "",
-        client_address=block.get("client_address", "") or "",
-        client_name=block.get("client_name", "") or "",
-        helo_name=block.get("helo_name", "") or "",
-        protocol_name=block.get("protocol_name", "") or "",
-        policy_bank=block.get("policy_bank", "") or "",
+        queue_id=first.get("queue_id") or "",
+        client_address=first.get("client_address") or "",
+        client_name=first.get("client_name") or "",
+        helo_name=first.get("helo_name") or "",
+        protocol_name=first.get("protocol_name") or "",
+        policy_bank=first.get("policy_bank") or "",
     )
     mail_path = mail_file or os.path.join(tempdir, "email.txt")  # the protocol's default
     return MessageRequest(

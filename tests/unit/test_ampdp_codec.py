@@ -132,3 +132,20 @@ def test_megabytes_of_bad_lines_keep_a_bounded_error_list():
     (block,) = blocks
     assert len(block.errors) <= 32
     assert block.error_count == 64 * 32768
+
+
+def test_the_tail_of_a_long_line_and_what_follows_it_in_one_read():
+    decoder = Decoder(max_line=16)
+    assert decoder.feed(b"request=AM.PDP\r\nsender=" + b"A" * 40) == []
+    (block,) = decoder.feed(b"AAAA\r\nrecipient=<r@x>\r\n\r\n")  # the tail, then more lines
+    assert block.errors == ["line longer than 16 bytes"]
+    assert block.pairs == [("request", b"AM.PDP"), ("recipient", b"<r@x>")]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "%", "c d", "\0"]), values), max_size=12))
+def test_firsts_is_get_for_every_name(attrs):
+    (block,) = Decoder().feed(encode_block([("request", "x"), *attrs]))
+    firsts = block.firsts()
+    assert set(firsts) == {name for name, _ in block.pairs}
+    for name in firsts:
+        assert firsts[name] == block.get(name)

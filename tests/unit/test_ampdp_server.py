@@ -554,3 +554,19 @@ def test_oversized_mail_passed_unscanned_is_forwarded_only_as_it_was_judged(
                              settings=settings)
     assert replies[0].get("return_value") == "tempfail", replies[0].as_dict()
     assert sink.wait(2, timeout=0.5) == [got]
+
+
+def test_every_envelope_field_is_made_printable():
+    """Envelope names its fields one by one: a field added later and not
+    named there would keep its control characters."""
+    from dataclasses import fields
+
+    from amavisd.envelope import Envelope
+
+    values = {f.name: (["a\r\nb", "c\x00"] if f.name == "recipients" else f"{f.name}\r\n\x1b")
+              for f in fields(Envelope)}
+    env = Envelope(**values)
+    for f in fields(Envelope):
+        got = getattr(env, f.name)
+        for text in got if isinstance(got, list) else [got]:
+            assert text.isprintable(), (f.name, text)
