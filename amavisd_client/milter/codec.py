@@ -192,9 +192,12 @@ def _macro(data: bytes) -> Macro:
     parts = data[1:].decode("utf-8", "surrogateescape").split("\0")
     if parts[-1] == "":
         parts.pop()
-    pairs = zip(parts[0:len(parts) & ~1:2], parts[1::2], strict=True)
-    return Macro(chr(data[0]), {name[1:-1] if name[:1] == "{" and name[-1:] == "}" else name:
-                                value for name, value in pairs})
+    pairs = zip(parts[0::2], parts[1::2], strict=False)  # a last name without a value: out
+    return Macro(_STAGES[data[0]], {name[1:-1] if name[:1] == "{" and name[-1:] == "}"
+                                    else name: value for name, value in pairs})
+
+
+_STAGES = [chr(code) for code in range(256)]  # a macro packet's stage byte as text
 
 
 def _connect(data: bytes) -> Connect:
@@ -223,6 +226,9 @@ def _args(data: bytes) -> tuple[str, ...]:
     return tuple(_text(p) for p in _strings(data))
 
 
+# Commands without data are all alike (frozen): made once, not a packet.
+_DATA, _END_OF_HEADERS, _ABORT = Data(), EndOfHeaders(), Abort()
+
 COMMANDS = {
     ord("O"): _optneg,
     ord("D"): _macro,
@@ -230,13 +236,13 @@ COMMANDS = {
     ord("H"): lambda d: Helo(_first(d)),
     ord("M"): lambda d: Mail(_args(d)),
     ord("R"): lambda d: Rcpt(_args(d)),
-    ord("T"): lambda d: Data(),
+    ord("T"): lambda d: _DATA,
     ord("L"): _header,
-    ord("N"): lambda d: EndOfHeaders(),
+    ord("N"): lambda d: _END_OF_HEADERS,
     ord("B"): Body,
     ord("E"): EndOfMessage,
     ord("U"): lambda d: Unknown(_strings(d)[0] if d else b""),
-    ord("A"): lambda d: Abort(),
+    ord("A"): lambda d: _ABORT,
     ord("Q"): lambda d: Quit(),
     ord("K"): lambda d: QuitNewConnection(),
 }
@@ -263,19 +269,9 @@ class Framer:
         return len(self._buffer)
 
     def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
-        if self._error is not None:
-            raise ProtocolError(self._error)
-        held = self._buffer
-        if held:  # a packet began in an earlier read: go on only once it is whole
-            held += data
-            if len(held) < 4:
-                return []
-            (length,) = _U32.unpack_from(held)
-            self._check(length)
-            if len(held) < 4 + length:
-                return []
-            data = bytes(held)
-            held.clear()
+        data = self._whole(data)
+        if data is None:
+            return []
         # The usual case: whole packets, sliced from the bytes as they came.
         packets: list[tuple[int, bytes]] = []
         pos, end = 0, len(data)
@@ -290,8 +286,26 @@ class Framer:
             packets.append((data[pos + 4], bytes(data[pos + 5:after])))
             pos = after
         if pos < end:
-            held += memoryview(data)[pos:]
+            self._buffer += memoryview(data)[pos:]
         return packets
+
+    def _whole(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """`data`, or with the start of a packet held from earlier reads
+        before it; None while that packet is not whole yet."""
+        if self._error is not None:
+            raise ProtocolError(self._error)
+        held = self._buffer
+        if held:  # a packet began in an earlier read: go on only once it is whole
+            held += data
+            if len(held) < 4:
+                return None
+            (length,) = _U32.unpack_from(held)
+            self._check(length)
+            if len(held) < 4 + length:
+                return None
+            data = bytes(held)
+            held.clear()
+        return data
 
     def _check(self, length: int) -> None:
         if length < 1 or length > self.max_packet:
@@ -309,8 +323,33 @@ class Decoder:
         self._macro: tuple[bytes, Macro] = (b"", Macro(""))  # the latest macro packet
 
     def feed(self, data: bytes | memoryview) -> list[Command]:
+        """The framer's loop and the commands' parsing in one pass (not a
+        list of packets, then a loop over it), with the framer's outcome
+        for every input: a read is framed to its end before any error of
+        its commands is raised, so a bad length anywhere in it wins over
+        an unknown command, and the start of a packet at its end is held."""
+        framer = self.framer
+        data = framer._whole(data)
+        if data is None:
+            return []
         commands: list[Command] = []
-        for code, payload in self.framer.feed(data):
+        failed: Exception | None = None  # a command's error, raised once the read is framed
+        unknown = ""
+        parsers = COMMANDS
+        pos, end = 0, len(data)
+        limit = framer.max_packet
+        while end - pos >= 4:
+            (length,) = _U32.unpack_from(data, pos)
+            if not 0 < length <= limit:
+                framer._check(length)
+            after = pos + 4 + length
+            if after > end:
+                break
+            code = data[pos + 4]
+            payload = bytes(data[pos + 5:after])
+            pos = after
+            if failed is not None or unknown:
+                continue
             if code == _MACRO:  # Postfix repeats "D L {i}" before every header: parsed once
                 raw, macro = self._macro
                 if payload != raw:
@@ -318,11 +357,22 @@ class Decoder:
                     self._macro = (payload, macro)
                 commands.append(macro)
                 continue
-            parse = COMMANDS.get(code)
-            if parse is None:
-                self.framer._error = f"unknown command {bytes((code,))!r}"
-                raise ProtocolError(self.framer._error)
-            commands.append(parse(payload))
+            try:
+                parse = parsers[code]
+            except KeyError:
+                unknown = f"unknown command {bytes((code,))!r}"
+                continue
+            try:
+                commands.append(parse(payload))
+            except Exception as err:  # noqa: BLE001 - raised below, once the read is framed
+                failed = err
+        if pos < end:
+            framer._buffer += memoryview(data)[pos:]
+        if unknown:
+            framer._error = unknown
+            raise ProtocolError(unknown)
+        if failed is not None:
+            raise failed
         return commands
 
 

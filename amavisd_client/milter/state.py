@@ -161,7 +161,7 @@ def policy_banks(spec: str, macro: Callable[[str], str]) -> str:
     value (as C amavisd-milter's -B does with {daemon_name}), plus SMTP_AUTH
     and SMTP_AUTH_<MECH> for an authenticated client, as C amavisd-milter sends."""
     banks = []
-    for name in (n.strip() for n in spec.split(",")):
+    for name in (n.strip() for n in spec.split(",")) if spec else ():  # none set: the usual
         if name.startswith("{") and name.endswith("}"):
             name = macro(name[1:-1])
         name = "".join(c for c in name if c.isalnum() or c in "_-.")
@@ -183,6 +183,7 @@ class MilterSession:
         self.policy_bank = policy_bank
         self.decoder = codec.Decoder(max_packet)
         self.negotiated = Negotiated()
+        self.unanswered: frozenset[type] = frozenset()  # commands negotiated without a reply
         self.macros: dict[str, dict[str, str]] = {}
         self.client = Client()
         self.message = Message()
@@ -198,15 +199,29 @@ class MilterSession:
         if self.closed:
             return []
         try:
-            self.queue.extend(self.decoder.feed(data))
+            commands = self.decoder.feed(data)
         except codec.ProtocolError as err:
             self.close()
             return [Close(f"protocol error: {err}")]
+        queue = self.queue
+        if queue:  # kept from before an Ask: those come first
+            queue.extend(commands)
+            commands = list(queue)
+            queue.clear()
         events: list[Event] = []
         handlers = HANDLERS
-        while self.queue and not self.waiting and not self.closed:
-            command = self.queue.popleft()
-            events.extend(handlers[type(command)](self, command))
+        macros = self.macros
+        for n, command in enumerate(commands):  # the commands in hand, not a popleft each
+            if self.waiting or self.closed:
+                queue.extend(commands[n:])
+                break
+            kind = type(command)
+            if kind is codec.Macro:  # on_Macro's work, in line: a third of all commands
+                macros[command.stage] = command.macros
+                continue
+            replies = handlers[kind](self, command)
+            if replies:
+                events += replies
         return events
 
     def answer(self, reply: Block) -> bytes:
@@ -241,17 +256,15 @@ class MilterSession:
 
     def macro(self, name: str) -> str:
         macros = self.macros
-        for stage in STAGE_ORDER:
-            values = macros.get(stage)
-            if values:
-                value = values.get(name)
+        for stage in STAGE_ORDER:  # most stages are absent: `in`, not a get each
+            if stage in macros:
+                value = macros[stage].get(name)
                 if value:
                     return value
         return ""
 
     def _reply(self, command: codec.Command) -> list[Event]:
-        flag = NO_REPLY_FLAG.get(type(command), 0)
-        if flag and self.negotiated.protocol & flag:
+        if type(command) in self.unanswered:
             return []
         return [Send(CONTINUE)]
 
@@ -312,9 +325,10 @@ class MilterSession:
             version, actions, protocol = 6, WANT_ACTIONS, WANT_PROTOCOL
         else:
             version, actions, protocol = 2, WANT_ACTIONS & codec.V2_ACTIONS, 0
-        self.negotiated = Negotiated(version, actions & command.actions,
-                                     protocol & command.protocol)
-        n = self.negotiated
+        self.negotiated = n = Negotiated(version, actions & command.actions,
+                                         protocol & command.protocol)
+        self.unanswered = frozenset(kind for kind, flag in NO_REPLY_FLAG.items()
+                                    if n.protocol & flag)
         return [Send(codec.encode(codec.OptNegReply(n.version, n.actions, n.protocol)))]
 
     def on_Macro(self, command: codec.Macro) -> list[Event]:

@@ -141,7 +141,10 @@ def _clean(text: str) -> str:
 
 
 def _header_name_ok(name: str) -> bool:
-    return bool(name) and all("!" <= c <= "~" and c != ":" for c in name)
+    """Printable ASCII but for the space, without a colon ('!' to '~' but
+    ':'): whole-string C checks, not a character at a time in Python."""
+    return (name != "" and name.isascii() and name.isprintable() and " " not in name
+            and ":" not in name)
 
 
 def edit_packets(block: Block, negotiated: Negotiated) -> list[bytes]:
