@@ -32,6 +32,7 @@ ASCII addresses, and DSN parameters without DSN, are dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import smtplib
@@ -49,6 +50,7 @@ RCPT_KEYWORDS = ("NOTIFY", "ORCPT")
 XFORWARD_ORDER = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]*\Z")  # esmtp-value, UTF-8 allowed
 _NEUTER = re.compile(r"[^\x21-\x7e]|[<>()\\\";@]")  # as amavisd-new and Postfix neuter
+_UNQUOTED_BAD = re.compile(r"[\x00-\x1f\x7f<> ]")
 XFORWARD_LINE = 480  # bytes of attributes in one XFORWARD command
 
 
@@ -56,6 +58,12 @@ def xtext(value: str) -> str:
     """RFC 3461 xtext: '+', '=' and anything outside 33..126 as +XX."""
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else
                    "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
+
+
+@functools.lru_cache(maxsize=8)  # the few next hops' EHLO lines
+def _offered(features: str) -> frozenset[str]:
+    """The XFORWARD attributes a next hop's EHLO names."""
+    return frozenset(features.upper().split())
 
 
 def _reply(code: int, text: bytes) -> str:
@@ -155,7 +163,7 @@ class Transaction:
             if not plain_path(address):  # e.g. "b@x> NOTIFY=NEVER": parameters smuggled in
                 raise self.fail(f"bad address syntax: {address[:100]!r}", 553, "5.1.3")
         mail_args = self.mail_arguments(client, sender, rcpts, params, data)
-        if any(not a.isascii() for a in [sender, *rcpts]):
+        if not (sender.isascii() and "".join(rcpts).isascii()):
             client.command_encoding = "utf-8"
         commands = [*self.xforward_lines(client, params.xforward),
                     f"MAIL FROM:<{sender}>{mail_args}",
@@ -163,7 +171,7 @@ class Transaction:
                       for given, rcpt in zip(recipients, rcpts, strict=True)),
                     "DATA"]
         xforwards = len(commands) - 2 - len(rcpts)
-        if client.has_extn("pipelining"):
+        if "pipelining" in client.esmtp_features:  # smtplib's has_extn(), without its call
             replies = self.pipelined(client, commands)
         else:  # DATA only once the recipients' replies say it is wanted
             replies = [*self.one_by_one(client, commands[:-1]), (0, b"")]
@@ -317,46 +325,52 @@ class Transaction:
     def xforward_lines(self, client: HopClient, attributes: dict[str, str]) -> list[str]:
         """XFORWARD commands for the attributes the next hop names, each short
         enough for Postfix (its reply is logged, never fatal: amavisd-new)."""
-        offered = set(client.esmtp_features.get("xforward", "").upper().split())
+        offered = _offered(client.esmtp_features.get("xforward", ""))
         if not offered or not attributes:
             return []
-        items = []
+        lines: list[str] = []
+        current = ""  # the attributes of the line being filled
         for name in XFORWARD_ORDER:
-            value = attributes.get(name, "")
-            if name in offered and value:
-                value = xtext(_NEUTER.sub("?", value))[:255]
-                items.append(f"{name}={value}")
-        lines: list[list[str]] = []
-        for item in items:
-            if not lines or len(" ".join([*lines[-1], item])) > XFORWARD_LINE:
-                lines.append([])
-            lines[-1].append(item)
-        return ["XFORWARD " + " ".join(line) for line in lines]
+            value = attributes.get(name)
+            if value and name in offered:
+                value = _NEUTER.sub("?", value)
+                if "+" in value or "=" in value:  # neutered: the only ones xtext changes
+                    value = xtext(value)
+                item = f"{name}={value[:255]}"
+                if current and len(current) + 1 + len(item) <= XFORWARD_LINE:
+                    current += " " + item
+                else:
+                    if current:
+                        lines.append("XFORWARD " + current)
+                    current = item
+        if current:
+            lines.append("XFORWARD " + current)
+        return lines
 
     def mail_arguments(self, client: HopClient, sender: str, rcpts: list[str], params: Params,
                        data: Message) -> str:
-        has = client.has_extn
+        features = client.esmtp_features  # smtplib keeps them by lower-case name
         given = {k.upper(): v for k, v in params.mail.items()}
         args: list[str] = []
-        needs_utf8 = any(not a.isascii() for a in [sender, *rcpts])
+        needs_utf8 = not (sender.isascii() and "".join(rcpts).isascii())
         if needs_utf8 or "SMTPUTF8" in given:
-            if has("smtputf8") and has("8bitmime"):
+            if "smtputf8" in features and "8bitmime" in features:
                 args.append("SMTPUTF8")
             elif needs_utf8:
                 raise self.fail("non-ASCII addresses, but no SMTPUTF8 offered", 550, "5.6.7")
         body = (given.get("BODY") or "").upper()
         if body and body != "7BIT":
-            if not has("8bitmime"):
+            if "8bitmime" not in features:
                 raise self.fail(f"BODY={body}, but no 8BITMIME offered", 550, "5.6.3")
             args.append(f"BODY={body}")
-        if has("size"):
+        if "size" in features:
             size = message_size(data)
             if size is None and _VALUE.match(given.get("SIZE") or "x") and \
                     (given.get("SIZE") or "").isdigit():
                 size = int(given["SIZE"] or 0)
             if size is not None:
                 args.append(f"SIZE={size}")
-        if has("dsn"):
+        if "dsn" in features:
             for key in DSN_MAIL:
                 value = given.get(key)
                 if value and _VALUE.match(value):
@@ -364,7 +378,7 @@ class Transaction:
         return "".join(" " + a for a in args)
 
     def rcpt_arguments(self, client: HopClient, given: str, params: Params) -> str:
-        if not client.has_extn("dsn"):
+        if "dsn" not in client.esmtp_features:
             return ""
         extras = params.rcpt.get(given, {})
         args = [f"{k.upper()}={v}" for k, v in extras.items()
@@ -376,6 +390,8 @@ def plain_path(address: str) -> bool:
     """An address we may put between angle brackets in MAIL/RCPT: no angle
     bracket, space or control character outside a quoted local part, so a
     client's address can never close the path and add ESMTP parameters."""
+    if '"' not in address:  # nothing quoted: a control, bracket or space anywhere refuses it
+        return _UNQUOTED_BAD.search(address) is None
     quoted = False
     escaped = False
     for c in address:

@@ -56,11 +56,9 @@ from amavisd.protocol.smtpcodec import (
     DataReader,
     Path,
     SyntaxProblem,
-    parse_command,
     parse_path,
     parse_xforward,
     reply,
-    take_line,
 )
 from amavisd.protocol.smtpfilter import Filter, Transaction
 
@@ -75,12 +73,22 @@ class SMTPSession(Chunking, session.Session):
     label = "SMTP"
     log = log
     lmtp: ClassVar[bool] = False
+    verbs: ClassVar[dict[str, Callable[..., bytes]]]  # "MAIL" -> smtp_MAIL, made once a class
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.verbs = _verbs(cls)
 
     def __init__(self, conn: socket.socket, handler: Handler) -> None:
         super().__init__(conn, handler)
         config = handler.config
         self.config = config
         self.hostname = config.hostname
+        # read once a connection: each read of a setting is a Python call (Config.__getattr__)
+        self.max_message_size = config.max_message_size
+        self.work_base = config.work_base_path
+        self.max_recipients = config.smtp_max_recipients
+        self.max_connection_requests = config.max_connection_requests
         self.peer = peer_address(conn)
         self.allowed = allowed(self.peer, config.smtp_allow)
         self.inbox = bytearray()  # command bytes not yet answered
@@ -124,7 +132,7 @@ class SMTPSession(Chunking, session.Session):
         # During DATA the message streams to the spool, not into memory; the
         # session answers 552 past max_message_size, the loop hangs up past this.
         if self.reader is not None or self.chunk is not None:
-            return self.config.max_message_size + 1024 * 1024
+            return self.max_message_size + 1024 * 1024
         return MAX_LINE * 64
 
     def connection_limits(self, limits: ConnectionLimits) -> ConnectionLimits:
@@ -229,22 +237,33 @@ class SMTPSession(Chunking, session.Session):
     # -- commands ----------------------------------------------------------------------
 
     def answer_commands(self) -> bytes:
-        """Every complete command buffered (a pipelined group), up to DATA or QUIT."""
+        """Every complete command buffered (a pipelined group), up to DATA or QUIT:
+        the lines taken off in one pass, the buffer cut once."""
         out = []
-        while not self.closing and self.reader is None:
-            if self.chunk is not None:
-                if not self.read_chunk(out):
-                    break  # its octets still coming, or the message answered
-                continue
-            if len(self.inbox) > MAX_LINE and self.inbox.find(b"\r\n", 0, MAX_LINE + 2) < 0:
-                self.inbox.clear()
-                self.closing = True
-                out.append(reply(500, "5.5.2", "Error: line too long"))
-                break
-            line = take_line(self.inbox)
-            if line is None:
-                break
-            out.append(self.dispatch(line))
+        inbox = self.inbox
+        start = 0
+        try:
+            while not self.closing and self.reader is None:
+                if self.chunk is not None:
+                    del inbox[:start]
+                    start = 0
+                    if not self.read_chunk(out):
+                        break  # its octets still coming, or the message answered
+                    inbox = self.inbox
+                    continue
+                end = inbox.find(b"\r\n", start, start + MAX_LINE + 2)
+                if end < 0:
+                    if len(inbox) - start > MAX_LINE:
+                        inbox.clear()
+                        start = 0
+                        self.closing = True
+                        out.append(reply(500, "5.5.2", "Error: line too long"))
+                    break
+                line = inbox[start:end]
+                start = end + 2
+                out.append(self.dispatch(line))
+        finally:
+            del inbox[:start]
         if self.reader is not None and self.inbox:
             # bytes sent after DATA without waiting for the 354 are the message,
             # as they would be read off the socket: never commands for later
@@ -252,14 +271,21 @@ class SMTPSession(Chunking, session.Session):
             self.receive(early)
         return b"".join(out)
 
-    def dispatch(self, line: bytes) -> bytes:
-        command = parse_command(line)
-        handler = getattr(self, f"smtp_{command.verb}", None) if command.verb.isalpha() \
-            else None
+    def dispatch(self, line: bytes | bytearray) -> bytes:
+        # parse_command's work, inline: a command line is the hot path of a session
+        # (strip and upper only when there is something to strip or lower-case)
+        text = line.decode("utf-8", "replace")
+        if text[:1] == " " or text[-1:] == " ":
+            text = text.strip(" ")
+        verb, _, argument = text.partition(" ")
+        if argument[:1] == " " or argument[-1:] == " ":
+            argument = argument.strip(" ")
+        verbs = self.verbs
+        handler = verbs.get(verb) or verbs.get(verb.upper())
         try:
             if handler is None:
                 return self.error(500, "5.5.2", "Error: command not recognized")
-            return handler(command.argument)
+            return handler(self, argument)
         except SyntaxProblem as problem:
             code, _, text = problem.reply.partition(" ")
             enhanced, _, text = text.partition(" ")
@@ -296,7 +322,7 @@ class SMTPSession(Chunking, session.Session):
         if not extended:
             return reply(250, "", self.hostname)
         return reply(250, "", self.hostname, "PIPELINING",
-                     f"SIZE {self.config.max_message_size}", "ENHANCEDSTATUSCODES",
+                     f"SIZE {self.max_message_size}", "ENHANCEDSTATUSCODES",
                      "8BITMIME", "SMTPUTF8", "DSN", "CHUNKING",
                      "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
 
@@ -324,17 +350,19 @@ class SMTPSession(Chunking, session.Session):
         for keyword in params:
             if keyword not in ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"):
                 return 555, "5.5.4", f"Unsupported option: {keyword}"
-        size = params.get("SIZE")
-        if "SIZE" in params and not (size or "").isdigit():
-            return 501, "5.5.4", "Bad message size syntax"
-        if size and int(size) > self.config.max_message_size:
-            return 552, "5.3.4", "Message size exceeds fixed limit"
-        if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
-            return 501, "5.5.4", "Unsupported BODY type"
-        if params.get("SMTPUTF8") is not None:
+        if "SIZE" in params:
+            size = params["SIZE"]
+            if not (size or "").isdigit():
+                return 501, "5.5.4", "Bad message size syntax"
+            if size and int(size) > self.max_message_size:
+                return 552, "5.3.4", "Message size exceeds fixed limit"
+        if "BODY" in params:
+            body = params["BODY"]
+            if body not in ("7BIT", "8BITMIME") and (body or "").upper() not in ("7BIT", "8BITMIME"):
+                return 501, "5.5.4", "Unsupported BODY type"
+        if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
             return 501, "5.5.4", "SMTPUTF8 takes no value"
-        ret = params.get("RET")
-        if "RET" in params and (ret or "").upper() not in ("FULL", "HDRS"):
+        if "RET" in params and (params["RET"] or "").upper() not in ("FULL", "HDRS"):
             return 501, "5.5.4", "Bad RET parameter"
         if not path.address.isascii() and "SMTPUTF8" not in params:
             return 553, "5.6.7", "Must declare SMTPUTF8 to send unicode address"
@@ -353,7 +381,7 @@ class SMTPSession(Chunking, session.Session):
                 return self.error(555, "5.5.4", f"Unsupported option: {keyword}")
         if not path.address.isascii() and "SMTPUTF8" not in self.transaction.params:
             return self.error(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
-        if len(self.transaction.recipients) >= self.config.smtp_max_recipients:
+        if len(self.transaction.recipients) >= self.max_recipients:
             return reply(452, "4.5.3", "Error: too many recipients")
         self.transaction.add_recipient(path.address, path.params)
         return reply(250, "2.1.5", "Ok")
@@ -371,7 +399,7 @@ class SMTPSession(Chunking, session.Session):
         sink = self.open_spool()
         if sink is None:
             return reply(451, "4.3.0", "Error: temporary local problem, try again later")
-        self.reader = DataReader(sink, self.config.max_message_size)
+        self.reader = DataReader(sink, self.max_message_size)
         self.data_done = False
         return reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -382,15 +410,15 @@ class SMTPSession(Chunking, session.Session):
         spare, self.spare = self.spare, None
         try:
             try:
-                return self.transaction.open_spool(self.config.work_base_path, spare)
+                return self.transaction.open_spool(self.work_base, spare)
             except FileNotFoundError:
                 # removed since the worker last looked (before it waited for this
                 # connection): made again, then tried once more
                 self.handler.ensure_dirs()
-                return self.transaction.open_spool(self.config.work_base_path)
+                return self.transaction.open_spool(self.work_base)
         except OSError as err:
             log.error("%s cannot spool a message in %s: %s", self.label,
-                      self.config.work_base_path, err.strerror or err)
+                      self.work_base, err.strerror or err)
             self.drop_transaction()
             return None
 
@@ -448,7 +476,7 @@ class SMTPSession(Chunking, session.Session):
         finally:
             self.in_flight = 0
             self.spare = transaction.close_spool(keep=True)
-        if self.answers - self.free_answers + RESERVE >= self.config.max_connection_requests:
+        if self.answers - self.free_answers + RESERVE >= self.max_connection_requests:
             self.closing = True  # at a transaction's end, before the loop's hard limit
         return out
 
@@ -463,6 +491,16 @@ class SMTPSession(Chunking, session.Session):
         if self.transaction is not None:
             self.transaction.close_spool()
         self.transaction, self.chunked = None, None
+
+
+def _verbs(cls: type) -> dict[str, Callable[..., bytes]]:
+    """The commands a session class answers, by verb: its `smtp_<VERB>` methods
+    whose VERB is letters only (a verb of other characters is not recognized)."""
+    return {name[5:]: getattr(cls, name) for name in dir(cls)
+            if name.startswith("smtp_") and name[5:].isalpha()}
+
+
+SMTPSession.verbs = _verbs(SMTPSession)
 
 
 class LMTPSession(SMTPSession):

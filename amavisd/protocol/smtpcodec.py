@@ -34,6 +34,9 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+\Z")  # esmtp-value (UTF-8 allowed)
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL_NOT_SPACE = re.compile(r"[\x00-\x1f\x7f]")
+_ADDRESS_CONTROL = _CONTROL_NOT_SPACE
+_KNOWN_PARAMS = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "NOTIFY", "ORCPT"))
 
 
 class SyntaxProblem(ValueError):
@@ -113,25 +116,27 @@ def parse_path(argument: str, keyword: str) -> Path:
     taken as amavisd-new does, up to the first space); no control character,
     no space outside a quoted local part, bounded length."""
     head, colon, rest = argument.partition(":")
-    if not colon or head.strip().upper() != keyword:
+    if not colon or (head != keyword and head.strip().upper() != keyword):
         raise SyntaxProblem(f"501 5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}"
                             ":<address>")
-    rest = rest.lstrip(" ")
-    if rest.startswith("<"):
-        end = _closing_bracket(rest)
+    if rest[:1] == " ":
+        rest = rest.lstrip(" ")
+    if rest[:1] == "<":
+        # no quote: the first '>' closes the path (the scan is for quoted local parts)
+        end = _closing_bracket(rest) if '"' in rest else rest.find(">", 1)
         if end < 0:
             raise SyntaxProblem("501 5.1.7 Bad address syntax")
         address, tail = rest[1:end], rest[end + 1:]
     else:
         address, space, tail = rest.partition(" ")
         tail = space + tail
-    if tail and not tail.startswith(" "):
+    if tail and tail[0] != " ":
         raise SyntaxProblem("501 5.5.4 Syntax error in parameters")
-    if len(address) > MAX_ADDRESS or any(ord(c) < 32 or ord(c) == 127 for c in address):
+    if address[MAX_ADDRESS:] or _ADDRESS_CONTROL.search(address):
         raise SyntaxProblem("501 5.1.7 Bad address syntax")
-    if address.startswith("@") and ":" in address:  # an obsolete source route: drop it
+    if address[:1] == "@" and ":" in address:  # an obsolete source route: drop it
         address = address.split(":", 1)[1]
-    return Path(address, parse_params(tail))
+    return Path(address, parse_params(tail) if tail else {})
 
 
 def _closing_bracket(text: str) -> int:
@@ -155,9 +160,12 @@ def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for item in text.split():
         keyword, eq, value = item.partition("=")
-        if not _KEYWORD.match(keyword) or (eq and not _VALUE.match(value)):
+        if keyword not in _KNOWN_PARAMS:  # the usual ones need neither the pattern nor upper()
+            if not _KEYWORD.match(keyword):
+                raise SyntaxProblem("501 5.5.4 Syntax error in parameters")
+            keyword = keyword.upper()
+        if eq and not _VALUE.match(value):
             raise SyntaxProblem("501 5.5.4 Syntax error in parameters")
-        keyword = keyword.upper()
         if keyword in params:
             raise SyntaxProblem(f"501 5.5.4 Duplicate parameter {keyword}")
         params[keyword] = value if eq else None
@@ -182,14 +190,15 @@ def parse_xforward(argument: str) -> dict[str, str]:
         raise SyntaxProblem("501 5.5.4 Syntax: XFORWARD attribute=value...")
     for item in argument.split():
         name, eq, value = item.partition("=")
-        name = name.upper()
-        if not eq or name not in XFORWARD_NAMES or len(value) > 255 * 3:
+        if name not in XFORWARD_NAMES:  # Postfix spells them in upper case
+            name = name.upper()
+        if not eq or name not in XFORWARD_NAMES or value[255 * 3:]:
             raise SyntaxProblem(f"501 5.5.4 Bad XFORWARD attribute {name[:20]}")
-        if value.upper() in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+        if value[:1] == "[" and value.upper() in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
             attributes[name] = ""
             continue
         decoded = xtext_decode(value) if "+" in value else value
-        if _CONTROL.search(decoded.replace(" ", "")):
+        if _CONTROL_NOT_SPACE.search(decoded):
             raise SyntaxProblem(f"501 5.5.4 Bad XFORWARD attribute {name}")
         attributes[name] = decoded[:255]
     return attributes

@@ -161,7 +161,7 @@ class Filter:
         result = self.handler.handle_message(job)
         destinies = self.destinies(transaction, envelope, result)
         passing = [r for r in transaction.recipients if destinies[r] is Destiny.PASS]
-        if not self.lmtp and any(d is Destiny.TEMPFAIL for d in destinies.values()):
+        if not self.lmtp and Destiny.TEMPFAIL in destinies.values():  # an Enum: == is identity
             # one reply for all: nothing goes out, or the retry duplicates it
             return reply(*self.destiny_reply(Destiny.TEMPFAIL, result))
         outcome: Handed | ForwardError | None = None
