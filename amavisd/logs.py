@@ -296,10 +296,14 @@ class HeldLine:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        _holding.line = self.outer
-        if exc_type is not None:
-            self.interrupt(exc_type.__name__)
-        self.write()
+        # Still findable while it is written: an abort handled meanwhile
+        # (write_held, then os._exit) writes it, else it would be lost.
+        try:
+            if exc_type is not None:
+                self.interrupt(exc_type.__name__)
+            self.write()
+        finally:
+            _holding.line = self.outer
 
     def forwarded(self, log_id: str, where: str, reply: str, queued_as: str,
                   refused: Mapping[str, str]) -> None:

@@ -227,6 +227,13 @@ class Doorman:
                 # socket.accept() minus its Python wrapper (an enum call for
                 # `family` and `type`); the new socket stays blocking as there.
                 fd, _ = sock._accept()
+                try:  # its OSError is handled as accept()'s, as socket.accept's was
+                    conn = socket.SocketType(family, kind, proto, fd)
+                except OSError:
+                    raise  # the object's own (it had the descriptor, and closed it)
+                except BaseException:
+                    os.close(fd)  # MemoryError before the object took it: never left open
+                    raise
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -236,7 +243,6 @@ class Doorman:
                     raise
                 self._out_of_resources(err)
                 return
-            conn = socket.SocketType(family, kind, proto, fd)
             self.rest = REST_FIRST
             verdict = self._look(conn, first) if first else READY
             if verdict is READY:
