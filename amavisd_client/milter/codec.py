@@ -269,9 +269,19 @@ class Framer:
         return len(self._buffer)
 
     def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
-        data = self._whole(data)
-        if data is None:
-            return []
+        if self._error is not None:
+            raise ProtocolError(self._error)
+        held = self._buffer
+        if held:  # a packet began in an earlier read: go on only once it is whole
+            held += data
+            if len(held) < 4:
+                return []
+            (length,) = _U32.unpack_from(held)
+            self._check(length)
+            if len(held) < 4 + length:
+                return []
+            data = bytes(held)
+            held.clear()
         # The usual case: whole packets, sliced from the bytes as they came.
         packets: list[tuple[int, bytes]] = []
         pos, end = 0, len(data)
@@ -286,26 +296,8 @@ class Framer:
             packets.append((data[pos + 4], bytes(data[pos + 5:after])))
             pos = after
         if pos < end:
-            self._buffer += memoryview(data)[pos:]
+            held += memoryview(data)[pos:]
         return packets
-
-    def _whole(self, data: bytes | memoryview) -> bytes | memoryview | None:
-        """`data`, or with the start of a packet held from earlier reads
-        before it; None while that packet is not whole yet."""
-        if self._error is not None:
-            raise ProtocolError(self._error)
-        held = self._buffer
-        if held:  # a packet began in an earlier read: go on only once it is whole
-            held += data
-            if len(held) < 4:
-                return None
-            (length,) = _U32.unpack_from(held)
-            self._check(length)
-            if len(held) < 4 + length:
-                return None
-            data = bytes(held)
-            held.clear()
-        return data
 
     def _check(self, length: int) -> None:
         if length < 1 or length > self.max_packet:
@@ -323,33 +315,8 @@ class Decoder:
         self._macro: tuple[bytes, Macro] = (b"", Macro(""))  # the latest macro packet
 
     def feed(self, data: bytes | memoryview) -> list[Command]:
-        """The framer's loop and the commands' parsing in one pass (not a
-        list of packets, then a loop over it), with the framer's outcome
-        for every input: a read is framed to its end before any error of
-        its commands is raised, so a bad length anywhere in it wins over
-        an unknown command, and the start of a packet at its end is held."""
-        framer = self.framer
-        data = framer._whole(data)
-        if data is None:
-            return []
         commands: list[Command] = []
-        failed: Exception | None = None  # a command's error, raised once the read is framed
-        unknown = ""
-        parsers = COMMANDS
-        pos, end = 0, len(data)
-        limit = framer.max_packet
-        while end - pos >= 4:
-            (length,) = _U32.unpack_from(data, pos)
-            if not 0 < length <= limit:
-                framer._check(length)
-            after = pos + 4 + length
-            if after > end:
-                break
-            code = data[pos + 4]
-            payload = bytes(data[pos + 5:after])
-            pos = after
-            if failed is not None or unknown:
-                continue
+        for code, payload in self.framer.feed(data):
             if code == _MACRO:  # Postfix repeats "D L {i}" before every header: parsed once
                 raw, macro = self._macro
                 if payload != raw:
@@ -357,22 +324,11 @@ class Decoder:
                     self._macro = (payload, macro)
                 commands.append(macro)
                 continue
-            try:
-                parse = parsers[code]
-            except KeyError:
-                unknown = f"unknown command {bytes((code,))!r}"
-                continue
-            try:
-                commands.append(parse(payload))
-            except Exception as err:  # noqa: BLE001 - raised below, once the read is framed
-                failed = err
-        if pos < end:
-            framer._buffer += memoryview(data)[pos:]
-        if unknown:
-            framer._error = unknown
-            raise ProtocolError(unknown)
-        if failed is not None:
-            raise failed
+            parse = COMMANDS.get(code)
+            if parse is None:
+                self.framer._error = f"unknown command {bytes((code,))!r}"
+                raise ProtocolError(self.framer._error)
+            commands.append(parse(payload))
         return commands
 
 

@@ -210,16 +210,11 @@ class MilterSession:
             queue.clear()
         events: list[Event] = []
         handlers = HANDLERS
-        macros = self.macros
         for n, command in enumerate(commands):  # the commands in hand, not a popleft each
             if self.waiting or self.closed:
                 queue.extend(commands[n:])
                 break
-            kind = type(command)
-            if kind is codec.Macro:  # on_Macro's work, in line: a third of all commands
-                macros[command.stage] = command.macros
-                continue
-            replies = handlers[kind](self, command)
+            replies = handlers[type(command)](self, command)
             if replies:
                 events += replies
         return events

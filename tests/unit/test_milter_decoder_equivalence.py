@@ -1,9 +1,10 @@
-"""The milter Decoder frames and parses a read in one pass; it must give what
-framing the whole read first (Framer.feed) and then parsing each packet gave,
-for every input: the same commands, the same error (a bad length anywhere in
-a read wins over an unknown command), the same bytes held and the same
-broken state after. Checked here against that two-step reference over random
-hostile streams cut into random reads."""
+"""The milter Decoder (a macro packet parsed once while it repeats, its pairs
+cut without a strict zip, the commands without data made once) must give
+what a plain decoder gave, parsing every packet afresh with the macro parser
+as it was, for every input: the same commands, the same error (a bad length
+anywhere in a read wins over an unknown command), the same bytes held and
+the same broken state after. Checked over random hostile streams cut into
+random reads."""
 
 from __future__ import annotations
 
