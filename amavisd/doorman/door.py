@@ -12,8 +12,8 @@ At most `max_pending_connections` are held: past that, the oldest silent,
 then the reading one idle longest goes.
 The common case costs one accept, one peek and one sendmsg, in the turn the
 connection arrives in when its request is already there; it makes no `Held`
-and registers nothing, and a turn with nothing held checks no deadline: the
-doorman runs under the master's GIL on every client's every connection.
+and registers nothing, and with nothing held no deadline is computed to wait
+for: the doorman runs under the master's GIL on every client's every connection.
 
 Out of descriptors (EMFILE, ENFILE) or memory on accept(): a connection
 that has not finished its request is closed to make room; with none, the
@@ -184,17 +184,13 @@ class Doorman:
                         elif fd == wake:
                             os.read(wake, 512)
                         # the outbox's end: room in the queue again, pass_ready below
-                    if self.reading.looks:
-                        for held, verdict in self.reading.due(now):
-                            self._settle(held, verdict)
+                    for held, verdict in self.reading.due(now):
+                        self._settle(held, verdict)
                     if self.outbox.ready:
                         self.outbox.pass_ready()
-                    if self.listening != (on := self._room() and now >= self.rest_until):
-                        self._listen(on)
-                    expired = self._expire(now) if self.silent or self.reading.held else ()
-                    # the summary before the hang-up: a client reading the log finds it
-                    if now - self._last_summary >= SUMMARY_EVERY:
-                        self._summarise(now)
+                    self._listen(self._room() and now >= self.rest_until)
+                    expired = self._expire(now)
+                    self._summarise(now)  # before the hang-up: a client reading the log finds it
                     for held in expired:
                         close(held)
         except Exception:
@@ -278,9 +274,7 @@ class Doorman:
         """Whether one more connection may be taken: at the cap, only if one
         not yet whole can make room; with none, the listeners rest (the
         kernel's backlog holds new clients) until the workers take some."""
-        silent, reading = self.silent, self.reading.held
-        return (len(silent) + len(reading) + len(self.outbox.ready) < self.cap
-                or bool(silent or reading))
+        return self.held < self.cap or bool(self.silent or self.reading.held)
 
     def _listen(self, on: bool) -> None:
         if on == self.listening:
