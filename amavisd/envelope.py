@@ -40,22 +40,14 @@ class Envelope:
     def __post_init__(self) -> None:
         # every field, by name: one envelope a request (a loop over
         # dataclasses.fields() cost five times the calls)
-        self.sender = _printable(self.sender)
-        self.recipients = [_printable(v) for v in self.recipients]
-        self.queue_id = _printable(self.queue_id)
-        self.client_address = _printable(self.client_address)
-        self.client_name = _printable(self.client_name)
-        self.helo_name = _printable(self.helo_name)
-        self.protocol_name = _printable(self.protocol_name)
-        self.policy_bank = _printable(self.policy_bank)
-
-
-def _printable(text: str) -> str:
-    """printable(text). An envelope value seldom has anything to replace, and
-    str.isprintable() says so ten times faster than the replacing does: it is
-    False for every control character (and for other text, which printable()
-    then sees as before)."""
-    return text if text.isprintable() else printable(text)
+        self.sender = printable(self.sender)
+        self.recipients = [printable(v) for v in self.recipients]
+        self.queue_id = printable(self.queue_id)
+        self.client_address = printable(self.client_address)
+        self.client_name = printable(self.client_name)
+        self.helo_name = printable(self.helo_name)
+        self.protocol_name = printable(self.protocol_name)
+        self.policy_bank = printable(self.policy_bank)
 
 
 @dataclass
