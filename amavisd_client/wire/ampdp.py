@@ -113,8 +113,7 @@ class Block:
     def firsts(self) -> dict[str, str]:
         """Each name's first value, decoded: `get` for a reader that asks
         for many names (one pass over the pairs, not one a name)."""
-        return {name: decode(raw) if _PERCENT in raw else raw.decode("utf-8", "surrogateescape")
-                for name, raw in dict(reversed(self.pairs)).items()}  # decode(), inlined
+        return {name: decode(raw) for name, raw in dict(reversed(self.pairs)).items()}
 
     def getall(self, name: str) -> list[str]:
         return [decode(raw) for key, raw in self.pairs if key == name]
