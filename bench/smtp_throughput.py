@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -52,7 +51,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ampdp_throughput import TICK, add_clamd_temp, clamd_temp_dir, tree_ticks  # noqa: E402
+from ampdp_throughput import (  # noqa: E402
+    TICK,
+    add_clamd_temp,
+    clamd_temp_dir,
+    machine_jiffies,
+    own_ticks,
+    tree_ticks,
+)
 from milter_throughput import cpu_split, split_delta  # noqa: E402
 
 from amavisd.testing.clamd import ClamdInstance  # noqa: E402
@@ -149,19 +155,6 @@ def strace_total(server, proc: subprocess.Popen) -> tuple[int, str]:
     return (int(total.group(1)) if total else 0), "\n".join(lines)
 
 
-def machine_ticks() -> int:
-    """Busy ticks of the whole machine (all CPUs: user, nice, system, irq, softirq, steal)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-    return user + nice + system + irq + softirq + steal
-
-
-def own_cpu() -> float:
-    """CPU seconds of this process: the SMTP sink's threads, the bench's waits."""
-    times = os.times()
-    return times.user + times.system
-
-
 def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size: int,
             code: dict[str, str] | None = None, trace: bool = False,
             warm: int | None = None, split: bool = False) -> dict:
@@ -202,7 +195,7 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
         before = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
         roots = {"filter": server_pid, "clamd": clamd.pid, "postfix": pfx.master_pid()}
         split_before = cpu_split(roots) if split else {}
-        machine_before, sink_before = machine_ticks(), own_cpu()
+        (machine_before, _), (sink_before, _) = machine_jiffies(), own_ticks()
         started = time.monotonic()
         source = subprocess.run(smtp_source(n), capture_output=True, text=True, timeout=3600)
         handed = time.monotonic() - started
@@ -210,8 +203,8 @@ def run_row(name: str, base: Path, clamd: ClamdInstance, n: int, conc: int, size
             raise RuntimeError(f"smtp-source failed: {source.stderr}")
         pfx.sink.wait(warm + n, timeout=max(600.0, n * 0.5))
         done = time.monotonic() - started
-        machine = (machine_ticks() - machine_before) * 1000 / TICK / n
-        sink = (own_cpu() - sink_before) * 1000 / n
+        machine = (machine_jiffies()[0] - machine_before) * 1000 / TICK / n
+        sink = (own_ticks()[0] - sink_before) * 1000 / TICK / n  # the SMTP sink's threads
         after = (tree_ticks(server_pid), tree_ticks(clamd.pid), tree_ticks(pfx.master_pid()))
         by_class = ({what: seconds * 1000 / n for what, seconds
                      in split_delta(split_before, cpu_split(roots)).items()} if split else {})
