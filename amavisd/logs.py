@@ -337,9 +337,19 @@ class HeldLine:
             self.level = max(self.level, logging.WARNING)
 
     def write(self) -> None:
+        """Never raises: it runs after the next hop took the message, where
+        an exception would become our tempfail and the MTA's retry a second
+        delivery. A line that cannot be made is said as a bug, with its id."""
         fields, self.fields = self.fields, None
-        if fields is not None and self.logger is not None:
-            self.logger.log(self.level, "%s", summary_line(fields), extra={"summary": fields})
+        if fields is None or self.logger is None:
+            return
+        try:
+            text = summary_line(fields)
+        except Exception:  # noqa: BLE001 - a bug of ours must not change the answer
+            log.exception("(%s) the message's line could not be made",
+                          fields.get("log_id", "?"))
+            return
+        self.logger.log(self.level, "%s", text, extra={"summary": fields})
 
 
 def held() -> HeldLine:

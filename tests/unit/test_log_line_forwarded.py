@@ -293,3 +293,20 @@ def test_the_json_record_carries_the_forward(tmp_path, log_setup):  # noqa: F811
 def test_the_queue_id_is_read_from_the_reply(reply, qid):
     assert queue_id(reply) == qid
     assert Handed("w", reply).queued_as == qid
+
+
+def test_a_line_that_cannot_be_made_does_not_change_the_answer(monkeypatch, caplog):
+    """Fault injected (a bug in summary_line: nothing real raises there on
+    demand): the next hop has the message, so the held line's failure must
+    not escape as our tempfail (the MTA would deliver it twice)."""
+    def broken(fields):
+        raise KeyError("a field nobody set")
+
+    monkeypatch.setattr(logs, "summary_line", broken)
+    with caplog.at_level(logging.INFO):
+        with logs.HeldLine() as line:  # raised KeyError on the way out before
+            logs.log_summary(logging.getLogger("amavisd.pipeline"), *job_and_result())
+            line.forwarded("5-01", "smtp:[h]:25", "250 2.0.0 Ok: queued as Q", "Q", {})
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert record.getMessage() == "(5-01) the message's line could not be made"
