@@ -78,14 +78,19 @@ class FloorServer:
             await server.serve_forever()
 
 
-def main() -> int:
-    path, daemon, conv_file = sys.argv[1:4]
+def canned(conv_file: str) -> tuple[bytes, bytes]:
+    """The recorded AM.PDP request and the MTA's last packet (the verdict)."""
     conv = [(op, fd, bytes.fromhex(data))
             for op, fd, data in json.loads(open(conv_file).read())["packets"]]
     mta_fd = conv[0][1]
     request = next(d for op, fd, d in conv if op == "sendto" and fd != mta_fd)
     verdict = [d for op, fd, d in conv if op == "sendto" and fd == mta_fd][-1]
-    asyncio.run(FloorServer(daemon, request, verdict).serve(path))
+    return request, verdict
+
+
+def main() -> int:
+    path, daemon, conv_file = sys.argv[1:4]
+    asyncio.run(FloorServer(daemon, *canned(conv_file)).serve(path))
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = str(Path(__file__).resolve().parents[1])
 FINAL = set(b"cartdy")  # reply codes that end a message's replies
 CONVERSATION = Path(__file__).with_name("milter_replay.json")
+FLOORS = {"asyncio": "milter_floor.py", "plain": "milter_floor_plain.py"}
 
 
 def load_conversation(path: str | Path) -> list[tuple[str, int, bytes]]:
@@ -120,7 +121,7 @@ def cpu_ns(pid: int) -> int:
 
 
 def start_milter(root: str, work: Path, name: str, daemon: str,
-                 floor: str = "") -> tuple[subprocess.Popen, str]:
+                 floor: str = "", conv: str = "") -> tuple[subprocess.Popen, str]:
     sock = str(work / f"{name}.sock")
     tempbase = work / f"tmp{name}"
     tempbase.mkdir(mode=0o700)
@@ -130,9 +131,8 @@ def start_milter(root: str, work: Path, name: str, daemon: str,
     argv = [sys.executable, "-m", "amavisd_client.milter.main", "--foreground",
             "--log", "stderr", "--listen", f"unix:{sock}", "-c", os.devnull,
             "--daemon-socket", daemon, "--tempbase", str(tempbase)]
-    if floor:  # bench/milter_floor.py instead of a milter
-        argv = [sys.executable, str(Path(__file__).with_name("milter_floor.py")), sock,
-                daemon, floor]
+    if floor:  # a floor (FLOORS) serving `conv` instead of a milter
+        argv = [sys.executable, str(Path(__file__).with_name(FLOORS[floor])), sock, daemon, conv]
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=root)
     deadline = time.monotonic() + 20
     while not os.path.exists(sock):
@@ -144,15 +144,19 @@ def start_milter(root: str, work: Path, name: str, daemon: str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--a", required=True, help="root of the A copy (holds amavisd_client/)")
+    parser.add_argument("--a", help="root of the A copy (holds amavisd_client/)")
     parser.add_argument("--b", default=ROOT, help="root of the B copy (default: this tree)")
     parser.add_argument("-n", type=int, default=1000, help="messages a batch")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("-s", "--sessions", type=int, default=4)
     parser.add_argument("--conv", default=str(CONVERSATION))
-    parser.add_argument("--b-floor", action="store_true",
-                        help="B is bench/milter_floor.py: the event loop's floor")
+    for name in "ab":
+        parser.add_argument(f"--{name}-floor", nargs="?", const="asyncio", choices=FLOORS,
+                            help=f"{name.upper()} is a floor, not a milter: asyncio (the default,"
+                            " bench/milter_floor.py) or plain (bench/milter_floor_plain.py)")
     args = parser.parse_args()
+    if not (args.a or args.a_floor):
+        parser.error("--a or --a-floor is required")
     conv = load_conversation(args.conv)
     mta_fd = conv[0][1]
     chunks = [d for op, fd, d in conv if op == "recvfrom" and fd == mta_fd]
@@ -163,9 +167,8 @@ def main() -> int:
     time.sleep(0.2)
     procs = {}
     try:
-        for name, root in (("A", args.a), ("B", args.b)):
-            floor = args.conv if name == "B" and args.b_floor else ""
-            procs[name] = start_milter(root, work, name, daemon, floor)
+        for name, root, floor in (("A", args.a, args.a_floor), ("B", args.b, args.b_floor)):
+            procs[name] = start_milter(root or ROOT, work, name, daemon, floor or "", args.conv)
         for _, sock in procs.values():  # warm up
             batch(sock, chunks, 200, args.sessions)
         per: dict[str, list[float]] = {"A": [], "B": []}
