@@ -60,6 +60,17 @@ def xtext(value: str) -> str:
                    "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
 
 
+def _clip(value: str, most: int) -> str:
+    """`value` cut to `most` characters, never inside an xtext escape: a
+    next hop refuses an attribute that ends in "+3". (Every "+" left after
+    neutering starts an escape.)"""
+    if len(value) <= most:
+        return value
+    cut = value[:most]
+    partial = cut.rfind("+", most - 2)
+    return cut[:partial] if partial != -1 else cut
+
+
 @functools.lru_cache(maxsize=8)  # the few next hops' EHLO lines
 def _offered(features: str) -> frozenset[str]:
     """The XFORWARD attributes a next hop's EHLO names."""
@@ -336,7 +347,7 @@ class Transaction:
                 value = _NEUTER.sub("?", value)
                 if "+" in value or "=" in value:  # neutered: the only ones xtext changes
                     value = xtext(value)
-                item = f"{name}={value[:255]}"
+                item = f"{name}={_clip(value, 255)}"
                 if current and len(current) + 1 + len(item) <= XFORWARD_LINE:
                     current += " " + item
                 else:
@@ -365,9 +376,9 @@ class Transaction:
             args.append(f"BODY={body}")
         if "size" in features:
             size = message_size(data)
-            if size is None and _VALUE.match(given.get("SIZE") or "x") and \
-                    (given.get("SIZE") or "").isdigit():
-                size = int(given["SIZE"] or 0)
+            said = given.get("SIZE") or ""
+            if size is None and said.isascii() and said.isdigit() and len(said) <= 20:
+                size = int(said)
             if size is not None:
                 args.append(f"SIZE={size}")
         if "dsn" in features:

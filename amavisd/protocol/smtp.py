@@ -351,10 +351,10 @@ class SMTPSession(Chunking, session.Session):
             if keyword not in ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"):
                 return 555, "5.5.4", f"Unsupported option: {keyword}"
         if "SIZE" in params:
-            size = params["SIZE"]
-            if not (size or "").isdigit():
+            size = params["SIZE"] or ""
+            if not (size.isascii() and size.isdigit()):  # not "²": int() refuses it
                 return 501, "5.5.4", "Bad message size syntax"
-            if size and int(size) > self.max_message_size:
+            if len(size) > 20 or int(size) > self.max_message_size:
                 return 552, "5.3.4", "Message size exceeds fixed limit"
         if "BODY" in params:
             body = params["BODY"]

@@ -36,6 +36,7 @@ from amavisd.protocol.smtpcodec import (
 )
 from amavisd.verdict import Destiny
 from tests.rigs.smtp_standin import StandIn
+from tests.unit.test_smtp_listen import drive, stand_in
 
 # -- the code replaced, kept as the oracle --------------------------------------------------
 
@@ -191,7 +192,8 @@ def old_xforward_lines(offered_line: str, attributes: dict[str, str]) -> list[st
     for name in smtpout.XFORWARD_ORDER:
         value = attributes.get(name, "")
         if name in offered and value:
-            value = old_xtext(smtpout._NEUTER.sub("?", value))[:255]
+            value = old_xtext(smtpout._NEUTER.sub("?", value))
+            value = re.sub(r"\+[0-9A-F]?\Z", "", value[:255])  # never a cut escape (stop 27)
             items.append(f"{name}={value}")
     lines: list[list[str]] = []
     for item in items:
@@ -349,3 +351,22 @@ def test_forward_side_encoders_as_before():
                                           1.0, False)
         assert transaction.xforward_lines(client, attributes) == \
             old_xforward_lines(offered, attributes), attributes
+
+
+# -- found by the hostile review of stop 27 (older than the fast paths) ---------------------
+
+
+def test_an_xforward_value_is_never_cut_inside_an_escape():
+    client = type("Hop", (), {"esmtp_features": {"xforward": "NAME ADDR"}})()
+    transaction = smtpout.Transaction("smtp:[127.0.0.1]:1", "127.0.0.1", 1, "", False, None,
+                                      1.0, False)
+    [line] = transaction.xforward_lines(client, {"NAME": "a" + "=" * 100})
+    assert line == "XFORWARD NAME=a" + "+3D" * 84  # 253 characters, not "...+3D+3" (255)
+
+
+@pytest.mark.parametrize("size, code", [("\u00b2", b"501"), ("\u0661\u0662", b"501"),
+                                        ("1" * 30, b"552")])
+def test_a_size_of_other_digits_or_absurd_length_is_answered_not_a_crash(tmp_path, size, code):
+    wire = f"EHLO x\r\nMAIL FROM:<a@b> SIZE={size}\r\nQUIT\r\n".encode()
+    driven = drive(stand_in(tmp_path), wire)
+    assert [line[:3] for line in driven][-2:] == [code, b"221"], driven
