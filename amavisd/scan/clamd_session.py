@@ -34,7 +34,7 @@ def parse_reply(reply: str) -> tuple[int | None, str]:
     """'3: stream: OK' -> (3, 'OK'); '9: INSTREAM size limit exceeded. ERROR' ->
     (9, 'INSTREAM size limit exceeded. ERROR'); no number -> (None, reply)."""
     ident, sep, rest = reply.partition(": ")
-    if not (sep and ident.isdigit()):
+    if not (sep and ident.isascii() and ident.isdigit()):
         return None, reply
     if rest.startswith("stream: "):
         rest = rest[len("stream: "):]

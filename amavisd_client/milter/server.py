@@ -62,7 +62,7 @@ def bind(address: Address, mode: int = 0o660, group: str = "",
     gid = -1
     if group:
         try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = int(group) if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             raise ListenError(f"socket group: no such group {group!r}") from None
     try:  # born with `mode`; owner and group given to that inode only (socket_file)

@@ -147,6 +147,6 @@ def parse_or_path(text: str) -> Address:
     if sep and scheme in SCHEMES:
         return SCHEMES[scheme](rest)
     host, sep, port = text.rpartition(":")
-    if sep and host and port.isdigit() and "/" not in text:
+    if sep and host and port.isascii() and port.isdigit() and "/" not in text:
         return _tcp(text)
     return Address("unix", path=text)

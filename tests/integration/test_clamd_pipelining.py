@@ -26,7 +26,7 @@ from amavisd.decode.parts import Part
 from amavisd.pipeline import Pipeline
 from amavisd.scan.base import ScannerError
 from amavisd.scan.clamd import ClamdScanner
-from amavisd.scan.clamd_session import ClamdSession
+from amavisd.scan.clamd_session import ClamdSession, parse_reply
 from amavisd.scan.scanners import ScannerSet
 from amavisd.testing import clamd as clamd_testing
 from amavisd.testing.eicar import EICAR
@@ -339,3 +339,13 @@ def test_a_malformed_reply_leaves_the_message_unscanned(scripted, tmp_path, case
     result = process(clamd_pipeline(scanner), many_attachments(5), tmp_path)
     assert result.verdict == "TEMPFAIL", result.summary()
     assert result.destiny.value == "tempfail" and not result.findings
+
+
+@pytest.mark.parametrize("reply, parsed", [
+    ("3: stream: OK", (3, "OK")),
+    ("9: INSTREAM size limit exceeded. ERROR", (9, "INSTREAM size limit exceeded. ERROR")),
+    ("\u00b2: stream: OK", (None, "\u00b2: stream: OK")),  # a digit int() refuses: no id
+    ("stream: OK", (None, "stream: OK")),
+])
+def test_a_reply_id_is_ascii_digits_or_none(reply, parsed):
+    assert parse_reply(reply) == parsed
