@@ -91,7 +91,7 @@ from amavisd.decode.decompressors import (  # noqa: F401  (LZ4_*: the tests' voc
     is_skippable,
 )
 from amavisd.decode.limits import LimitExceeded
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, DecodeError, Undecipherable, register
 
 try:  # Python >= 3.14
@@ -466,4 +466,5 @@ def _gzip_name(head: bytes) -> str:
     end = head.find(b"\0", pos)
     if end < 0:
         return ""
-    return head[pos:end].decode("latin-1").translate({c: None for c in range(32)})[:255]
+    return clip_name(head[pos:end].decode("latin-1").translate({c: None for c in range(32)}),
+                     255)

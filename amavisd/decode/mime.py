@@ -38,7 +38,7 @@ from email.message import Message
 
 from amavisd.decode import mimesplit, window
 from amavisd.decode.mimesplit import Body, Close, Entity, Open, Reread, Text, TooDeep
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, DecodeError, add_streamed, register
 from amavisd.decode.transfer import NotStreamable, decode_body, stream_body
 
@@ -280,4 +280,4 @@ def filename(headers: Message) -> str:
         return ""
     if isinstance(name, tuple):  # an RFC 2231 value the stdlib left undecoded
         name = email.utils.collapse_rfc2231_value(name)
-    return str(name).translate({c: "?" for c in range(32)})[:255]
+    return clip_name(str(name).translate({c: "?" for c in range(32)}), 255)

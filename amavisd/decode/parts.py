@@ -33,6 +33,25 @@ PROBLEM_FLAGS = frozenset({"decode-error", "truncated", "encrypted", "too-deep",
 INFO_FLAGS = frozenset({"macros"})
 
 
+def clip_name(name: str, most: int) -> str:
+    """A declared name kept to `most` characters without losing its ends:
+    the banned rules read a name's extensions at its end (and sometimes its
+    start), so a plain cut let "AAA...(300)....vbs" through as "AAA...".
+    The middle gives way ("…", which no rule reads as a dot); a run of
+    trailing dots and spaces (Windows drops them when it saves the file)
+    is kept as its first character, so what Windows would save still ends
+    the name the rules see."""
+    if len(name) <= most:
+        return name
+    body = name.rstrip(". ")
+    trail = name[len(body):len(body) + 1]
+    if len(body) + len(trail) <= most:
+        return body + trail
+    head = (most - len(trail) - 1) // 2
+    tail = most - len(trail) - 1 - head
+    return body[:head] + "\u2026" + body[len(body) - tail:] + trail
+
+
 def create_private(path: str) -> BinaryIO:
     """A new file for our eyes only (0600): never over an existing file, never
     through a link planted at `path`."""

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 
 from amavisd.decode import window
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, DecodeError, add_streamed, register
 
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +([0-7]{3,4}) +([^\r\n]*)\r?$", re.M)
@@ -178,8 +178,8 @@ def uu_blocks(data: window.Buffer, start: int, end: int
                     or _search(_UU_BEGIN, data, pos, end)):
         stop_line = window.search(_UU_END, data, match.end(), end)
         stop = stop_line.start() if stop_line else end
-        name = match.group(2).decode("latin-1").strip().translate(
-            {c: "?" for c in range(32)})[:255]
+        name = clip_name(match.group(2).decode("latin-1").strip().translate(
+            {c: "?" for c in range(32)}), 255)
         yield name, match.end(), stop, stop_line is not None
         pos = stop_line.end() if stop_line else end
 
@@ -220,8 +220,8 @@ def find_uuencoded(data: bytes, max_output: int) -> list[tuple[str, bytes, bool]
     while match := _UU_BEGIN.search(data, pos):
         end = _UU_END.search(data, match.end())
         stop = end.start() if end else len(data)
-        name = match.group(2).decode("latin-1").strip().translate(
-            {c: "?" for c in range(32)})[:255]
+        name = clip_name(match.group(2).decode("latin-1").strip().translate(
+            {c: "?" for c in range(32)}), 255)
         payload, ok = uudecode_lines(data[match.end():stop], max_output, name)
         found.append((name, payload, ok and end is not None))
         pos = end.end() if end else len(data)

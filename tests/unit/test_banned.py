@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from amavisd.decode.engine import decompose
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import REGISTRY
 from amavisd.policy.banned import DEFAULT_RULES, BannedRuleError, BannedRules
+from amavisd.testing import archivers
 
 PE = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff" + b"\0" * 200
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF\n"
@@ -190,3 +191,51 @@ def test_a_flag_rule_bans_documents_with_macros():
     root.add(Part(id="p003", name="plain.xlsx"))
     hits = rules.check(root)
     assert [h.part_path for h in hits] == [doc.path]
+
+
+# -- names too long to keep whole (a plain cut once dropped the extension) -------------------
+
+LONG = "A" * 300
+
+
+@pytest.mark.parametrize("name", [LONG + ".vbs", LONG + ".pdf.vbs", LONG + ".vbs" + " " * 300,
+                                  LONG + ".vbs" + ". " * 200, "x.vbs" + "." * 400])
+def test_a_long_attachment_name_keeps_its_extension(name: str):
+    hits = banned_names(message((name, b"WScript.Echo 1\n")))
+    assert len(hits) == 1, name
+    [seen] = hits
+    assert len(seen) <= 255 and seen.rstrip(". ").endswith(".vbs")
+
+
+def test_a_long_uuencoded_name_keeps_its_extension():
+    body = (f"begin 644 {LONG}.js\n" "#5V%S8W)I<'0N96-H;R`Q\n" "`\nend\n").encode()
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@example.com", "b@example.org", "uu"
+    msg.set_content(body.decode())
+    [seen] = banned_names(bytes(msg))
+    assert seen.endswith(".js") and seen.startswith("AAAA")
+
+
+@pytest.mark.parametrize("fmt", ["zip", "7z", "tar"])
+def test_a_long_member_path_keeps_its_last_component(tmp_path: Path, fmt: str):
+    if archivers.available(fmt):
+        pytest.skip(archivers.available(fmt))
+    deep = "/".join(["d" * 200] * 6)  # 1,205 characters of directories, as a real tree can be
+    data = archivers.build(fmt, {f"{deep}/{'B' * 240}.js": b"WScript.Echo 1\n",
+                                 f"{deep}/notes.txt": b"hello\n"}, tmp_path)
+    hits = banned_names(message((f"stuff.{fmt}", data)))
+    assert len(hits) == 1, hits
+    [seen] = hits
+    assert len(seen) <= 1024 and seen.startswith("dddd") and seen.endswith("B" * 240 + ".js")
+    # the last component, whole, is still a candidate of its own (an anchored rule sees it)
+    anchored = BannedRules.parse([r"deny name ~ ^B+\.js$"])
+    assert len(banned_names(message((f"stuff.{fmt}", data)), anchored)) == 1
+
+
+@pytest.mark.parametrize("length", [1, 254, 255, 256, 300, 5000])
+def test_clip_name_keeps_both_ends_and_the_limit(length: int):
+    name = "S" + "m" * max(0, length - 6) + ".exe"
+    clipped = clip_name(name, 255)
+    assert len(clipped) <= 255
+    assert clipped == name if len(name) <= 255 else (
+        clipped.startswith("Smm") and clipped.endswith("mm.exe") and "\u2026" in clipped)

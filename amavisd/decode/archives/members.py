@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from amavisd.decode.limits import LimitExceeded
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, WorkDirFailed
 from amavisd.printable import printable
 
@@ -44,7 +44,7 @@ def clean_name(raw: str | bytes) -> str:
     if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
         name = name[2:]
     kept = [c for c in name.split("/") if c not in ("", ".", "..")]
-    return "/".join(kept)[:MAX_NAME]
+    return clip_name("/".join(kept), MAX_NAME)
 
 
 def add_member(ctx: Context, archive: Part, name: str | bytes, data: bytes,
