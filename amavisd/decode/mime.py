@@ -40,7 +40,8 @@ from amavisd.decode import mimesplit, window
 from amavisd.decode.mimesplit import Body, Close, Entity, Open, Reread, Text, TooDeep
 from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, DecodeError, add_streamed, register
-from amavisd.decode.transfer import NotStreamable, decode_body, stream_body
+from amavisd.decode.textual import uu_blocks
+from amavisd.decode.transfer import UUENCODE, NotStreamable, decode_body, stream_body
 
 _BOUNDARY = re.compile(r"""boundary\s*=\s*(?:"([^"]*)"|([^;\s]+))""", re.I)
 _TYPE_OR_ENCODING = re.compile(rb"(?i)content-(type|transfer-encoding)\s*:")
@@ -135,12 +136,14 @@ class MessageParts:
         elif entity.headers.get_content_maintype() == "message":
             # message/rfc822 (and message/global...): decomposed again, one layer down.
             self.add_span(parent, event.start, event.end, layer,
-                          mime_type=content_type, name=filename(entity.headers))
+                          mime_type=content_type, **names(entity.headers))
         else:
             encoding = str(entity.headers.get("content-transfer-encoding", "")).lower()
+            fields = names(entity.headers)
+            if encoding.strip() in UUENCODE:  # the blocks' own names: Outlook's, if no other
+                fields = uu_names(fields, self.data, event.start, event.end)
             child, clean = self.add_decoded(parent, event.start, event.end, encoding, layer,
-                                            mime_type=content_type,
-                                            name=filename(entity.headers))
+                                            mime_type=content_type, **fields)
             if not clean:
                 child.flags.add("decode-error")
 
@@ -278,6 +281,54 @@ def filename(headers: Message) -> str:
         name = headers.get_filename() or headers.get_param("name") or ""
     except Exception:
         return ""
+    return _clean(name)
+
+
+def _clean(name: object) -> str:
     if isinstance(name, tuple):  # an RFC 2231 value the stdlib left undecoded
         name = email.utils.collapse_rfc2231_value(name)
     return clip_name(str(name).translate({c: "?" for c in range(32)}), 255)
+
+
+def uu_names(fields: dict[str, object], data: window.Buffer, start: int,
+             end: int) -> dict[str, object]:
+    """`fields` with the names of the uuencoded blocks of data[start:end]
+    among the alt_names (the body is decoded to one part; its names would
+    otherwise be lost)."""
+    name = fields["name"]
+    found = [*fields.get("alt_names", ()), *(n for n, *_ in uu_blocks(data, start, end))]
+    alts = tuple(n for n in dict.fromkeys(found) if n and n != name)
+    return {**fields, "alt_names": alts} if alts else fields
+
+
+# Headers some clients take a name from: Thunderbird (Content-Name,
+# X-Sun-Data-Name), Outlook when nothing else names the part (Content-Description).
+_NAME_HEADERS = ("content-name", "x-sun-data-name")
+_OTHER_NAMING = (*_NAME_HEADERS, "content-description")
+
+
+def names(headers: Message) -> dict[str, object]:
+    """The part's name (`filename`) and every other name a client may read
+    for it (`alt_names`): each filename/name parameter of both headers,
+    RFC 2231 ones included, also one after a "," where a ";" belongs
+    (Thunderbird reads on), and the name headers. The banned rules check
+    them all: a reader that saves the part as a.vbs must not find it passed
+    as the a.txt we read. (Most parts, a body's text, name nothing: one look
+    at two headers says so, before any parameter is parsed.)"""
+    ct, cd = headers.get("content-type"), headers.get("content-disposition")
+    if "name" not in f"{ct}{cd}".lower() and not any(map(headers.get, _OTHER_NAMING)):
+        return {"name": ""}
+    name = filename(headers)
+    found: list[str] = []
+    try:
+        for header in ("content-disposition", "content-type"):
+            for key, value in headers.get_params(header=header, failobj=[]) or []:
+                if key.strip().lower().endswith("name") and value:
+                    found.append(_clean(value))
+        found += [_clean(headers[h]) for h in _NAME_HEADERS if headers.get(h)]
+        if not (name or found) and headers.get("content-description"):
+            found.append(_clean(headers["content-description"]))
+    except Exception:  # noqa: BLE001 - the stdlib on a hostile header: the name stands
+        pass
+    alts = tuple(n for n in dict.fromkeys(found) if n and n != name)
+    return {"name": name, "alt_names": alts} if alts else {"name": name}

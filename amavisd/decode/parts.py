@@ -64,6 +64,8 @@ class Part:
     id: str
     data: window.Buffer = b""  # bytes, or for a big message's root a read-only mmap
     name: str = ""  # declared file name (MIME filename, archive member name, ...)
+    # other names a reader may give it (a mail client, an unzipper), checked too
+    alt_names: tuple[str, ...] = ()
     mime_type: str = ""  # declared MIME type
     detected: str = ""  # short type found from the content ("zip", "mail", "text", ...)
     detected_mime: str = ""  # libmagic's MIME type, where asked

@@ -31,6 +31,7 @@ already found out.
 
 from __future__ import annotations
 
+import email.header
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -67,14 +68,49 @@ DEFAULT_RULES: tuple[str, ...] = (
 )
 
 
-def _name_candidates(part: Part) -> tuple[str, ...]:
-    """The part's name as given, its last path component, and both with
-    trailing dots and spaces removed (Windows drops them: 'a.exe. ')."""
-    names = [part.name]
-    if "/" in part.name:
-        names.append(part.name.rsplit("/", 1)[1])
+def _views(name: str) -> tuple[str, ...]:
+    """One reading of a name as the rules see it: as given, its last path
+    component, and both with trailing dots and spaces removed (Windows drops
+    them: 'a.exe. ')."""
+    names = [name]
+    if "/" in name:
+        names.append(name.rsplit("/", 1)[1])
     names += [n.rstrip(". ") for n in names]
     return tuple(dict.fromkeys(names))
+
+
+def _name_candidates(part: Part) -> tuple[str, ...]:
+    return _views(part.name)
+
+
+# What makes a name read differently elsewhere: an RFC 2047 encoded word
+# (Thunderbird decodes it in a file name), or a character Windows refuses in
+# one, which Outlook removes (MS-OXCMAIL 2.2.3.4.1.1): 'a.v:bs' is saved as
+# a.vbs. ("?" also stands for the control characters the decoders replaced.)
+_ODD = re.compile(r'=\?|["*:<>?|\\]')
+_WINDOWS_DROPS = str.maketrans("", "", '"*:<>?|\\')
+
+
+def readings(part: Part) -> tuple[str, ...]:
+    """Every name a reader may give the part: its name (first, even empty),
+    the other names a decoder found (`alt_names`), and of each the
+    encoded-word decoding and the last component less what Windows refuses,
+    where those differ."""
+    if not part.alt_names and not _ODD.search(part.name):
+        return (part.name,)
+    found = [part.name, *part.alt_names]
+    for name in list(found):
+        if "=?" in name:
+            found.append(_encoded_words(name))
+        found.append(name.rsplit("/", 1)[-1].translate(_WINDOWS_DROPS))
+    return (part.name, *(n for n in dict.fromkeys(found[1:]) if n and n != part.name))
+
+
+def _encoded_words(name: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(name)))
+    except Exception:  # noqa: BLE001 - a hostile word the stdlib cannot read: no reading
+        return ""
 
 
 # field -> the strings of a part that the field compares against
@@ -225,10 +261,31 @@ class BannedRules:
         return any(c.field == "magic" for r in self.rules for c in r.conditions)
 
     def first_match(self, part: Part) -> Rule | None:
-        """The first rule all of whose conditions hold for `part`. One loop,
-        no call a rule or a condition: every part of every message passes
-        through here; each field's strings are found once a part."""
-        strings: dict[str, tuple[str, ...]] = {}
+        """The first rule all of whose conditions hold for `part`. A part
+        that reads as several names (`readings`) is judged once a name, and
+        the first of those judgements that denies is the part's: a reader
+        that sees a.vbs must not be let through by the a.txt we read."""
+        return self._judge(part)[0]
+
+    def _judge(self, part: Part) -> tuple[Rule | None, str]:
+        """first_match, and the name it judged (the reading that was denied)."""
+        names = readings(part)
+        if len(names) == 1:
+            return self._first_match(part, None), part.name
+        first = None
+        for n, name in enumerate(names):
+            rule = self._first_match(part, _views(name))
+            if rule is not None and rule.deny:
+                return rule, name
+            if n == 0:
+                first = rule
+        return first, part.name
+
+    def _first_match(self, part: Part, views: tuple[str, ...] | None) -> Rule | None:
+        """One loop, no call a rule or a condition: every part of every
+        message passes through here; each field's strings are found once a
+        part (the name's: `views`, when given)."""
+        strings: dict[str, tuple[str, ...]] = {} if views is None else {"name": views}
         for rule in self.rules:
             for condition in rule.conditions:
                 texts = strings.get(condition.field)
@@ -244,7 +301,7 @@ class BannedRules:
         """Every part of the tree whose first matching rule denies it."""
         hits = []
         for part in root.walk():
-            rule = self.first_match(part)
+            rule, name = self._judge(part)
             if rule is not None and rule.deny:
-                hits.append(BannedHit(part.path, part.name, rule.text, rule.number))
+                hits.append(BannedHit(part.path, name, rule.text, rule.number))
         return hits

@@ -112,6 +112,9 @@ class Entry:
     data: int | None = None  # offset of the data, once the local header was found
     link: bool = False  # a symlink: its data, the target, is read (flagged `link`)
     folder: bool = False  # looks like a directory: read when it has data, kept if not empty
+    # the central directory's Unicode Path (0x7075) where it differs from `name`:
+    # 7-Zip and unzip list and extract the member under it
+    unicode_name: str = ""
 
     @property
     def encrypted(self) -> bool:
@@ -124,9 +127,11 @@ class Entry:
         attribute's, and its name is the directory's only by the central one."""
         link = info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
         folder = info.filename.endswith("/") or bool(info.external_attr & 0x10)
+        unicode_name = _unicode_path(info.extra) or ""
         return cls(info.filename, info.compress_type, info.flag_bits, info.compress_size,
                    info.file_size, info.CRC, info.header_offset, info.volume,
-                   skip=(link or folder) and not info.compress_size, link=link, folder=folder)
+                   skip=(link or folder) and not info.compress_size, link=link, folder=folder,
+                   unicode_name="" if unicode_name == info.filename else unicode_name)
 
 
 @register("zip")
@@ -278,7 +283,8 @@ class ZipDecoding:
                 if not first and not ends:
                     return
                 chunks = itertools.chain((first,), chunks)
-            child = stream_member(self.ctx, self.part, entry.name, chunks)
+            also = {"alt_names": (clean_name(entry.unicode_name),)} if entry.unicode_name else {}
+            child = stream_member(self.ctx, self.part, entry.name, chunks, **also)
         except MEMBER_ERRORS as err:
             why = f"corrupt data: {str(err) or type(err).__name__}"
             self.fail(entry, why) if hidden else self.lose(entry, why)
