@@ -2,6 +2,8 @@
 
 - uuencode: `begin 644 name` ... `end` blocks anywhere in a text body,
   several per body (the text itself is still scanned).
+- yEnc: `=ybegin ... name=x` ... `=yend` blocks, found and cut out the same
+  way (decoded by `decode.yenc`); each part of a multi-part set is a child.
 - BinHex 4.0: as an attachment, or pasted into a text body.
 - base64 with no headers at all (a body that is nothing but base64 lines).
 - TNEF (winmail.dat): attached files, bodies and embedded messages.
@@ -18,7 +20,7 @@ import itertools
 import re
 from collections.abc import Iterator
 
-from amavisd.decode import window
+from amavisd.decode import window, yenc
 from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, DecodeError, add_streamed, register
 
@@ -84,6 +86,7 @@ def has_embedded(part: Part) -> bool:
         return False
     with part.mapped() as data:
         return (_search(_UU_BEGIN, data) is not None
+                or has_yenc(data)
                 or window.find(data, b"(This file must be converted") >= 0
                 or (window.find(data, b"\n--") >= 0
                     and _search(_MIME_BOUNDARY, data) is not None))
@@ -130,6 +133,7 @@ def decode_text(part: Part, ctx: Context) -> None:
             child = ctx.add(part, payload, name=name, mime_type="application/octet-stream")
             if not (decoded.ok and ended):
                 child.flags.add("decode-error")
+        yenc_in_text(part, data, ctx)
         if not _inside_reading(part):  # a reading's own text gets no further readings
             for reading in mime_readings(data):
                 part.flags.add("ambiguous")
@@ -148,6 +152,7 @@ def _decode_big_text(part: Part, data: window.Buffer, ctx: Context) -> None:
                              mime_type="application/octet-stream")
         if not (decoded.ok and ended):
             child.flags.add("decode-error")
+    yenc_in_text(part, data, ctx)
     if not _inside_reading(part):
         for head in reading_heads(data):
             part.flags.add("ambiguous")
@@ -167,6 +172,91 @@ def _binhex_in_text(part: Part, data: window.Buffer, ctx: Context) -> None:
             data = data[:]
         for start, end in binhex.find_binhex(data):
             add_binhex(part, data[start:end], ctx)
+
+
+_YBEGIN = b"=ybegin "
+MAX_YLINE = 8192  # a longer =y line is read at its two ends (the name's ends count)
+
+
+class YBlock:
+    """One `=ybegin` ... `=yend` block of a text: its fields, where its data
+    lines start and stop, and (once iterated) its decoding."""
+
+    def __init__(self, data: window.Buffer, start: int, end: int) -> None:
+        self.begin = yenc.keywords(_yline(data, start, end))
+        self.name = clip_name(self.begin.get("name", b"").decode("latin-1").strip().translate(
+            {c: "?" for c in range(32)}), 255)
+        self.start = _next_line(data, start, end)
+        self.part: dict[str, bytes] | None = {} if "part" in self.begin else None
+        if data[self.start:self.start + 7] == b"=ypart ":
+            self.part = yenc.keywords(_yline(data, self.start, end))
+            self.start = _next_line(data, self.start, end)
+        again = line_start(data, _YBEGIN, self.start, end)  # searched up to the next
+        until = end if again < 0 else again  # block only: linear in blocks without =yend
+        stop = line_start(data, b"=yend", self.start, until)
+        self.ended = stop >= 0
+        self.stop = stop if self.ended else until
+        self.end = yenc.keywords(_yline(data, stop, end)) if self.ended else None
+        self.after = _next_line(data, stop, end) if self.ended else self.stop
+        self.decoder = yenc.Decoder()
+
+    def decoding(self, data: window.Buffer, max_output: int) -> Iterator[bytes]:
+        """The decoded bytes, a line-aligned window at a time; DecodeError
+        past `max_output`, as UUDecoding."""
+        for a, b in window.spans(data, self.start, self.stop):
+            yield self.decoder.feed(data[a:b])
+            if self.decoder.size > max_output:
+                raise DecodeError(f"yEnc block {self.name!r} beyond the size budget")
+
+
+def _next_line(data: window.Buffer, pos: int, end: int) -> int:
+    at = window.find(data, b"\n", pos, end)
+    return end if at < 0 else at + 1
+
+
+def _yline(data: window.Buffer, pos: int, end: int) -> bytes:
+    """A =y line; a long one as its start, its name's start and its end
+    (clip_name keeps a name's ends: padding cannot push ".exe" out)."""
+    stop = _next_line(data, pos, end)
+    if stop - pos <= MAX_YLINE:
+        return data[pos:stop]
+    cut = pos + MAX_YLINE // 2
+    name = window.find(data, b" name=", cut, stop)
+    middle = b"" if name < 0 else data[name:min(name + MAX_YLINE // 4, stop)]
+    return data[pos:cut] + middle + data[max(stop - MAX_YLINE // 4, cut):stop]
+
+
+def y_blocks(data: window.Buffer, start: int, end: int) -> Iterator[YBlock]:
+    """Each yEnc block in data[start:end]: a `=ybegin ` line start to its
+    `=yend` line (or to the next `=ybegin`, or the end, when that is missing)."""
+    pos = start
+    while (at := line_start(data, _YBEGIN, pos, end)) >= 0:
+        block = YBlock(data, at, end)
+        yield block
+        pos = block.after
+
+
+def has_yenc(data: window.Buffer) -> bool:
+    return line_start(data, _YBEGIN, 0, len(data)) >= 0
+
+
+def yenc_in_text(part: Part, data: window.Buffer, ctx: Context) -> None:
+    """Each yEnc block of the text as a child (streamed to its file from a
+    mapping): decode-error when a check fails, partial (so UNCHECKED) when
+    it is one part of a multi-part file, whose whole is never scanned."""
+    allowance = ctx.budget.allowance()
+    for block in y_blocks(data, 0, len(data)):
+        fields = {"name": block.name, "mime_type": "application/octet-stream"}
+        chunks = block.decoding(data, allowance)
+        child = (add_streamed(ctx, part, chunks, **fields) if window.mapped(data)
+                 else ctx.add(part, window.gather(chunks), **fields))
+        if block.decoder.problems(block.begin, block.part, block.end):
+            child.flags.add("decode-error")
+        total = yenc.number(block.begin, "total")
+        if block.part is not None and total != 1:
+            child.flags.add("partial")
+            ctx.note_unchecked(child, f"yEnc part {yenc.number(block.begin, 'part')} of "
+                                      f"{total or '?'}", kind="partial")
 
 
 def uu_blocks(data: window.Buffer, start: int, end: int
@@ -332,7 +422,8 @@ def decode_tnef(part: Part, ctx: Context) -> None:
     part.flags.add("expanded")
     for attachment in content.attachments:
         child = ctx.add(part, attachment.data, name=attachment.name,
-                        mime_type=attachment.mime_type or "application/octet-stream")
+                        mime_type=attachment.mime_type or "application/octet-stream",
+                        alt_names=attachment.alt_names)
         if attachment.embedded_message:
             child.flags.add("embedded-message")
     for body, mime_type in ((content.body_text, "text/plain"), (content.body_html, "text/html"),

@@ -82,6 +82,7 @@ class TnefAttachment:
     data: bytes = b""
     mime_type: str = ""
     embedded_message: bool = False  # data is an embedded message (TNEF) for the caller
+    alt_names: tuple[str, ...] = ()  # its other names: Outlook shows PR_DISPLAY_NAME
 
 
 @dataclass
@@ -113,13 +114,15 @@ class _Pending:
         could carry a payload."""
         name = (self.names.get(_PR_ATTACH_LONG_FILENAME) or self.title
                 or self.names.get(_PR_ATTACH_FILENAME) or self.names.get(_PR_DISPLAY_NAME, ""))
+        others = tuple(n for n in dict.fromkeys((self.title, *self.names.values()))
+                       if n and n != name)
         if self.props_data is None:
-            return [TnefAttachment(name, self.data or b"", self.mime_type)]
+            return [TnefAttachment(name, self.data or b"", self.mime_type, alt_names=others)]
         embedded = self.object_iid == _IID_IMESSAGE or (
             self.object_iid != b"" and self.method == _ATTACH_EMBEDDED_MSG)
-        found = [TnefAttachment(name, self.props_data, self.mime_type, embedded)]
+        found = [TnefAttachment(name, self.props_data, self.mime_type, embedded, others)]
         if self.data is not None and self.data != self.props_data:
-            found.append(TnefAttachment(name, self.data, self.mime_type))
+            found.append(TnefAttachment(name, self.data, self.mime_type, alt_names=others))
         return found
 
 

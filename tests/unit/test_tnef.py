@@ -476,3 +476,22 @@ def test_large_random_input_is_fast():
         parse_tnef(b"x" + data, BIG)
     parse_or_tnef_error(data, BIG)
     assert time.perf_counter() - start < 1.0
+
+
+def test_every_name_of_an_attachment_is_checked_by_the_banned_rules():
+    """Outlook shows PR_DISPLAY_NAME; Debian's tnef writes the long file name:
+    a banned name under any of them bans the attachment (hostile review)."""
+    from amavisd.decode.engine import decompose
+    from amavisd.policy.banned import BannedRules
+    from amavisd.testing.archivers import as_attachment
+
+    items = props(prop_var(0x001F, 0x3707, utf16z("a.txt")),
+                  prop_var(0x001F, 0x3001, utf16z("a.vbs")))
+    stream = tnef(REND, attr(2, 0x00018010, b"a.txt\0"),
+                  attr(2, 0x0006800F, b"WScript.Echo 1\r\n"), attr(2, 0x00069005, items))
+    result = decompose(as_attachment(stream, "winmail.dat"))
+    try:
+        hits = BannedRules.default().check(result.root)
+    finally:
+        result.cleanup()
+    assert [hit.part_name for hit in hits] == ["a.vbs"]

@@ -50,6 +50,7 @@ from amavisd.decode.archives import installers, legacy
 from amavisd.decode.archives.members import clean_name
 from amavisd.decode.parts import Part
 from amavisd.decode.registry import Context, register
+from amavisd.decode.textual import has_yenc, yenc_in_text
 
 SCAN_WINDOW = 32 * 1024 * 1024  # bytes of a program searched at its start and at its end
 PREFIX_WINDOW = 4 * 1024 * 1024  # bytes of another part searched for a signature
@@ -110,7 +111,7 @@ def finder(signature: bytes, offset: int = 0, behind_prefix: str = "start"
 
 def has_prefixed_archive(part: Part) -> bool:
     with mapped(part) as buf:
-        return bool(find_embedded(buf, program=False))
+        return bool(find_embedded(buf, program=False)) or has_yenc(buf)
 
 
 @register(*PROGRAMS)
@@ -121,6 +122,8 @@ def decode_sfx(part: Part, ctx: Context) -> None:
 @register(*PREFIXED, probe=has_prefixed_archive)
 def decode_prefixed(part: Part, ctx: Context) -> None:
     cut_out(part, ctx, program=False)
+    with mapped(part) as buf:  # a text whose yEnc bytes made it sniff as "data"
+        yenc_in_text(part, buf, ctx)
 
 
 def cut_out(part: Part, ctx: Context, program: bool) -> None:
