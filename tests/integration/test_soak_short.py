@@ -27,7 +27,10 @@ def test_short_soak_loses_nothing_while_workers_die_and_recycle(clamd_nodecomp, 
     failed = [name for name, passed, _ in outcome.all_checks() if not passed]
     assert not failed, text
     counts = outcome.counts
-    assert counts["sent"] == 300 and counts["lost"] == 0 and counts["duplicated"] == 0, text
+    assert counts["sent"] == 300 and counts["lost"] == 0, text
+    # duplicated only where explained (below): a worker SIGKILLed after the
+    # next hop took the message, before its 250 reached Postfix, which retries
+    assert counts["duplicated"] == counts["duplicated, a worker killed before its reply"], text
     # every one of the 300 ended once: delivered or rejected, none given up
     assert counts["delivered"] + counts["rejected"] == 300, text
     # a second copy only where a worker was SIGKILLed after acting, before answering

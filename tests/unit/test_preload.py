@@ -172,9 +172,17 @@ def test_after_preload_no_decoder_imports(job, corpus, sink):
     assert got["refused"] == []
     assert sorted(set(got["registered"]) - set(got["decoders"])) == []  # every decoder ran
     assert got["verdicts"] == ["INFECTED"] * (len(job["messages"]) - 2) + ["BANNED", "CLEAN"]
-    blocked = len(job["messages"]) - 1  # an admin notice each (smtplib: idna)
-    assert [m.rcpt_tos for m in sink.wait(blocked, timeout=30)] \
-        == [["virusalert@example.test"]] * blocked, got["stderr"]
+    # An admin notice each (smtplib: idna) went out through the real sink.
+    # Under a loaded CI twice one of them, not the first, waited out its 120 s
+    # for the sink's greeting (the sink is a thread of this process): a
+    # notice that did not arrive must have failed on the network, never on
+    # an import, which would also be in `refused`.
+    blocked = len(job["messages"]) - 1
+    arrived = sink.wait(blocked, timeout=30)
+    assert arrived and {tuple(m.rcpt_tos) for m in arrived} == {("virusalert@example.test",)}
+    failed = got["stderr"].count("admin notification to virusalert@example.test failed")
+    assert len(arrived) + failed == blocked, got["stderr"]
+    assert "import" not in got["stderr"].lower(), got["stderr"]
 
 
 def test_without_preload_the_harness_sees_lazy_imports(job):
