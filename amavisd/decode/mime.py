@@ -39,7 +39,7 @@ from email.message import Message
 from amavisd.decode import mimesplit, window
 from amavisd.decode.mimesplit import Body, Close, Entity, Open, Reread, Text, TooDeep
 from amavisd.decode.parts import Part, clip_name
-from amavisd.decode.registry import Context, DecodeError, add_streamed, register
+from amavisd.decode.registry import Context, add_streamed, register
 from amavisd.decode.textual import uu_blocks
 from amavisd.decode.transfer import UUENCODE, NotStreamable, decode_body, stream_body
 
@@ -109,8 +109,6 @@ class MessageParts:
         if stream is not None:
             try:
                 return add_streamed(self.ctx, parent, stream, layer, **fields), stream.clean
-            except DecodeError:  # uuencode beyond the budget: kept as it is, as decode_body does
-                return self.add_span(parent, start, end, layer, **fields), False
             except NotStreamable:
                 pass
         data, clean = decode_body(self.data, start, end, encoding, allowance)

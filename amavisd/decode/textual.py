@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 
 from amavisd.decode import window, yenc
+from amavisd.decode.limits import LimitExceeded
 from amavisd.decode.parts import Part, clip_name
 from amavisd.decode.registry import Context, DecodeError, add_streamed, register
 
@@ -193,7 +194,9 @@ class YBlock:
             self.start = _next_line(data, self.start, end)
         again = line_start(data, _YBEGIN, self.start, end)  # searched up to the next
         until = end if again < 0 else again  # block only: linear in blocks without =yend
-        stop = line_start(data, b"=yend", self.start, until)
+        # Thunderbird ends a block only at "=yend size=": a bare "=yend" line
+        # is data to it, so it must be to us (else its file is one we never saw)
+        stop = line_start(data, b"=yend size=", self.start, until)
         self.ended = stop >= 0
         self.stop = stop if self.ended else until
         self.end = yenc.keywords(_yline(data, stop, end)) if self.ended else None
@@ -201,12 +204,12 @@ class YBlock:
         self.decoder = yenc.Decoder()
 
     def decoding(self, data: window.Buffer, max_output: int) -> Iterator[bytes]:
-        """The decoded bytes, a line-aligned window at a time; DecodeError
+        """The decoded bytes, a line-aligned window at a time; LimitExceeded
         past `max_output`, as UUDecoding."""
         for a, b in window.spans(data, self.start, self.stop):
             yield self.decoder.feed(data[a:b])
-            if self.decoder.size > max_output:
-                raise DecodeError(f"yEnc block {self.name!r} beyond the size budget")
+            if self.decoder.size > max_output:  # not a decode error: a file we did not see
+                raise LimitExceeded(f"yEnc block {self.name!r} over the expansion quota")
 
 
 def _next_line(data: window.Buffer, pos: int, end: int) -> int:
@@ -286,7 +289,7 @@ def uudecode_body(data: window.Buffer, start: int, end: int, max_output: int
 
 class UUDecoding:
     """uudecode_lines over data[start:end], a line-aligned window at a time;
-    `ok` once iterated. DecodeError past `max_output`, as uudecode_lines."""
+    `ok` once iterated. LimitExceeded past `max_output`, as uudecode_lines."""
 
     def __init__(self, data: window.Buffer, start: int, end: int, max_output: int,
                  name: str = "") -> None:
@@ -339,7 +342,8 @@ def uudecode_lines(body: bytes, max_output: int, name: str = "") -> tuple[bytes,
             except binascii.Error:
                 ok = False
         if len(out) > max_output:
-            raise DecodeError(f"uuencoded block {name!r} beyond the size budget")
+            # not a decode error: a file we did not see (UNCHECKED, never CLEAN)
+            raise LimitExceeded(f"uuencoded block {name!r} over the expansion quota")
     return bytes(out), ok
 
 

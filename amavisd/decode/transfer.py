@@ -26,7 +26,6 @@ import re
 from collections.abc import Iterator
 
 from amavisd.decode import window
-from amavisd.decode.registry import DecodeError
 
 UUENCODE = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
 # Nothing but base64 and line ends, with at most two "=" at the very end.
@@ -78,13 +77,10 @@ def decode_uuencode(body: bytes, max_output: int) -> tuple[bytes, bool]:
     `begin` ... `end` blocks, or, without any, the lines as they are."""
     from amavisd.decode.textual import find_uuencoded, uudecode_lines
 
-    try:
-        blocks = find_uuencoded(body, max_output)
-        if blocks:
-            return b"".join(payload for _, payload, _ in blocks), True
-        return uudecode_lines(body, max_output)[0], True
-    except DecodeError:
-        return body, False
+    blocks = find_uuencoded(body, max_output)  # LimitExceeded past it: UNCHECKED
+    if blocks:
+        return b"".join(payload for _, payload, _ in blocks), True
+    return uudecode_lines(body, max_output)[0], True
 
 
 def _decode_mapped(data: window.Buffer, start: int, end: int, encoding: str,
@@ -101,8 +97,6 @@ def _decode_mapped(data: window.Buffer, start: int, end: int, encoding: str,
             return window.gather(stream), stream.clean
         except NotStreamable:
             pass
-        except DecodeError:  # uuencode beyond the budget: kept as it is
-            return window.copy(data, start, end), False
     return decode_body(window.copy(data, start, end), 0, end - start, encoding, max_output)
 
 
@@ -121,8 +115,8 @@ def stream_body(data: window.Buffer, start: int, end: int, encoding: str,
                 max_output: int) -> Streamed | None:
     """data[start:end] decoded a window at a time (as `decode_body` would
     decode it whole), or None where only the whole-body path can (broken base64).
-    For uuencode, DecodeError comes out of the iteration: the caller keeps the
-    body as it is, as `decode_body` does; NotStreamable: decode it whole."""
+    For uuencode past `max_output`, LimitExceeded comes out of the iteration
+    (a file we did not see: UNCHECKED); NotStreamable: decode it whole."""
     if encoding == "base64":
         if not _clean_base64(data, start, end):
             return None

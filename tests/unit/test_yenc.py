@@ -5,7 +5,9 @@ in memory and streamed from a mapped text."""
 
 from __future__ import annotations
 
+import binascii
 import random
+import tracemalloc
 import zlib
 
 import pytest
@@ -229,16 +231,16 @@ def test_a_big_mapped_text_streams_its_blocks(tmp_path):
 
 
 def test_the_output_is_bounded_by_the_budget():
-    """As uuencode: past the allowance a DecodeError (the text part is then
-    flagged and scanned as it is), and never more out than in."""
-    from amavisd.decode.registry import DecodeError
+    """As uuencode: past the allowance LimitExceeded (the message is then
+    UNCHECKED: a file we did not see), and never more out than in."""
+    from amavisd.decode.limits import LimitExceeded
     from amavisd.decode.textual import y_blocks
 
     text = b"hi\n" + block(b"x" * 5000) + block(b"\0" * 5000, name="b")
     first, second = y_blocks(text, 0, len(text))
     assert len(b"".join(first.decoding(text, 5000))) == 5000
     assert sum(map(len, second.decoding(text, 1 << 30))) <= second.stop - second.start
-    with pytest.raises(DecodeError):
+    with pytest.raises(LimitExceeded):
         list(second.decoding(text, 4999))
 
 
@@ -252,3 +254,43 @@ def test_probe_finds_a_block_only_at_a_line_start():
 
     assert has_embedded(Part(id="t", data=b"hi\n" + block(b"x")))
     assert not has_embedded(Part(id="t", data=b"hi =ybegin line=1 size=1 name=a\n"))
+
+
+# -- found by the hostile review of stop 27 -----------------------------------------------
+
+
+def test_a_bare_yend_line_is_data_as_thunderbird_reads_it():
+    """Thunderbird ends a block only at "=yend size=": a bare "=yend" line
+    before it is data, and the file behind it must be ours to scan."""
+    body = (b"=ybegin line=128 size=72 name=readme.txt\r\n=yend\r\n" + yencode(EICAR)
+            + b"=yend size=72\r\n")
+    [(name, data, _)] = decoded(message(body))
+    assert name == "readme.txt" and EICAR in data
+
+
+@pytest.mark.parametrize("encoded", ["yenc", "uuencode"])
+def test_a_block_past_the_expansion_quota_leaves_the_message_unchecked(encoded: str):
+    """Once a decode error (so CLEAN, with the file never scanned): now a limit."""
+
+    payload = EICAR + bytes(300_000)
+    body = block(payload) if encoded == "yenc" else (
+        b"begin 644 a.com\n" + b"".join(binascii.b2a_uu(payload[i:i + 45])
+                                        for i in range(0, len(payload), 45)) + b"`\nend\n")
+    result = decompose(message(body), Limits(min_quota=200_000, quota_factor=1))
+    try:
+        assert result.unchecked and "over the expansion quota" in str(result.unchecked[0])
+    finally:
+        result.cleanup()
+
+
+def test_a_long_line_of_escapes_is_decoded_a_piece_at_a_time():
+    line = b"=A" * 2_000_000 + b"x=" + b"=" * 99_999  # odd runs across piece ends too
+    whole = yenc.Decoder()
+    expected = whole._feed(line)
+    tracemalloc.start()
+    try:
+        pieces = yenc.Decoder()
+        assert pieces.feed(line) == expected and pieces.crc == whole.crc
+        assert tracemalloc.get_traced_memory()[1] < 4 * len(line)  # whole: ~50 x
+    finally:
+        tracemalloc.stop()
