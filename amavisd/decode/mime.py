@@ -171,8 +171,9 @@ class MessageParts:
         """Other readings of an entity with conflicting headers (its body's end
         is only looked for then: a multipart's is not known yet)."""
         if entity.fields_dropped:
-            self.ctx.note_unchecked(parent, f"more than {mimesplit.MAX_FIELDS} "
-                                    "Content-* header fields in one entity")
+            self.ctx.note_unchecked(parent, f"more than {mimesplit.MAX_FIELDS} Content-* "
+                                    f"header fields, or one over {mimesplit.MAX_FIELD_BYTES} "
+                                    "bytes, in one entity")
         if not conflicting(entity.headers):
             return
         heads = reading_heads(entity.headers, self.data[entity.start:entity.header_end])
