@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from amavisd.decode.parts import Part
+from amavisd.decode.parts import Part, clip_name
 
 
 class BannedRuleError(ValueError):
@@ -99,18 +99,22 @@ def readings(part: Part) -> tuple[str, ...]:
     if not part.alt_names and not _ODD.search(part.name):
         return (part.name,)
     found = [part.name, *part.alt_names]
-    for name in list(found):
-        if "=?" in name:
-            found.append(_encoded_words(name))
-        found.append(name.rsplit("/", 1)[-1].translate(_WINDOWS_DROPS))
+    found += [_encoded_words(name) for name in found if "=?" in name]
+    found += [name.rsplit("/", 1)[-1].translate(_WINDOWS_DROPS) for name in found]
     return (part.name, *(n for n in dict.fromkeys(found[1:]) if n and n != part.name))
 
 
 def _encoded_words(name: str) -> str:
+    """The decoded name, cleaned as every name is (controls as "?": it goes
+    into replies, notices and logs), clipped as they are."""
     try:
-        return str(email.header.make_header(email.header.decode_header(name)))
+        decoded = str(email.header.make_header(email.header.decode_header(name)))
     except Exception:  # noqa: BLE001 - a hostile word the stdlib cannot read: no reading
         return ""
+    return clip_name(decoded.translate(_CONTROLS), 255)
+
+
+_CONTROLS = {c: "?" for c in (*range(32), 127)}
 
 
 # field -> the strings of a part that the field compares against

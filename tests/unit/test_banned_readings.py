@@ -121,3 +121,18 @@ def test_an_ordinary_attachment_is_not_banned_by_its_readings():
     raw = mime(CT + b'; name="report.txt"\r\nContent-Disposition: attachment; '
                     b'filename="report.txt"\r\nContent-Description: the report')
     assert banned(raw, BannedRules.default()) == []
+
+
+def test_a_decoded_name_is_cleaned_as_every_name_is():
+    """It is named in replies, notices and logs: no CR/LF from an encoded word."""
+    evil = "=?utf-8?B?YQ0KQmNjOiB4QHkNCi52YnM=?="  # "a\r\nBcc: x@y\r\n.vbs"
+    found = readings(Part("p001", name=evil))
+    assert "a??Bcc: x@y??.vbs" in found and not any("\r" in n or "\n" in n for n in found)
+    assert banned(mime(CT + f'\r\nContent-Disposition: attachment; filename="{evil}"'.encode()),
+                  BannedRules.default()) == ["a??Bcc: x@y??.vbs"]
+
+
+def test_an_encoded_word_then_what_windows_refuses():
+    """Decoded, "a.v:bs"; less the ":" Outlook removes, a.vbs."""
+    assert banned(mime(CT + b'\r\nContent-Disposition: attachment; '
+                            b'filename="=?utf-8?B?YS52OmJz?="'), BannedRules.default()) == ["a.vbs"]
