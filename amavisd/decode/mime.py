@@ -38,7 +38,7 @@ from email.message import Message
 
 from amavisd.decode import mimesplit, window
 from amavisd.decode.mimesplit import Body, Close, Entity, Open, Reread, Text, TooDeep
-from amavisd.decode.parts import Part, clip_name
+from amavisd.decode.parts import Part, declared_name, other_names
 from amavisd.decode.registry import Context, add_streamed, register
 from amavisd.decode.textual import uu_blocks
 from amavisd.decode.transfer import UUENCODE, NotStreamable, decode_body, stream_body
@@ -286,7 +286,7 @@ def filename(headers: Message) -> str:
 def _clean(name: object) -> str:
     if isinstance(name, tuple):  # an RFC 2231 value the stdlib left undecoded
         name = email.utils.collapse_rfc2231_value(name)
-    return clip_name(str(name).translate({c: "?" for c in range(32)}), 255)
+    return declared_name(str(name))
 
 
 def uu_names(fields: dict[str, object], data: window.Buffer, start: int,
@@ -294,9 +294,8 @@ def uu_names(fields: dict[str, object], data: window.Buffer, start: int,
     """`fields` with the names of the uuencoded blocks of data[start:end]
     among the alt_names (the body is decoded to one part; its names would
     otherwise be lost)."""
-    name = fields["name"]
-    found = [*fields.get("alt_names", ()), *(n for n, *_ in uu_blocks(data, start, end))]
-    alts = tuple(n for n in dict.fromkeys(found) if n and n != name)
+    alts = other_names(fields["name"], [*fields.get("alt_names", ()),
+                                        *(n for n, *_ in uu_blocks(data, start, end))])
     return {**fields, "alt_names": alts} if alts else fields
 
 
@@ -329,5 +328,5 @@ def names(headers: Message) -> dict[str, object]:
             found.append(_clean(headers["content-description"]))
     except Exception:  # noqa: BLE001 - the stdlib on a hostile header: the name stands
         pass
-    alts = tuple(n for n in dict.fromkeys(found) if n and n != name)
+    alts = other_names(name, found)
     return {"name": name, "alt_names": alts} if alts else {"name": name}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -50,6 +50,21 @@ def clip_name(name: str, most: int) -> str:
     head = (most - len(trail) - 1) // 2
     tail = most - len(trail) - 1 - head
     return body[:head] + "\u2026" + body[len(body) - tail:] + trail
+
+
+_CONTROL_AS_MARK = {c: "?" for c in range(32)}
+
+
+def declared_name(text: str, most: int = 255) -> str:
+    """A name a sender declared (MIME, uuencode, yEnc), as every part keeps
+    it: control characters as "?" (it is shown in replies, notices, logs),
+    clipped to `most` without losing its ends."""
+    return clip_name(text.translate(_CONTROL_AS_MARK), most)
+
+
+def other_names(name: str, found: Iterable[str]) -> tuple[str, ...]:
+    """`found` less empties, repeats and `name` itself: a part's alt_names."""
+    return tuple(n for n in dict.fromkeys(found) if n and n != name)
 
 
 def create_private(path: str) -> BinaryIO:

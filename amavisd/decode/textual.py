@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from amavisd.decode import window, yenc
 from amavisd.decode.limits import LimitExceeded
-from amavisd.decode.parts import Part, clip_name
+from amavisd.decode.parts import Part, declared_name
 from amavisd.decode.registry import Context, DecodeError, add_streamed, register
 
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +([0-7]{3,4}) +([^\r\n]*)\r?$", re.M)
@@ -185,8 +185,7 @@ class YBlock:
 
     def __init__(self, data: window.Buffer, start: int, end: int) -> None:
         self.begin = yenc.keywords(_yline(data, start, end))
-        self.name = clip_name(self.begin.get("name", b"").decode("latin-1").strip().translate(
-            {c: "?" for c in range(32)}), 255)
+        self.name = declared_name(self.begin.get("name", b"").decode("latin-1").strip())
         self.start = _next_line(data, start, end)
         self.part: dict[str, bytes] | None = {} if "part" in self.begin else None
         if data[self.start:self.start + 7] == b"=ypart ":
@@ -271,8 +270,7 @@ def uu_blocks(data: window.Buffer, start: int, end: int
                     or _search(_UU_BEGIN, data, pos, end)):
         stop_line = window.search(_UU_END, data, match.end(), end)
         stop = stop_line.start() if stop_line else end
-        name = clip_name(match.group(2).decode("latin-1").strip().translate(
-            {c: "?" for c in range(32)}), 255)
+        name = declared_name(match.group(2).decode("latin-1").strip())
         yield name, match.end(), stop, stop_line is not None
         pos = stop_line.end() if stop_line else end
 
@@ -313,8 +311,7 @@ def find_uuencoded(data: bytes, max_output: int) -> list[tuple[str, bytes, bool]
     while match := _UU_BEGIN.search(data, pos):
         end = _UU_END.search(data, match.end())
         stop = end.start() if end else len(data)
-        name = clip_name(match.group(2).decode("latin-1").strip().translate(
-            {c: "?" for c in range(32)}), 255)
+        name = declared_name(match.group(2).decode("latin-1").strip())
         payload, ok = uudecode_lines(data[match.end():stop], max_output, name)
         found.append((name, payload, ok and end is not None))
         pos = end.end() if end else len(data)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from amavisd.decode.parts import Part, clip_name
+from amavisd.decode.parts import Part, declared_name
 
 
 class BannedRuleError(ValueError):
@@ -111,10 +111,7 @@ def _encoded_words(name: str) -> str:
         decoded = str(email.header.make_header(email.header.decode_header(name)))
     except Exception:  # noqa: BLE001 - a hostile word the stdlib cannot read: no reading
         return ""
-    return clip_name(decoded.translate(_CONTROLS), 255)
-
-
-_CONTROLS = {c: "?" for c in (*range(32), 127)}
+    return declared_name(decoded.replace("\x7f", "?"))
 
 
 # field -> the strings of a part that the field compares against
