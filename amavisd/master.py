@@ -286,6 +286,11 @@ class Arbiter:
     def spawn_worker(self) -> int:
         self.worker_age += 1
         heartbeat = Heartbeat()
+        # Read before the fork: read after it, a child that beats before the
+        # parent gets there leaves born == its first beat, so its heartbeat
+        # never "moves" and it shows as starting until it beats again (not
+        # while it waits on a stalled scanner).
+        born = heartbeat.last_update()
         # Until the child has its own handlers, a signal would run the master's
         # (inherited) enqueue_signal and be lost: a USR1 or TERM sent right
         # after the fork. Blocked here, it stays pending until Worker.boot().
@@ -307,8 +312,7 @@ class Arbiter:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             self.workers[pid] = WorkerProcess(pid, self.worker_age, self.generation, heartbeat,
-                                              born=heartbeat.last_update(),
-                                              since=time.monotonic())
+                                              born=born, since=time.monotonic())
             log.info("worker %d spawned (generation %d)", pid, self.generation)
             return pid
         # In the child: forget everything that belongs to the master.
